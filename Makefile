@@ -1,0 +1,35 @@
+# virtio_py: every target installs what it needs first (idempotent, quick when done).
+PY      ?= python3
+PIP     := $(PY) -m pip install -q --disable-pip-version-check --root-user-action=ignore
+STAMP   := .stamp-install
+SOURCES := $(wildcard csrc/*.c csrc/*.h csrc/*.py) setup.py pyproject.toml
+
+.PHONY: all install run demo test bench clean
+
+all: install
+
+$(STAMP): $(SOURCES)
+	$(PIP) 'setuptools>=61' wheel 'cffi>=1.15' 'posix_ipc>=1.1' 'numpy>=1.21' \
+		'pytest>=7' 'pytest-benchmark>=4' 'hypothesis>=6'
+	$(PIP) --no-build-isolation -e .
+	@touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m virtio_py.demo
+
+demo: $(STAMP)
+	$(PY) -m virtio_py.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m pytest -q bench --benchmark-only --benchmark-autosave \
+		--benchmark-columns=min,median,mean,ops,rounds
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .benchmarks $(STAMP)
+	find . -name __pycache__ -prune -exec rm -rf {} +
+	rm -f virtio_py/_core*.so virtio_py/_core.c

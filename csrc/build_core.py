@@ -1,0 +1,23 @@
+"""cffi build script: compiles csrc/ into the API-mode module virtio_py._core."""
+import glob
+import os
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+ffibuilder = FFI()
+with open(os.path.join(HERE, "cdef.h")) as f:
+    ffibuilder.cdef(f.read())
+
+ffibuilder.set_source(
+    "virtio_py._core",
+    '#include "vp.h"\n#include <linux/virtio_config.h>\n',
+    sources=sorted(os.path.relpath(p) for p in glob.glob(os.path.join(HERE, "*.c"))),
+    include_dirs=[HERE],
+    extra_compile_args=["-O2", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function"],
+    libraries=["pthread", "rt"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,259 @@
+/* What Python sees of the C core (cffi cdef: no preprocessor). */
+#define VP_MAGIC ...
+#define VP_LAYOUT_VERSION ...
+#define VP_MAX_QUEUES ...
+#define VP_MAX_QUEUE_SIZE ...
+#define VP_LOCK_SPIN ...
+#define VP_LOCK_SPINYIELD ...
+#define VP_LOCK_MUTEX ...
+#define VP_EXIT_ASYNC ...
+#define VP_EXIT_SYNC ...
+#define VP_MODE_NOTIFY ...
+#define VP_MODE_POLL ...
+#define VP_KICK_HOLD ...
+#define VP_KICK_RELEASE ...
+#define VP_KICK_PREPARE ...
+#define VP_EBASE ...
+#define VP_EHEAD ...
+#define VP_ENEXT ...
+#define VP_ELOOP ...
+#define VP_EADDR ...
+#define VP_EZEROLEN ...
+#define VP_EORDER ...
+#define VP_EAVAIL ...
+#define VP_EINFLIGHT ...
+#define VP_EINDIRECT ...
+#define VP_EBROKEN ...
+#define VP_EUSEDID ...
+#define VP_ENOTINFLIGHT ...
+#define VP_EMAGIC ...
+#define VP_ELAYOUT ...
+#define VP_ESEGMAX ...
+#define VP_EDEVGONE ...
+#define VP_ELAST ...
+#define VP_STATUS_NEEDS_RESET ...
+#define VIRTIO_RING_F_EVENT_IDX ...
+#define VIRTIO_RING_F_INDIRECT_DESC ...
+#define VRING_DESC_F_NEXT ...
+#define VRING_DESC_F_WRITE ...
+#define VRING_DESC_F_INDIRECT ...
+#define VRING_USED_F_NO_NOTIFY ...
+#define VRING_AVAIL_F_NO_INTERRUPT ...
+
+struct vp_lockstat {
+	uint64_t con_bounces;
+	uint64_t contentions;
+	uint64_t wait_min;
+	uint64_t wait_max;
+	uint64_t wait_total;
+	uint64_t acq_bounces;
+	uint64_t acquisitions;
+	uint64_t hold_min;
+	uint64_t hold_max;
+	uint64_t hold_total;
+};
+struct vp_lock {
+	uint32_t kind;
+	uint32_t spin_ns;
+	int32_t last_cpu;
+	...;
+};
+struct vp_driver_state {
+	uint16_t free_head;
+	uint16_t num_free;
+	uint16_t num_added;
+	uint16_t avail_idx_shadow;
+	uint16_t last_used_idx;
+	uint16_t avail_flags_shadow;
+	uint64_t kicks;
+	uint64_t kicks_suppressed;
+	uint64_t added;
+	uint64_t completed;
+	...;
+};
+struct vp_device_stats {
+	uint16_t last_avail_idx;
+	uint16_t used_idx;
+	uint32_t inflight;
+	uint32_t broken;
+	uint64_t kicks_taken;
+	uint64_t interrupts;
+	uint64_t interrupts_suppressed;
+	uint64_t chains;
+	uint64_t req[8];
+	uint64_t bytes_read;
+	uint64_t bytes_written;
+	...;
+};
+struct vp_queue_shared {
+	struct vp_lock lock;
+	struct vp_driver_state drv;
+	struct vp_device_stats dev;
+	...;
+};
+struct vp_queue_info {
+	uint16_t num;
+	uint64_t desc;
+	uint64_t avail;
+	uint64_t used;
+	uint64_t shared;
+	uint64_t tokens;
+	uint64_t data;
+	uint64_t data_size;
+	...;
+};
+struct virtio_blk_config {
+	uint64_t capacity;
+	uint32_t size_max;
+	uint32_t seg_max;
+	uint32_t blk_size;
+	uint16_t num_queues;
+	uint32_t max_discard_sectors;
+	uint32_t max_discard_seg;
+	uint32_t discard_sector_alignment;
+	uint32_t max_write_zeroes_sectors;
+	uint32_t max_write_zeroes_seg;
+	uint8_t write_zeroes_may_unmap;
+	...;
+};
+struct vp_region_header {
+	uint64_t magic;
+	uint32_t version;
+	uint32_t header_size;
+	uint64_t size;
+	uint64_t device_features;
+	uint64_t driver_features;
+	uint32_t status;
+	int32_t daemon_pid;
+	uint32_t num_queues;
+	uint32_t exit_mode;
+	uint32_t exit_cost_ns;
+	uint32_t serve_mode;
+	uint32_t lock_kind;
+	uint64_t data_offset;
+	uint64_t data_size;
+	char name[];
+	struct virtio_blk_config blk;
+	struct vp_queue_info queue[];
+	...;
+};
+
+const char *vp_strerror(int code);
+
+struct vp_region_params {
+	uint32_t num_queues;
+	uint32_t queue_size;
+	uint64_t data_size;
+	uint64_t device_features;
+	uint64_t capacity;
+	uint32_t blk_size;
+	uint32_t seg_max;
+	uint32_t lock_kind;
+	uint32_t exit_mode;
+	uint32_t exit_cost_ns;
+	uint32_t serve_mode;
+	const char *name;
+};
+int vp_region_size(const struct vp_region_params *p, uint64_t *size);
+int vp_region_init(void *base, uint64_t size, const struct vp_region_params *p);
+int vp_region_check(const void *base, uint64_t size);
+int vp_map(int fd, uint64_t size, void **base);
+int vp_unmap(void *base, uint64_t size);
+
+void vp_lock_init(struct vp_lock *l, uint32_t kind, uint32_t spin_ns);
+void vp_lock_acquire(struct vp_lock *l);
+void vp_lock_release(struct vp_lock *l);
+void vp_lock_read(const struct vp_lock *l, struct vp_lockstat *out);
+void vp_lock_reset(struct vp_lock *l);
+uint64_t vp_now_ns(void);
+
+struct vp_notifier;
+struct vp_notifier *vp_notifier_open_sem(const char *name, int *err);
+struct vp_notifier *vp_notifier_open_eventfd(int fd, int *err);
+void vp_notifier_close(struct vp_notifier *n);
+int vp_notifier_post(struct vp_notifier *n);
+int vp_notifier_wait(struct vp_notifier *n, int64_t timeout_ns);
+int vp_notifier_drain(struct vp_notifier *n);
+
+struct vp_vq;
+struct vp_vq *vp_vq_open(void *base, uint64_t size, unsigned index, int *err);
+void vp_vq_close(struct vp_vq *vq);
+void vp_vq_set_notify(struct vp_vq *vq, struct vp_notifier *kick,
+		      struct vp_notifier *ack, uint32_t exit_mode,
+		      uint32_t exit_cost_ns);
+struct vp_lock *vp_vq_lock(struct vp_vq *vq);
+unsigned vp_vq_num_free(struct vp_vq *vq);
+unsigned vp_vq_size(struct vp_vq *vq);
+int virtqueue_add(struct vp_vq *vq, const uint64_t *addr, const uint32_t *len,
+		  unsigned out, unsigned in, uint64_t token);
+int virtqueue_kick_prepare(struct vp_vq *vq);
+int virtqueue_notify(struct vp_vq *vq);
+int virtqueue_kick(struct vp_vq *vq, struct vp_lock *lock);
+int virtqueue_get_buf(struct vp_vq *vq, uint64_t *token, uint32_t *len);
+void virtqueue_disable_cb(struct vp_vq *vq);
+int virtqueue_enable_cb(struct vp_vq *vq);
+int vp_vq_submit(struct vp_vq *vq, int strategy, const uint64_t *addr,
+		 const uint32_t *len, unsigned out, unsigned in, uint64_t token);
+
+struct vp_seg {
+	uint64_t addr;
+	uint32_t len;
+	uint32_t write;
+};
+struct vp_chain {
+	uint16_t head;
+	uint16_t nseg;
+	uint16_t n_out;
+	uint16_t n_in;
+	uint32_t out_len;
+	uint32_t in_len;
+};
+struct vp_devq;
+struct vp_devq *vp_devq_open(void *base, uint64_t size, uint64_t data_lo,
+			     uint64_t data_hi, unsigned index, unsigned num,
+			     uint64_t desc, uint64_t avail, uint64_t used,
+			     int event_idx, uint32_t exit_mode, int *err);
+void vp_devq_close(struct vp_devq *q);
+void vp_devq_set_notify(struct vp_devq *q, struct vp_notifier *kick,
+			struct vp_notifier *call, struct vp_notifier *ack);
+int vp_devq_pop(struct vp_devq *q, struct vp_chain *c, struct vp_seg *segs,
+		unsigned max_segs);
+int vp_devq_push(struct vp_devq *q, unsigned head, uint32_t len);
+int vp_devq_need_interrupt(struct vp_devq *q);
+int vp_devq_interrupt(struct vp_devq *q);
+void vp_devq_disable_notify(struct vp_devq *q);
+int vp_devq_enable_notify(struct vp_devq *q);
+int vp_devq_wait_kick(struct vp_devq *q, int64_t timeout_ns);
+int vp_devq_ack_kicks(struct vp_devq *q, int n);
+int vp_devq_broken(struct vp_devq *q);
+void vp_devq_mark_broken(struct vp_devq *q, int code);
+unsigned vp_devq_inflight(struct vp_devq *q);
+
+int64_t vp_echo_serve(struct vp_devq *q, int64_t n, int poll,
+		      volatile int32_t *stop);
+int64_t vp_echo_drive(struct vp_vq *vq, int64_t n, unsigned batch,
+		      int strategy, uint64_t buf_gpa, uint32_t buf_len);
+int vring_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old);
+
+#define VIRTIO_BLK_F_SEG_MAX ...
+#define VIRTIO_BLK_F_BLK_SIZE ...
+#define VIRTIO_BLK_F_FLUSH ...
+#define VIRTIO_BLK_F_MQ ...
+#define VIRTIO_BLK_F_DISCARD ...
+#define VIRTIO_BLK_F_WRITE_ZEROES ...
+#define VIRTIO_BLK_T_IN ...
+#define VIRTIO_BLK_T_OUT ...
+#define VIRTIO_BLK_T_FLUSH ...
+#define VIRTIO_BLK_T_GET_ID ...
+#define VIRTIO_BLK_T_DISCARD ...
+#define VIRTIO_BLK_T_WRITE_ZEROES ...
+#define VIRTIO_BLK_S_OK ...
+#define VIRTIO_BLK_S_IOERR ...
+#define VIRTIO_BLK_S_UNSUPP ...
+#define VIRTIO_BLK_ID_BYTES ...
+#define VIRTIO_F_VERSION_1 ...
+
+/* A hostile guest's raw stores, bounds-checked against the region; for
+ * tests that feed the device malformed rings. */
+int vp_guest_poke(void *base, uint64_t size, uint64_t gpa, uint64_t value,
+		  unsigned width);

@@ -1,0 +1,193 @@
+/* Laying out, checking and mapping the shared region. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+#include "vp.h"
+
+static uint64_t page_up(uint64_t x)
+{
+	return (x + VP_PAGE - 1) & ~(VP_PAGE - 1);
+}
+
+static int is_pow2(uint32_t x)
+{
+	return x && !(x & (x - 1));
+}
+
+/* Where everything goes; shared by size and init so they cannot disagree. */
+struct layout {
+	uint64_t shared[VP_MAX_QUEUES], tokens[VP_MAX_QUEUES], ring[VP_MAX_QUEUES];
+	uint64_t data_offset, per_queue_data, size;
+};
+
+static int plan(const struct vp_region_params *p, struct layout *l)
+{
+	if (p->num_queues < 1 || p->num_queues > VP_MAX_QUEUES)
+		return -EINVAL;
+	if (!is_pow2(p->queue_size) || p->queue_size > VP_MAX_QUEUE_SIZE)
+		return -EINVAL;
+	if (p->lock_kind > VP_LOCK_MUTEX || p->exit_mode > VP_EXIT_SYNC ||
+	    p->serve_mode > VP_MODE_POLL)
+		return -EINVAL;
+	uint64_t per_queue = (p->data_size / p->num_queues) & ~(VP_PAGE - 1);
+	if (per_queue == 0)
+		return -EINVAL;
+	uint64_t off = page_up(sizeof(struct vp_region_header));
+	for (unsigned q = 0; q < p->num_queues; q++) {
+		l->shared[q] = off;
+		l->tokens[q] = off + page_up(sizeof(struct vp_queue_shared));
+		off = page_up(l->tokens[q] + 8ULL * p->queue_size);
+	}
+	for (unsigned q = 0; q < p->num_queues; q++) {
+		l->ring[q] = off;
+		off = page_up(off + vring_size(p->queue_size, VP_RING_ALIGN));
+	}
+	l->data_offset = off;
+	l->per_queue_data = per_queue;
+	l->size = off + per_queue * p->num_queues;
+	return 0;
+}
+
+int vp_region_size(const struct vp_region_params *p, uint64_t *size)
+{
+	struct layout l;
+	int r = plan(p, &l);
+	if (r == 0)
+		*size = l.size;
+	return r;
+}
+
+int vp_region_init(void *base, uint64_t size, const struct vp_region_params *p)
+{
+	struct layout l;
+	int r = plan(p, &l);
+	if (r)
+		return r;
+	if (size < l.size)
+		return -ENOSPC;
+	uint8_t *b = base;
+	memset(b, 0, l.data_offset);
+	struct vp_region_header *h = base;
+	h->magic = VP_MAGIC;
+	h->version = VP_LAYOUT_VERSION;
+	h->header_size = sizeof(*h);
+	h->size = l.size;
+	h->device_features = p->device_features;
+	/* The emulated driver accepts everything the device offers. */
+	h->driver_features = p->device_features;
+	h->status = VP_STATUS_ACKNOWLEDGE | VP_STATUS_DRIVER |
+		    VP_STATUS_FEATURES_OK | VP_STATUS_DRIVER_OK;
+	h->num_queues = p->num_queues;
+	h->exit_mode = p->exit_mode;
+	h->exit_cost_ns = p->exit_cost_ns;
+	h->serve_mode = p->serve_mode;
+	h->lock_kind = p->lock_kind;
+	h->data_offset = l.data_offset;
+	h->data_size = l.per_queue_data * p->num_queues;
+	if (p->name)
+		strncpy(h->name, p->name, VP_NAME_MAX - 1);
+	h->blk.capacity = p->capacity;
+	h->blk.blk_size = p->blk_size;
+	h->blk.seg_max = p->seg_max;
+	h->blk.num_queues = (uint16_t)p->num_queues;
+	h->blk.max_discard_sectors = 0xffffffffU;
+	h->blk.max_discard_seg = 1;
+	h->blk.discard_sector_alignment = 1;
+	h->blk.max_write_zeroes_sectors = 0xffffffffU;
+	h->blk.max_write_zeroes_seg = 1;
+	h->blk.write_zeroes_may_unmap = 0;
+	unsigned num = p->queue_size;
+	for (unsigned q = 0; q < p->num_queues; q++) {
+		struct vp_queue_info *qi = &h->queue[q];
+		struct vring vr;
+		vring_init(&vr, num, b + l.ring[q], VP_RING_ALIGN);
+		qi->num = (uint16_t)num;   /* 32768 fits; 65536 is not allowed */
+		qi->desc = (uint8_t *)vr.desc - b;
+		qi->avail = (uint8_t *)vr.avail - b;
+		qi->used = (uint8_t *)vr.used - b;
+		qi->shared = l.shared[q];
+		qi->tokens = l.tokens[q];
+		qi->data = l.data_offset + q * l.per_queue_data;
+		qi->data_size = l.per_queue_data;
+		struct vp_queue_shared *s = (void *)(b + l.shared[q]);
+		vp_lock_init(&s->lock, p->lock_kind, 0);
+		s->drv.free_head = 0;
+		s->drv.num_free = (uint16_t)num;
+		for (unsigned i = 0; i + 1 < num; i++)
+			vr.desc[i].next = (uint16_t)(i + 1);
+	}
+	return 0;
+}
+
+/* A driver's check of what the device laid out. */
+int vp_region_check(const void *base, uint64_t size)
+{
+	const struct vp_region_header *h = base;
+	if (size < sizeof(*h))
+		return -VP_EMAGIC;
+	if (h->magic != VP_MAGIC || h->version != VP_LAYOUT_VERSION ||
+	    h->header_size != sizeof(*h))
+		return -VP_EMAGIC;
+	if (h->size > size || h->num_queues < 1 ||
+	    h->num_queues > VP_MAX_QUEUES || h->data_offset > h->size ||
+	    h->data_size > h->size - h->data_offset)
+		return -VP_ELAYOUT;
+	for (unsigned q = 0; q < h->num_queues; q++) {
+		const struct vp_queue_info *qi = &h->queue[q];
+		uint64_t num = qi->num;
+		if (!is_pow2(qi->num) || num > VP_MAX_QUEUE_SIZE)
+			return -VP_ELAYOUT;
+		if (qi->desc > h->size || qi->used > h->size ||
+		    qi->used + 6 + 8 * num > h->size ||
+		    qi->avail + 6 + 2 * num > h->size ||
+		    qi->desc + 16 * num > h->size ||
+		    qi->shared + sizeof(struct vp_queue_shared) > h->size ||
+		    qi->tokens + 8 * num > h->size ||
+		    qi->data + qi->data_size > h->size)
+			return -VP_ELAYOUT;
+	}
+	return 0;
+}
+
+int vp_map(int fd, uint64_t size, void **base)
+{
+	if (size == 0)
+		return -EINVAL;
+	uint64_t len = page_up(size);
+	uint8_t *res = mmap(NULL, len + 2 * VP_PAGE, PROT_NONE,
+			    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (res == MAP_FAILED)
+		return -errno;
+	void *p = mmap(res + VP_PAGE, len, PROT_READ | PROT_WRITE,
+		       MAP_SHARED | MAP_FIXED, fd, 0);
+	if (p == MAP_FAILED) {
+		int e = errno;
+		munmap(res, len + 2 * VP_PAGE);
+		return -e;
+	}
+	*base = p;
+	return 0;
+}
+
+int vp_unmap(void *base, uint64_t size)
+{
+	uint64_t len = page_up(size);
+	return munmap((uint8_t *)base - VP_PAGE, len + 2 * VP_PAGE) ? -errno : 0;
+}
+
+int vp_guest_poke(void *base, uint64_t size, uint64_t gpa, uint64_t value,
+		  unsigned width)
+{
+	if ((width != 1 && width != 2 && width != 4 && width != 8) ||
+	    gpa > size || width > size - gpa || gpa % width)
+		return -EINVAL;
+	uint8_t *p = (uint8_t *)base + gpa;
+	switch (width) {
+	case 1: __atomic_store_n(p, (uint8_t)value, __ATOMIC_RELEASE); break;
+	case 2: __atomic_store_n((uint16_t *)p, (uint16_t)value, __ATOMIC_RELEASE); break;
+	case 4: __atomic_store_n((uint32_t *)p, (uint32_t)value, __ATOMIC_RELEASE); break;
+	default: __atomic_store_n((uint64_t *)p, value, __ATOMIC_RELEASE); break;
+	}
+	return 0;
+}

@@ -1,0 +1,52 @@
+"""Notifiers: a named POSIX semaphore (default) or an eventfd behind one interface."""
+from ._lowlevel import check, ffi, lib, opened
+
+
+class Notifier:
+    """One direction of notification: post() on one side, wait() on the other."""
+
+    def __init__(self, handle, label):
+        self._h = handle
+        self.label = label
+
+    @classmethod
+    def open_sem(cls, name):
+        """Open a semaphore created (and later unlinked) by the device's owner."""
+        return cls(opened(lib.vp_notifier_open_sem, name.encode(), what=name), name)
+
+    @classmethod
+    def open_eventfd(cls, fd):
+        """Wrap an eventfd (the notifier keeps its own duplicate of fd)."""
+        return cls(opened(lib.vp_notifier_open_eventfd, fd, what="eventfd"), f"eventfd:{fd}")
+
+    @property
+    def handle(self):
+        if self._h is None:
+            raise ValueError(f"notifier {self.label} is closed")
+        return self._h
+
+    def post(self):
+        check(lib.vp_notifier_post(self.handle), self.label)
+
+    def wait(self, timeout=None):
+        """Wait for one notification; False on timeout (seconds, None = forever)."""
+        ns = -1 if timeout is None else int(timeout * 1e9)
+        return bool(check(lib.vp_notifier_wait(self.handle, ns), self.label))
+
+    def drain(self):
+        """Take every pending notification without sleeping; how many there were."""
+        return check(lib.vp_notifier_drain(self.handle), self.label)
+
+    def close(self):
+        if self._h is not None:
+            lib.vp_notifier_close(self._h)
+            self._h = None
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,255 @@
+"""Both ends of a split virtqueue: ``Virtqueue`` for the driver (guest) and
+``DeviceQueue`` for the device (host), named after drivers/virtio/virtio_ring.c.
+
+Driver operations that change ring state must be serialised by the queue's
+lock when several processes share the queue, as virtio_blk does under
+vblk->lock; ``submit`` does lock, add, kick and unlock in one C call.
+"""
+from ._lowlevel import check, ffi, lib, opened
+from .errors import ConfigError
+from .lock import SharedLock
+from .notifier import Notifier
+
+STRATEGIES = {"hold": lib.VP_KICK_HOLD, "release": lib.VP_KICK_RELEASE,
+              "prepare": lib.VP_KICK_PREPARE}
+
+
+def strategy_code(strategy):
+    try:
+        return STRATEGIES[strategy]
+    except KeyError:
+        raise ConfigError(f"kick strategy must be one of {', '.join(STRATEGIES)}, "
+                          f"not {strategy!r}") from None
+
+
+class Virtqueue:
+    """The driver's handle on queue ``index`` of an attached region."""
+
+    def __init__(self, region, index=0, notifiers=True):
+        region._check_index(index)
+        self.region = region
+        self.index = index
+        self._vq = opened(lib.vp_vq_open, region.base, region.size, index,
+                          what=f"queue {index}")
+        self.num = lib.vp_vq_size(self._vq)
+        self.lock = SharedLock(region, lib.vp_vq_lock(self._vq))
+        self.kick_notifier = self.ack_notifier = self.call_notifier = None
+        if notifiers:
+            self.kick_notifier = Notifier.open_sem(region.sem_name(index, "kick"))
+            self.ack_notifier = Notifier.open_sem(region.sem_name(index, "ack"))
+            self.call_notifier = Notifier.open_sem(region.sem_name(index, "call"))
+            lib.vp_vq_set_notify(self._vq, self.kick_notifier.handle,
+                                 self.ack_notifier.handle, region.header.exit_mode,
+                                 region.header.exit_cost_ns)
+        # Reused argument arrays: no allocation per request.
+        self._addr = ffi.new("uint64_t[]", self.num)
+        self._len = ffi.new("uint32_t[]", self.num)
+        self._tok = ffi.new("uint64_t *")
+        self._blen = ffi.new("uint32_t *")
+
+    @property
+    def handle(self):
+        if self._vq is None:
+            raise ConfigError("virtqueue is closed")
+        return self._vq
+
+    def close(self):
+        if self._vq is not None:
+            lib.vp_vq_close(self._vq)
+            self._vq = None
+        for n in (self.kick_notifier, self.ack_notifier, self.call_notifier):
+            if n is not None:
+                n.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _load(self, out, in_):
+        n = 0
+        for gpa, length in list(out) + list(in_):
+            if n >= self.num:
+                raise ConfigError(f"chain longer than the queue ({self.num})")
+            self._addr[n] = gpa
+            self._len[n] = length
+            n += 1
+        return len(out), len(in_)
+
+    def add(self, out, in_, token):
+        """virtqueue_add: out and in_ are lists of (gpa, length); token is a non-zero int."""
+        o, i = self._load(out, in_)
+        check(lib.virtqueue_add(self.handle, self._addr, self._len, o, i, token), "virtqueue_add")
+
+    def kick_prepare(self):
+        return bool(lib.virtqueue_kick_prepare(self.handle))
+
+    def notify(self):
+        check(lib.virtqueue_notify(self.handle), "virtqueue_notify")
+
+    def kick(self, lock=None):
+        """virtqueue_kick; with a lock (held by the caller) it is released around the notify."""
+        return bool(check(lib.virtqueue_kick(self.handle, lock._l if lock else ffi.NULL),
+                          "virtqueue_kick"))
+
+    def submit(self, out, in_, token, strategy="prepare"):
+        """Lock, add, kick by the given strategy, unlock: one C call."""
+        code = strategy_code(strategy)
+        o, i = self._load(out, in_)
+        check(lib.vp_vq_submit(self.handle, code, self._addr, self._len, o, i, token),
+              "submit")
+
+    def submit1(self, out_gpa, out_len, in_gpa, in_len, token, strategy=lib.VP_KICK_PREPARE):
+        """The one-readable-one-writable fast path of submit (strategy as its C code)."""
+        a, ln = self._addr, self._len
+        a[0] = out_gpa
+        ln[0] = out_len
+        a[1] = in_gpa
+        ln[1] = in_len
+        rc = lib.vp_vq_submit(self._vq, strategy, a, ln, 1, 1, token)
+        if rc < 0:
+            check(rc, "submit")
+
+    def get_buf(self):
+        """virtqueue_get_buf: (token, written length) or None when nothing is used."""
+        r = lib.virtqueue_get_buf(self._vq, self._tok, self._blen)
+        if r == 0:
+            return None
+        check(r, "virtqueue_get_buf")
+        return self._tok[0], self._blen[0]
+
+    def disable_cb(self):
+        lib.virtqueue_disable_cb(self.handle)
+
+    def enable_cb(self):
+        """True when callbacks are on and nothing is pending; False: poll again."""
+        return bool(lib.virtqueue_enable_cb(self.handle))
+
+    @property
+    def num_free(self):
+        return lib.vp_vq_num_free(self.handle)
+
+    def wait_interrupt(self, timeout=None):
+        return self.call_notifier.wait(timeout)
+
+    def state(self):
+        st = self.region.queue_shared(self.index).drv
+        return {"free_head": st.free_head, "num_free": st.num_free,
+                "avail_idx": st.avail_idx_shadow, "last_used_idx": st.last_used_idx,
+                "kicks": st.kicks, "kicks_suppressed": st.kicks_suppressed,
+                "added": st.added, "completed": st.completed}
+
+    def echo_drive(self, n, batch=0, strategy="hold", buf_gpa=None, buf_len=64):
+        """Drive n requests through an echo device from C (tests and benchmarks)."""
+        if buf_gpa is None:
+            buf_gpa = self.region.queue_info(self.index)["data"]
+        return check(lib.vp_echo_drive(self.handle, n, batch, strategy_code(strategy),
+                                       buf_gpa, buf_len), "echo_drive")
+
+
+class DeviceQueue:
+    """The device's handle on a queue it laid out itself.
+
+    It takes the ring addresses from the creating Region object's own copy of
+    the layout, never from the region header a guest can overwrite.
+    """
+
+    def __init__(self, region, index=0, notifiers=True, max_segs=None):
+        if not region.owner:
+            raise ConfigError("only the region's creator serves its queues")
+        region._check_index(index)
+        info = region.device_layout[index]
+        self.region = region
+        self.index = index
+        self.num = info["num"]
+        self.max_segs = max_segs or self.num
+        self._q = opened(lib.vp_devq_open, region.base, region.size,
+                         info["data"], info["data"] + info["data_size"],
+                         index, self.num, info["desc"], info["avail"], info["used"],
+                         int(region.device_event_idx), region.device_exit_mode,
+                         what=f"device queue {index}")
+        self._chain = ffi.new("struct vp_chain *")
+        self._segs = ffi.new("struct vp_seg[]", self.max_segs)
+        self.kick_notifier = self.call_notifier = self.ack_notifier = None
+        if notifiers:
+            self.kick_notifier = Notifier.open_sem(region.sem_name(index, "kick"))
+            self.call_notifier = Notifier.open_sem(region.sem_name(index, "call"))
+            self.ack_notifier = Notifier.open_sem(region.sem_name(index, "ack"))
+            lib.vp_devq_set_notify(self._q, self.kick_notifier.handle,
+                                   self.call_notifier.handle, self.ack_notifier.handle)
+
+    @property
+    def handle(self):
+        if self._q is None:
+            raise ConfigError("device queue is closed")
+        return self._q
+
+    def close(self):
+        if self._q is not None:
+            lib.vp_devq_close(self._q)
+            self._q = None
+        for n in (self.kick_notifier, self.call_notifier, self.ack_notifier):
+            if n is not None:
+                n.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def pop(self):
+        """Next available chain as (head, [(gpa, length, writable), ...]) or None.
+
+        A chain that breaks a ring rule raises RingError and marks the queue broken.
+        """
+        r = check(lib.vp_devq_pop(self.handle, self._chain, self._segs, self.max_segs), "pop")
+        if r == 0:
+            return None
+        c = self._chain
+        segs = [(self._segs[i].addr, self._segs[i].len, bool(self._segs[i].write))
+                for i in range(c.nseg)]
+        return c.head, segs
+
+    def push(self, head, length):
+        check(lib.vp_devq_push(self.handle, head, length), "push")
+
+    def interrupt(self):
+        """Send the call notification if the driver wants it; True if sent."""
+        return bool(check(lib.vp_devq_interrupt(self.handle), "interrupt"))
+
+    def need_interrupt(self):
+        return bool(lib.vp_devq_need_interrupt(self.handle))
+
+    def disable_notify(self):
+        lib.vp_devq_disable_notify(self.handle)
+
+    def enable_notify(self):
+        """Re-enable kicks; True when work arrived meanwhile (drain again, do not sleep)."""
+        return bool(lib.vp_devq_enable_notify(self.handle))
+
+    def wait_kick(self, timeout=None):
+        """Wait for kicks; how many were taken (0 on timeout)."""
+        ns = -1 if timeout is None else int(timeout * 1e9)
+        return check(lib.vp_devq_wait_kick(self.handle, ns), "wait_kick")
+
+    def ack_kicks(self, n):
+        check(lib.vp_devq_ack_kicks(self.handle, n), "ack_kicks")
+
+    @property
+    def broken(self):
+        """0, or the positive code of the rule that broke the queue."""
+        return lib.vp_devq_broken(self.handle)
+
+    def mark_broken(self, code):
+        lib.vp_devq_mark_broken(self.handle, code)
+
+    @property
+    def inflight(self):
+        return lib.vp_devq_inflight(self.handle)
+
+    def echo_serve(self, n=-1, poll=False, stop=None):
+        """Serve n chains (n < 0: until stop[0] is set) as an echo device, in C."""
+        return check(lib.vp_echo_serve(self.handle, n, int(poll),
+                                       stop if stop is not None else ffi.NULL), "echo_serve")
