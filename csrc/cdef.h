@@ -30,6 +30,7 @@
 #define VP_ELAYOUT ...
 #define VP_ESEGMAX ...
 #define VP_EDEVGONE ...
+#define VP_EFRAME ...
 #define VP_ELAST ...
 #define VP_STATUS_NEEDS_RESET ...
 #define VIRTIO_RING_F_EVENT_IDX ...
@@ -160,6 +161,17 @@ int vp_region_check(const void *base, uint64_t size);
 int vp_map(int fd, uint64_t size, void **base);
 int vp_unmap(void *base, uint64_t size);
 
+struct vp_acct {
+	uint64_t lock_wait_ns;
+	uint64_t lock_hold_ns;
+	uint64_t lock_acquisitions;
+	uint64_t kick_ns;
+	uint64_t kicks;
+	uint64_t io_wait_ns;
+	uint64_t irqs;
+	uint64_t reaped;
+};
+void vp_acct_set(struct vp_acct *a);
 void vp_lock_init(struct vp_lock *l, uint32_t kind, uint32_t spin_ns);
 void vp_lock_acquire(struct vp_lock *l);
 void vp_lock_release(struct vp_lock *l);
@@ -257,3 +269,55 @@ int vring_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old);
  * tests that feed the device malformed rings. */
 int vp_guest_poke(void *base, uint64_t size, uint64_t gpa, uint64_t value,
 		  unsigned width);
+
+/* ---- guest side of virtio-blk (guest.h) ---- */
+#define VP_MAX_SLOTS ...
+#define VP_MAX_TAGS ...
+struct vp_guest;
+struct vp_guest *vp_guest_open(void *base, uint64_t size, struct vp_vq *vq,
+			       unsigned index, struct vp_notifier *call,
+			       int *err);
+void vp_guest_close(struct vp_guest *g);
+int vp_guest_slot(struct vp_guest *g);
+int vp_guest_set_depth(struct vp_guest *g, unsigned depth);
+uint64_t vp_guest_max_data(struct vp_guest *g);
+uint64_t vp_guest_data_gpa(struct vp_guest *g, unsigned tag);
+uint8_t *vp_guest_data_ptr(struct vp_guest *g, unsigned tag);
+int vp_guest_start_irq(struct vp_guest *g);
+void vp_guest_stop_irq(struct vp_guest *g);
+int vp_guest_reap(struct vp_guest *g);
+int vp_guest_blk_submit(struct vp_guest *g, unsigned tag, uint32_t type,
+			uint64_t sector, uint32_t nbytes, int strategy);
+int vp_guest_wait(struct vp_guest *g, unsigned tag, int64_t timeout_ns,
+		  uint8_t *status, uint32_t *len);
+int vp_guest_wait_any(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
+		      uint8_t *status, uint32_t *len);
+struct vp_acct *vp_guest_irq_acct(struct vp_guest *g);
+
+/* ---- device side of virtio-blk (blkdev.h) ---- */
+#define VP_STORE_MAX_STRIPES ...
+#define VP_REQ_IN ...
+#define VP_REQ_OUT ...
+#define VP_REQ_FLUSH ...
+#define VP_REQ_GET_ID ...
+#define VP_REQ_DISCARD ...
+#define VP_REQ_WZEROES ...
+#define VP_REQ_UNSUPP ...
+#define VP_REQ_IOERR ...
+struct vp_store;
+struct vp_store *vp_store_open(const int *fds, unsigned nstripes,
+			       uint64_t chunk, uint64_t capacity, int direct,
+			       int *err);
+void vp_store_close(struct vp_store *s);
+int vp_store_rw(struct vp_store *s, int write, uint64_t off, uint8_t *buf,
+		uint64_t len);
+int vp_store_flush(struct vp_store *s);
+int vp_store_zero(struct vp_store *s, uint64_t off, uint64_t len, int punch);
+struct vp_server;
+struct vp_server *vp_server_new(struct vp_store *st, int mode,
+				unsigned io_threads, const char *serial,
+				int *err);
+int vp_server_add_queue(struct vp_server *srv, struct vp_devq *q);
+int vp_server_start(struct vp_server *srv);
+void vp_server_stop(struct vp_server *srv);
+void vp_server_free(struct vp_server *srv);

@@ -14,6 +14,13 @@
 #include "vp.h"
 #include "compiler.h"
 
+__thread struct vp_acct *vp_acct_cur;
+
+void vp_acct_set(struct vp_acct *a)
+{
+	vp_acct_cur = a;
+}
+
 uint64_t vp_now_ns(void)
 {
 	struct timespec ts;
@@ -125,6 +132,10 @@ void vp_lock_acquire(struct vp_lock *l)
 	s->acq_bounces += bounce;
 	l->last_cpu = cpu;
 	l->t_acquired = t1;
+	if (vp_acct_cur) {
+		vp_acct_cur->lock_wait_ns += t1 - t0;
+		vp_acct_cur->lock_acquisitions++;
+	}
 }
 
 void vp_lock_release(struct vp_lock *l)
@@ -137,6 +148,8 @@ void vp_lock_release(struct vp_lock *l)
 	if (h > s->hold_max)
 		s->hold_max = h;
 	unlock_raw(l);
+	if (vp_acct_cur)
+		vp_acct_cur->lock_hold_ns += h;
 }
 
 void vp_lock_read(const struct vp_lock *l, struct vp_lockstat *out)

@@ -130,6 +130,11 @@ int vp_notifier_wait(struct vp_notifier *n, int64_t timeout_ns)
 	return 1;
 }
 
+int vp_notifier_drain_opt(struct vp_notifier *n)
+{
+	return n ? vp_notifier_drain(n) : 0;
+}
+
 int vp_notifier_drain(struct vp_notifier *n)
 {
 	int count = 0;

@@ -109,11 +109,28 @@ struct vp_device_stats {
 	uint64_t bytes_written;
 };
 
+/* Guest-internal completion records: one slot per guest process using the
+ * queue, one record per outstanding request (tag).  Whoever reaps the used
+ * ring delivers here and wakes the owner on wake_seq (a shared futex). */
+#define VP_MAX_SLOTS  32
+#define VP_MAX_TAGS   64
+struct vp_completion {
+	uint32_t done;
+	uint32_t len;
+};
+struct vp_guest_slot {
+	int32_t  owner_pid;      /* 0 free */
+	uint32_t wake_seq;
+	uint64_t delivered;      /* completions delivered to this slot */
+	struct vp_completion comp[VP_MAX_TAGS];
+};
+
 /* What lives in the region for each queue, page aligned. */
 struct vp_queue_shared {
 	struct vp_lock lock;
 	struct vp_driver_state drv;
 	struct vp_device_stats dev;
+	struct vp_guest_slot slot[VP_MAX_SLOTS];
 };
 
 /* One row of the queue table. */

@@ -26,7 +26,8 @@
 #define VP_ELAYOUT      1014  /* header describes an impossible layout */
 #define VP_ESEGMAX      1015  /* chain has more segments than the caller takes */
 #define VP_EDEVGONE     1016  /* the device process is gone */
-#define VP_ELAST        1016
+#define VP_EFRAME       1017  /* virtio-blk request without header or status */
+#define VP_ELAST        1017
 
 const char *vp_strerror(int code);
 
@@ -55,6 +56,20 @@ int vp_unmap(void *base, uint64_t size);
 int vp_guest_poke(void *base, uint64_t size, uint64_t gpa, uint64_t value,
 		  unsigned width);
 
+/* ---- per-thread accounting: where a guest thread's time goes ---- */
+struct vp_acct {
+	uint64_t lock_wait_ns;      /* from asking for the lock to having it */
+	uint64_t lock_hold_ns;
+	uint64_t lock_acquisitions;
+	uint64_t kick_ns;           /* inside virtqueue_notify (the exit) */
+	uint64_t kicks;
+	uint64_t io_wait_ns;        /* sleeping for a completion */
+	uint64_t irqs;              /* interrupts handled */
+	uint64_t reaped;            /* used buffers taken off the ring */
+};
+extern __thread struct vp_acct *vp_acct_cur;
+void vp_acct_set(struct vp_acct *a);   /* this thread's counters, or NULL */
+
 /* ---- shared lock ---- */
 void vp_lock_init(struct vp_lock *l, uint32_t kind, uint32_t spin_ns);
 void vp_lock_acquire(struct vp_lock *l);
@@ -73,6 +88,8 @@ int vp_notifier_post(struct vp_notifier *n);
 int vp_notifier_wait(struct vp_notifier *n, int64_t timeout_ns);
 /* Take every pending notification without sleeping: how many. */
 int vp_notifier_drain(struct vp_notifier *n);
+/* The same, for a notifier that may be absent (NULL: 0). */
+int vp_notifier_drain_opt(struct vp_notifier *n);
 
 /* ---- driver side ---- */
 struct vp_vq;
@@ -137,6 +154,9 @@ int vp_devq_broken(struct vp_devq *q);
 void vp_devq_mark_broken(struct vp_devq *q, int code);
 unsigned vp_devq_inflight(struct vp_devq *q);
 uint8_t *vp_devq_gpa(struct vp_devq *q, uint64_t gpa);
+unsigned vp_devq_num(struct vp_devq *q);
+struct vp_device_stats *vp_devq_stats(struct vp_devq *q);
+struct vp_notifier *vp_devq_kick(struct vp_devq *q);
 
 /* ---- loops in C, for tests and benchmarks ---- */
 /* Device: serve n chains (n<0: until *stop), writing a 32-bit sequence into

@@ -32,6 +32,7 @@ static const char *const vp_errors[] = {
 	[VP_ELAYOUT - VP_EBASE] = "region header describes an impossible layout",
 	[VP_ESEGMAX - VP_EBASE] = "chain has more segments than allowed",
 	[VP_EDEVGONE - VP_EBASE] = "the device process is gone",
+	[VP_EFRAME - VP_EBASE] = "virtio-blk request without header or status",
 };
 
 const char *vp_strerror(int code)
@@ -187,7 +188,20 @@ static void spin_ns(uint32_t ns)
 		cpu_relax();
 }
 
+static int notify(struct vp_vq *vq);
+
 int virtqueue_notify(struct vp_vq *vq)
+{
+	if (!vp_acct_cur)
+		return notify(vq);
+	uint64_t t0 = vp_now_ns();
+	int r = notify(vq);
+	vp_acct_cur->kick_ns += vp_now_ns() - t0;
+	vp_acct_cur->kicks++;
+	return r;
+}
+
+static int notify(struct vp_vq *vq)
 {
 	__atomic_fetch_add(&vq->st->kicks, 1, __ATOMIC_RELAXED);
 	if (vq->exit_cost_ns)
@@ -445,6 +459,21 @@ unsigned vp_devq_inflight(struct vp_devq *q)
 uint8_t *vp_devq_gpa(struct vp_devq *q, uint64_t gpa)
 {
 	return q->base + gpa;
+}
+
+unsigned vp_devq_num(struct vp_devq *q)
+{
+	return q->num;
+}
+
+struct vp_device_stats *vp_devq_stats(struct vp_devq *q)
+{
+	return q->stats;
+}
+
+struct vp_notifier *vp_devq_kick(struct vp_devq *q)
+{
+	return q->kick;
 }
 
 /* Walk one chain; every value read from the guest is read once and

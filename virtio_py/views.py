@@ -24,9 +24,10 @@ def used_dtype(num):
 
 def _view(region, gpa, dtype, count=None):
     nbytes = dtype.itemsize * (count or 1)
-    buf = ffi.buffer(region.base + gpa, nbytes)
+    # A read-only buffer, not just a cleared flag: numpy lets anyone set
+    # WRITEABLE again on an array whose buffer is writable.
+    buf = memoryview(ffi.buffer(region.base + gpa, nbytes)).toreadonly()
     arr = np.frombuffer(buf, dtype=dtype, count=count or 1)
-    arr.flags.writeable = False
     return arr if count else arr[0]
 
 

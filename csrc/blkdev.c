@@ -1,0 +1,544 @@
+/* virtio-blk device: serve loops, an I/O thread pool and the striped store.
+ *
+ * One serve thread per queue pops chains and hands each request to the
+ * pool (or runs it inline when the store is memory and there is no disk to
+ * wait for).  Pool threads do the I/O straight between the stripe files
+ * and the region's buffers, write the status byte, push the used entry and
+ * interrupt the guest, so no request waits behind another's disk I/O. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include "blkdev.h"
+#include "compiler.h"
+
+/* ================= striped store ================= */
+
+struct vp_store {
+	unsigned n;
+	int fds[VP_STORE_MAX_STRIPES];
+	uint64_t chunk;
+	uint64_t capacity;   /* bytes */
+	int direct;
+	uint8_t *zeros;      /* aligned zero buffer for write-zeroes fallback */
+};
+
+#define ZERO_BUF (1 << 20)
+
+struct vp_store *vp_store_open(const int *fds, unsigned nstripes,
+			       uint64_t chunk, uint64_t capacity, int direct,
+			       int *err)
+{
+	if (nstripes < 1 || nstripes > VP_STORE_MAX_STRIPES || chunk < 512 ||
+	    chunk % 512 || capacity % 512) {
+		*err = -EINVAL;
+		return NULL;
+	}
+	struct vp_store *s = calloc(1, sizeof(*s));
+	if (!s || posix_memalign((void **)&s->zeros, 4096, ZERO_BUF)) {
+		free(s);
+		*err = -ENOMEM;
+		return NULL;
+	}
+	memset(s->zeros, 0, ZERO_BUF);
+	s->n = nstripes;
+	memcpy(s->fds, fds, nstripes * sizeof(int));
+	s->chunk = chunk;
+	s->capacity = capacity;
+	s->direct = direct;
+	*err = 0;
+	return s;
+}
+
+void vp_store_close(struct vp_store *s)
+{
+	if (!s)
+		return;
+	free(s->zeros);
+	free(s);
+}
+
+/* RAID-0: logical chunk k is in stripe k mod N at (k div N) * chunk. */
+static void locate(const struct vp_store *s, uint64_t off, unsigned *stripe,
+		   uint64_t *foff, uint64_t *room)
+{
+	uint64_t k = off / s->chunk, in = off % s->chunk;
+	*stripe = (unsigned)(k % s->n);
+	*foff = (k / s->n) * s->chunk + in;
+	*room = s->chunk - in;
+}
+
+int vp_store_rw(struct vp_store *s, int write, uint64_t off, uint8_t *buf,
+		uint64_t len)
+{
+	if (off > s->capacity || len > s->capacity - off)
+		return -ERANGE;
+	while (len) {
+		unsigned st;
+		uint64_t foff, room;
+		locate(s, off, &st, &foff, &room);
+		size_t n = len < room ? len : room;
+		ssize_t r = write ? pwrite(s->fds[st], buf, n, (off_t)foff)
+				  : pread(s->fds[st], buf, n, (off_t)foff);
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (r == 0) {
+			/* Past the end of a sparse stripe file: zeros. */
+			if (write)
+				return -EIO;
+			memset(buf, 0, n);
+			r = (ssize_t)n;
+		}
+		off += (uint64_t)r;
+		buf += r;
+		len -= (uint64_t)r;
+	}
+	return 0;
+}
+
+int vp_store_flush(struct vp_store *s)
+{
+	for (unsigned i = 0; i < s->n; i++)
+		if (fdatasync(s->fds[i]))
+			return -errno;
+	return 0;
+}
+
+int vp_store_zero(struct vp_store *s, uint64_t off, uint64_t len, int punch)
+{
+	if (off > s->capacity || len > s->capacity - off)
+		return -ERANGE;
+	int mode = punch ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+			 : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+	while (len) {
+		unsigned st;
+		uint64_t foff, room;
+		locate(s, off, &st, &foff, &room);
+		uint64_t n = len < room ? len : room;
+		if (fallocate(s->fds[st], mode, (off_t)foff, (off_t)n)) {
+			/* Not every filesystem punches holes: write zeros. */
+			if (errno != EOPNOTSUPP && errno != ENOSYS &&
+			    errno != EINVAL)
+				return -errno;
+			for (uint64_t done = 0; done < n;) {
+				size_t w = n - done < ZERO_BUF ? n - done : ZERO_BUF;
+				ssize_t r = pwrite(s->fds[st], s->zeros, w,
+						   (off_t)(foff + done));
+				if (r <= 0) {
+					if (r < 0 && errno == EINTR)
+						continue;
+					return r < 0 ? -errno : -EIO;
+				}
+				done += (uint64_t)r;
+			}
+		}
+		off += n;
+		len -= n;
+	}
+	return 0;
+}
+
+/* ================= requests ================= */
+
+struct vp_server;
+struct serve_arg {
+	struct vp_server *srv;
+	unsigned qi;
+};
+
+struct work {
+	struct work *next;
+	struct vp_devq *q;
+	struct vp_chain c;
+	struct vp_seg segs[];
+};
+
+struct vp_server {
+	struct vp_store *st;
+	int mode;
+	unsigned io_threads;
+	char serial[VIRTIO_BLK_ID_BYTES];
+	unsigned nq;
+	struct vp_devq *q[VP_MAX_QUEUES];
+	pthread_t serve[VP_MAX_QUEUES];
+	struct serve_arg *args[VP_MAX_QUEUES];
+	pthread_t *pool;
+	unsigned pool_started, serve_started;
+	/* work queue */
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	pthread_cond_t idle_cv;
+	struct work *head, *tail;
+	unsigned busy;          /* queued or running */
+	volatile int stop;      /* serve threads: stop popping */
+	int pool_stop;
+};
+
+
+static uint64_t seg_total(const struct vp_seg *segs, unsigned from,
+			  unsigned to)
+{
+	uint64_t t = 0;
+	for (unsigned i = from; i < to; i++)
+		t += segs[i].len;
+	return t;
+}
+
+/* Execute one request; returns the used length.  The chain was checked by
+ * vp_devq_pop: every segment lies inside the data area. */
+static uint32_t execute(struct vp_server *srv, struct vp_devq *q,
+			const struct vp_chain *c, const struct vp_seg *segs,
+			struct vp_device_stats *ds)
+{
+	unsigned n = c->nseg;
+	/* Header first and readable, status last and writable. */
+	const struct vp_seg *hs = &segs[0], *ss = &segs[n - 1];
+	if (n < 2 || hs->write || hs->len < sizeof(struct virtio_blk_outhdr) ||
+	    !ss->write) {
+		vp_devq_mark_broken(q, VP_EFRAME);
+		return 0;
+	}
+	struct virtio_blk_outhdr hdr;
+	memcpy(&hdr, vp_devq_gpa(q, hs->addr), sizeof(hdr));
+	uint8_t *status = vp_devq_gpa(q, ss->addr + ss->len - 1);
+	uint8_t st = VIRTIO_BLK_S_OK;
+	uint32_t used = 1;
+	unsigned d0 = 1, d1 = n - 1;       /* data segments [d0, d1) */
+	uint64_t total = seg_total(segs, d0, d1);
+	uint64_t cap = srv->st->capacity;
+	int cls;
+
+	switch (hdr.type) {
+	case VIRTIO_BLK_T_IN:
+	case VIRTIO_BLK_T_OUT: {
+		int in = hdr.type == VIRTIO_BLK_T_IN;
+		cls = in ? VP_REQ_IN : VP_REQ_OUT;
+		if (total % 512 || hdr.sector > cap / 512 ||
+		    total > cap - hdr.sector * 512) {
+			st = VIRTIO_BLK_S_IOERR;
+			break;
+		}
+		uint64_t off = hdr.sector * 512;
+		for (unsigned i = d0; i < d1 && st == VIRTIO_BLK_S_OK; i++) {
+			if ((int)segs[i].write != in) {
+				st = VIRTIO_BLK_S_IOERR;
+				break;
+			}
+			if (vp_store_rw(srv->st, !in, off,
+					vp_devq_gpa(q, segs[i].addr), segs[i].len))
+				st = VIRTIO_BLK_S_IOERR;
+			off += segs[i].len;
+		}
+		if (st == VIRTIO_BLK_S_OK) {
+			if (in) {
+				used += (uint32_t)total;
+				__atomic_fetch_add(&ds->bytes_read, total, __ATOMIC_RELAXED);
+			} else {
+				__atomic_fetch_add(&ds->bytes_written, total, __ATOMIC_RELAXED);
+			}
+		}
+		break;
+	}
+	case VIRTIO_BLK_T_FLUSH:
+		cls = VP_REQ_FLUSH;
+		if (vp_store_flush(srv->st))
+			st = VIRTIO_BLK_S_IOERR;
+		break;
+	case VIRTIO_BLK_T_GET_ID: {
+		cls = VP_REQ_GET_ID;
+		if (d1 - d0 != 1 || !segs[d0].write) {
+			st = VIRTIO_BLK_S_IOERR;
+			break;
+		}
+		uint32_t l = segs[d0].len < VIRTIO_BLK_ID_BYTES ? segs[d0].len
+							       : VIRTIO_BLK_ID_BYTES;
+		memcpy(vp_devq_gpa(q, segs[d0].addr), srv->serial, l);
+		used += l;
+		break;
+	}
+	case VIRTIO_BLK_T_DISCARD:
+	case VIRTIO_BLK_T_WRITE_ZEROES: {
+		int discard = hdr.type == VIRTIO_BLK_T_DISCARD;
+		cls = discard ? VP_REQ_DISCARD : VP_REQ_WZEROES;
+		/* One range per request (max_*_seg = 1 in config space). */
+		struct virtio_blk_discard_write_zeroes r;
+		if (d1 - d0 != 1 || segs[d0].write || segs[d0].len != sizeof(r)) {
+			st = VIRTIO_BLK_S_IOERR;
+			break;
+		}
+		memcpy(&r, vp_devq_gpa(q, segs[d0].addr), sizeof(r));
+		if ((r.flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) ||
+		    (discard && r.flags) || r.sector > cap / 512 ||
+		    (uint64_t)r.num_sectors * 512 > cap - r.sector * 512) {
+			st = discard && r.flags ? VIRTIO_BLK_S_UNSUPP
+						: VIRTIO_BLK_S_IOERR;
+			break;
+		}
+		if (vp_store_zero(srv->st, r.sector * 512,
+				  (uint64_t)r.num_sectors * 512,
+				  discard || (r.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)))
+			st = VIRTIO_BLK_S_IOERR;
+		break;
+	}
+	default:
+		cls = VP_REQ_UNSUPP;
+		st = VIRTIO_BLK_S_UNSUPP;
+		break;
+	}
+	__atomic_fetch_add(&ds->req[cls], 1, __ATOMIC_RELAXED);
+	if (st == VIRTIO_BLK_S_IOERR)
+		__atomic_fetch_add(&ds->req[VP_REQ_IOERR], 1, __ATOMIC_RELAXED);
+	WRITE_ONCE(*status, st);
+	return used;
+}
+
+static void complete(struct vp_server *srv, struct vp_devq *q,
+		     const struct vp_chain *c, const struct vp_seg *segs,
+		     int interrupt)
+{
+	uint32_t used = execute(srv, q, c, segs, vp_devq_stats(q));
+	vp_devq_push(q, c->head, used);
+	if (interrupt)
+		vp_devq_interrupt(q);
+}
+
+static void *pool_main(void *arg)
+{
+	struct vp_server *srv = arg;
+	for (;;) {
+		pthread_mutex_lock(&srv->mu);
+		while (!srv->head && !srv->pool_stop)
+			pthread_cond_wait(&srv->cv, &srv->mu);
+		struct work *w = srv->head;
+		if (!w) {
+			pthread_mutex_unlock(&srv->mu);
+			return NULL;
+		}
+		srv->head = w->next;
+		if (!srv->head)
+			srv->tail = NULL;
+		pthread_mutex_unlock(&srv->mu);
+
+		complete(srv, w->q, &w->c, w->segs, 1);
+		free(w);
+
+		pthread_mutex_lock(&srv->mu);
+		if (--srv->busy == 0)
+			pthread_cond_broadcast(&srv->idle_cv);
+		pthread_mutex_unlock(&srv->mu);
+	}
+}
+
+static void dispatch(struct vp_server *srv, struct vp_devq *q,
+		     const struct vp_chain *c, const struct vp_seg *segs)
+{
+	struct work *w = malloc(sizeof(*w) + c->nseg * sizeof(struct vp_seg));
+	if (!w) {
+		complete(srv, q, c, segs, 1);   /* no memory: do it here */
+		return;
+	}
+	w->next = NULL;
+	w->q = q;
+	w->c = *c;
+	memcpy(w->segs, segs, c->nseg * sizeof(struct vp_seg));
+	pthread_mutex_lock(&srv->mu);
+	if (srv->tail)
+		srv->tail->next = w;
+	else
+		srv->head = w;
+	srv->tail = w;
+	srv->busy++;
+	pthread_cond_signal(&srv->cv);
+	pthread_mutex_unlock(&srv->mu);
+}
+
+/* Pop everything available; returns how many requests were taken. */
+static int drain(struct vp_server *srv, struct vp_devq *q,
+		 struct vp_seg *segs, unsigned max_segs)
+{
+	struct vp_chain c;
+	int n = 0, r;
+	while (!srv->stop && (r = vp_devq_pop(q, &c, segs, max_segs)) == 1) {
+		if (srv->io_threads)
+			dispatch(srv, q, &c, segs);
+		else
+			complete(srv, q, &c, segs, 0);
+		n++;
+	}
+	if (!srv->io_threads && n)
+		vp_devq_interrupt(q);
+	return n;
+}
+
+static void backoff(unsigned idle)
+{
+	if (idle < 256) {
+		cpu_relax();
+	} else if (idle < 512) {
+		sched_yield();
+	} else {
+		/* Idle for a while: sleep, longer and longer, up to 1 ms. */
+		unsigned shift = idle < 512 + 5 ? idle - 512 : 5;
+		struct timespec ts = { 0, 31250L << shift };
+		nanosleep(&ts, NULL);
+	}
+}
+
+static void *serve_main(void *arg)
+{
+	struct serve_arg *a = arg;
+	struct vp_server *srv = a->srv;
+	struct vp_devq *q = srv->q[a->qi];
+	unsigned max_segs = vp_devq_num(q);
+	struct vp_seg *segs = calloc(max_segs, sizeof(*segs));
+	if (!segs)
+		return NULL;
+	if (srv->mode == VP_MODE_POLL) {
+		vp_devq_disable_notify(q);
+		unsigned idle = 0;
+		while (!srv->stop) {
+			/* Kicks still arrive from a guest that saw none
+			 * suppressed yet; a sync exit waits for its ack. */
+			int k = vp_notifier_drain_opt(vp_devq_kick(q));
+			int n = vp_devq_broken(q) ? 0 : drain(srv, q, segs, max_segs);
+			if (k > 0)
+				vp_devq_ack_kicks(q, k);
+			idle = n || k ? 0 : idle + 1;
+			if (!n && !k)
+				backoff(idle);
+		}
+	} else {
+		while (!srv->stop) {
+			if (!vp_devq_broken(q) && vp_devq_enable_notify(q)) {
+				vp_devq_disable_notify(q);
+				drain(srv, q, segs, max_segs);
+				continue;
+			}
+			int k = vp_devq_wait_kick(q, 50000000);
+			if (k <= 0)
+				continue;
+			vp_devq_disable_notify(q);
+			if (!vp_devq_broken(q))
+				drain(srv, q, segs, max_segs);
+			/* The exit returns once its requests are submitted. */
+			vp_devq_ack_kicks(q, k);
+		}
+	}
+	free(segs);
+	return NULL;
+}
+
+struct vp_server *vp_server_new(struct vp_store *st, int mode,
+				unsigned io_threads, const char *serial,
+				int *err)
+{
+	if (!st || mode < VP_MODE_NOTIFY || mode > VP_MODE_POLL ||
+	    io_threads > 1024) {
+		*err = -EINVAL;
+		return NULL;
+	}
+	struct vp_server *srv = calloc(1, sizeof(*srv));
+	if (!srv) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	srv->st = st;
+	srv->mode = mode;
+	srv->io_threads = io_threads;
+	if (serial)
+		/* 20 bytes, NUL-padded, not NUL-terminated when full. */
+		memcpy(srv->serial, serial, strnlen(serial, sizeof(srv->serial)));
+	pthread_mutex_init(&srv->mu, NULL);
+	pthread_cond_init(&srv->cv, NULL);
+	pthread_cond_init(&srv->idle_cv, NULL);
+	*err = 0;
+	return srv;
+}
+
+int vp_server_add_queue(struct vp_server *srv, struct vp_devq *q)
+{
+	if (srv->nq >= VP_MAX_QUEUES || srv->serve_started)
+		return -EINVAL;
+	srv->q[srv->nq++] = q;
+	return 0;
+}
+
+int vp_server_start(struct vp_server *srv)
+{
+	if (srv->serve_started || !srv->nq)
+		return -EINVAL;
+	if (srv->io_threads) {
+		srv->pool = calloc(srv->io_threads, sizeof(pthread_t));
+		if (!srv->pool)
+			return -ENOMEM;
+		for (; srv->pool_started < srv->io_threads; srv->pool_started++) {
+			int r = pthread_create(&srv->pool[srv->pool_started],
+					       NULL, pool_main, srv);
+			if (r) {
+				vp_server_stop(srv);
+				return -r;
+			}
+		}
+	}
+	for (unsigned i = 0; i < srv->nq; i++) {
+		struct serve_arg *a = calloc(1, sizeof(*a));
+		if (!a) {
+			vp_server_stop(srv);
+			return -ENOMEM;
+		}
+		a->srv = srv;
+		a->qi = i;
+		int r = pthread_create(&srv->serve[i], NULL, serve_main, a);
+		if (r) {
+			free(a);
+			vp_server_stop(srv);
+			return -r;
+		}
+		srv->args[i] = a;
+		srv->serve_started++;
+	}
+	return 0;
+}
+
+void vp_server_stop(struct vp_server *srv)
+{
+	srv->stop = 1;
+	for (unsigned i = 0; i < srv->serve_started; i++) {
+		pthread_join(srv->serve[i], NULL);
+		free(srv->args[i]);
+	}
+	srv->serve_started = 0;
+	/* Requests already popped complete before the pool goes. */
+	pthread_mutex_lock(&srv->mu);
+	while (srv->busy)
+		pthread_cond_wait(&srv->idle_cv, &srv->mu);
+	srv->pool_stop = 1;
+	pthread_cond_broadcast(&srv->cv);
+	pthread_mutex_unlock(&srv->mu);
+	for (unsigned i = 0; i < srv->pool_started; i++)
+		pthread_join(srv->pool[i], NULL);
+	srv->pool_started = 0;
+	free(srv->pool);
+	srv->pool = NULL;
+	for (unsigned i = 0; i < srv->nq; i++)
+		vp_devq_interrupt(srv->q[i]);
+}
+
+void vp_server_free(struct vp_server *srv)
+{
+	if (!srv)
+		return;
+	vp_server_stop(srv);
+	pthread_mutex_destroy(&srv->mu);
+	pthread_cond_destroy(&srv->cv);
+	pthread_cond_destroy(&srv->idle_cv);
+	free(srv);
+}

@@ -1,0 +1,328 @@
+/* Guest side of virtio-blk over a shared queue.
+ *
+ * Several processes submit on one queue under its lock.  Interrupts go to
+ * whichever process's irq thread takes the call notification; that thread
+ * reaps every used buffer (virtblk_done) and delivers each completion to
+ * the slot that owns it, waking the owner on a shared futex.  Tokens are
+ * (slot + 1) << 16 | tag, so a completion finds its owner without a search. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include "guest.h"
+#include "compiler.h"
+
+#define HDR_AREA 4096   /* header + status before each data buffer */
+
+struct vp_guest {
+	uint8_t *base;
+	struct vp_vq *vq;
+	struct vp_region_header *h;
+	struct vp_queue_shared *sh;
+	struct vp_guest_slot *slot;
+	unsigned slot_idx;
+	struct vp_notifier *call;
+	uint64_t share_gpa, share_size;
+	unsigned depth;
+	uint64_t tag_size;
+	pthread_t irq;
+	int irq_running;
+	volatile int stop;
+	struct vp_acct irq_acct;
+};
+
+static long futex_wait(uint32_t *w, uint32_t val, int64_t ns)
+{
+	struct timespec ts = { ns / 1000000000, ns % 1000000000 };
+	return syscall(SYS_futex, w, FUTEX_WAIT, val, ns >= 0 ? &ts : NULL,
+		       NULL, 0);
+}
+
+static void futex_wake_all(uint32_t *w)
+{
+	syscall(SYS_futex, w, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+static int pid_dead(int32_t pid)
+{
+	return pid > 0 && kill(pid, 0) && errno == ESRCH;
+}
+
+struct vp_guest *vp_guest_open(void *base, uint64_t size, struct vp_vq *vq,
+			       unsigned index, struct vp_notifier *call,
+			       int *err)
+{
+	struct vp_region_header *h = base;
+	int r = vp_region_check(base, size);
+	if (r || index >= h->num_queues) {
+		*err = r ? r : -EINVAL;
+		return NULL;
+	}
+	struct vp_queue_info *qi = &h->queue[index];
+	struct vp_queue_shared *sh = (void *)((uint8_t *)base + qi->shared);
+	int32_t me = getpid();
+	int claimed = -1;
+	for (unsigned i = 0; i < VP_MAX_SLOTS && claimed < 0; i++) {
+		int32_t cur = 0;
+		if (__atomic_compare_exchange_n(&sh->slot[i].owner_pid, &cur, me,
+						0, __ATOMIC_ACQ_REL,
+						__ATOMIC_RELAXED))
+			claimed = i;
+	}
+	/* All taken: reclaim one whose owner is gone. */
+	for (unsigned i = 0; i < VP_MAX_SLOTS && claimed < 0; i++) {
+		int32_t cur = __atomic_load_n(&sh->slot[i].owner_pid,
+					      __ATOMIC_RELAXED);
+		if (pid_dead(cur) &&
+		    __atomic_compare_exchange_n(&sh->slot[i].owner_pid, &cur,
+						me, 0, __ATOMIC_ACQ_REL,
+						__ATOMIC_RELAXED))
+			claimed = i;
+	}
+	if (claimed < 0) {
+		*err = -EBUSY;
+		return NULL;
+	}
+	struct vp_guest *g = calloc(1, sizeof(*g));
+	if (!g) {
+		__atomic_store_n(&sh->slot[claimed].owner_pid, 0,
+				 __ATOMIC_RELEASE);
+		*err = -ENOMEM;
+		return NULL;
+	}
+	g->base = base;
+	g->vq = vq;
+	g->h = h;
+	g->sh = sh;
+	g->slot_idx = claimed;
+	g->slot = &sh->slot[claimed];
+	g->call = call;
+	g->share_size = (qi->data_size / VP_MAX_SLOTS) & ~(VP_PAGE - 1);
+	g->share_gpa = qi->data + claimed * g->share_size;
+	memset(g->slot->comp, 0, sizeof(g->slot->comp));
+	if (vp_guest_set_depth(g, 1)) {
+		vp_guest_close(g);
+		*err = -ENOSPC;
+		return NULL;
+	}
+	*err = 0;
+	return g;
+}
+
+void vp_guest_close(struct vp_guest *g)
+{
+	if (!g)
+		return;
+	vp_guest_stop_irq(g);
+	__atomic_store_n(&g->slot->owner_pid, 0, __ATOMIC_RELEASE);
+	free(g);
+}
+
+int vp_guest_slot(struct vp_guest *g)
+{
+	return (int)g->slot_idx;
+}
+
+int vp_guest_set_depth(struct vp_guest *g, unsigned depth)
+{
+	if (depth < 1 || depth > VP_MAX_TAGS)
+		return -EINVAL;
+	uint64_t t = (g->share_size / depth) & ~(VP_PAGE - 1);
+	if (t <= HDR_AREA)
+		return -ENOSPC;
+	g->depth = depth;
+	g->tag_size = t;
+	return 0;
+}
+
+uint64_t vp_guest_max_data(struct vp_guest *g)
+{
+	uint64_t m = g->tag_size - HDR_AREA;
+	return m > UINT32_MAX ? (UINT32_MAX & ~4095U) : m;
+}
+
+uint64_t vp_guest_data_gpa(struct vp_guest *g, unsigned tag)
+{
+	return g->share_gpa + (uint64_t)tag * g->tag_size + HDR_AREA;
+}
+
+uint8_t *vp_guest_data_ptr(struct vp_guest *g, unsigned tag)
+{
+	return g->base + vp_guest_data_gpa(g, tag);
+}
+
+static void deliver(struct vp_guest *g, uint64_t token, uint32_t len)
+{
+	uint64_t s = (token >> 16) - 1, tag = token & 0xffff;
+	if (s >= VP_MAX_SLOTS || tag >= VP_MAX_TAGS)
+		return;
+	struct vp_guest_slot *slot = &g->sh->slot[s];
+	slot->comp[tag].len = len;
+	store_release(&slot->comp[tag].done, 1);
+	__atomic_fetch_add(&slot->delivered, 1, __ATOMIC_RELAXED);
+	__atomic_fetch_add(&slot->wake_seq, 1, __ATOMIC_SEQ_CST);
+	futex_wake_all(&slot->wake_seq);
+}
+
+int vp_guest_reap(struct vp_guest *g)
+{
+	struct vp_lock *lock = vp_vq_lock(g->vq);
+	uint64_t token;
+	uint32_t len;
+	int n = 0, r;
+	vp_lock_acquire(lock);
+	do {
+		virtqueue_disable_cb(g->vq);
+		while ((r = virtqueue_get_buf(g->vq, &token, &len)) == 1) {
+			deliver(g, token, len);
+			n++;
+		}
+	} while (r == 0 && !virtqueue_enable_cb(g->vq));
+	vp_lock_release(lock);
+	if (vp_acct_cur)
+		vp_acct_cur->reaped += n;
+	return r < 0 ? r : n;
+}
+
+static void *irq_main(void *arg)
+{
+	struct vp_guest *g = arg;
+	vp_acct_set(&g->irq_acct);
+	while (!g->stop) {
+		int r = vp_notifier_wait(g->call, 50000000);
+		if (r < 0)
+			break;
+		if (r == 0)
+			continue;
+		g->irq_acct.irqs++;
+		/* Taken even when stopping: the interrupt is ours to serve. */
+		vp_guest_reap(g);
+	}
+	return NULL;
+}
+
+int vp_guest_start_irq(struct vp_guest *g)
+{
+	if (g->irq_running)
+		return 0;
+	if (!g->call)
+		return -EINVAL;
+	g->stop = 0;
+	int r = pthread_create(&g->irq, NULL, irq_main, g);
+	if (r)
+		return -r;
+	g->irq_running = 1;
+	return 0;
+}
+
+void vp_guest_stop_irq(struct vp_guest *g)
+{
+	if (!g->irq_running)
+		return;
+	g->stop = 1;
+	pthread_join(g->irq, NULL);
+	g->irq_running = 0;
+}
+
+struct vp_acct *vp_guest_irq_acct(struct vp_guest *g)
+{
+	return &g->irq_acct;
+}
+
+int vp_guest_blk_submit(struct vp_guest *g, unsigned tag, uint32_t type,
+			uint64_t sector, uint32_t nbytes, int strategy)
+{
+	if (tag >= g->depth || nbytes > vp_guest_max_data(g))
+		return -EINVAL;
+	uint64_t tag_gpa = g->share_gpa + (uint64_t)tag * g->tag_size;
+	struct virtio_blk_outhdr *hdr = (void *)(g->base + tag_gpa);
+	uint8_t *status = g->base + tag_gpa + sizeof(*hdr);
+	hdr->type = type;
+	hdr->ioprio = 0;
+	hdr->sector = sector;
+	*status = 0xff;
+	uint64_t addr[3];
+	uint32_t len[3];
+	unsigned out = 1, in = 0;
+	addr[0] = tag_gpa;
+	len[0] = sizeof(*hdr);
+	if (nbytes) {
+		addr[1] = tag_gpa + HDR_AREA;
+		len[1] = nbytes;
+		/* Device writes for IN and GET_ID, reads for the rest. */
+		if (type == VIRTIO_BLK_T_IN || type == VIRTIO_BLK_T_GET_ID)
+			in++;
+		else
+			out++;
+	}
+	addr[out + in] = tag_gpa + sizeof(*hdr);
+	len[out + in] = 1;
+	in++;
+	store_release(&g->slot->comp[tag].done, 0);
+	uint64_t token = ((uint64_t)(g->slot_idx + 1) << 16) | tag;
+	return vp_vq_submit(g->vq, strategy, addr, len, out, in, token);
+}
+
+static int device_gone(struct vp_guest *g)
+{
+	int32_t pid = READ_ONCE(g->h->daemon_pid);
+	return pid <= 0 || pid_dead(pid);
+}
+
+static int done_in(struct vp_guest *g, uint64_t mask)
+{
+	for (unsigned t = 0; t < g->depth; t++)
+		if ((mask >> t & 1) && load_acquire(&g->slot->comp[t].done))
+			return (int)t;
+	return -1;
+}
+
+/* Sleep until one tag of mask completes.  A lost interrupt (its taker
+ * died before reaping) is covered by reaping ourselves after a quiet
+ * period. */
+int vp_guest_wait_any(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
+		      uint8_t *status, uint32_t *len)
+{
+	struct vp_guest_slot *s = g->slot;
+	uint64_t t0 = vp_now_ns();
+	int tag;
+	while ((tag = done_in(g, mask)) < 0) {
+		uint32_t seq = __atomic_load_n(&s->wake_seq, __ATOMIC_SEQ_CST);
+		if ((tag = done_in(g, mask)) >= 0)
+			break;
+		uint64_t now = vp_now_ns();
+		if (timeout_ns >= 0 && now - t0 >= (uint64_t)timeout_ns) {
+			if (vp_acct_cur)
+				vp_acct_cur->io_wait_ns += now - t0;
+			return -ETIMEDOUT;
+		}
+		if (futex_wait(&s->wake_seq, seq, 20000000) && errno == ETIMEDOUT) {
+			vp_guest_reap(g);
+			if (done_in(g, mask) < 0 && device_gone(g))
+				return -VP_EDEVGONE;
+		}
+	}
+	if (vp_acct_cur)
+		vp_acct_cur->io_wait_ns += vp_now_ns() - t0;
+	uint64_t tag_gpa = g->share_gpa + (uint64_t)tag * g->tag_size;
+	*status = g->base[tag_gpa + sizeof(struct virtio_blk_outhdr)];
+	*len = s->comp[tag].len;
+	s->comp[tag].done = 0;
+	return tag;
+}
+
+int vp_guest_wait(struct vp_guest *g, unsigned tag, int64_t timeout_ns,
+		  uint8_t *status, uint32_t *len)
+{
+	if (tag >= g->depth)
+		return -EINVAL;
+	int r = vp_guest_wait_any(g, 1ULL << tag, timeout_ns, status, len);
+	return r < 0 ? r : 0;
+}

@@ -1,0 +1,236 @@
+"""virtio-hostd: start, stop and inspect the virtio-blk host daemon."""
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+from virtio_py.errors import VirtioError
+from virtio_py.region import check_name, destroy, exists
+from virtio_py.units import size_arg
+
+from .daemon import HostDaemon, clear_stale, is_daemon_of, stale_or_live
+from .status import device_status, format_status
+from .store import assemble
+
+PROG = "virtio-hostd"
+
+
+class CliError(Exception):
+    pass
+
+
+def _name(text):
+    try:
+        return check_name(text)
+    except VirtioError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="The host side of the virtio_py block device: a daemon that serves "
+                    "virtio-blk requests from a shared-memory virtqueue out of a striped, "
+                    "file-backed store.")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("start", help="create the device and serve it",
+                       description="Create the shared region, notifiers and store of device "
+                                   "NAME and serve it.  Detaches once ready unless --foreground.")
+    s.add_argument("--name", required=True, type=_name, help="device name (/dev/shm/NAME)")
+    s.add_argument("--store", required=True, metavar="DIR",
+                   help="directory of the stripe files (created, sparse, if missing)")
+    s.add_argument("--size", type=size_arg, default="1G", help="capacity (default 1G)")
+    s.add_argument("--stripes", type=int, default=12, help="stripe files (default 12)")
+    s.add_argument("--chunk", type=size_arg, default="64K", help="chunk size (default 64K)")
+    s.add_argument("--queues", type=int, default=1, help="virtqueues (default 1)")
+    s.add_argument("--queue-size", type=int, default=128, help="entries per queue (default 128)")
+    s.add_argument("--mode", choices=("notify", "poll"), default="notify",
+                   help="sleep on kicks, or busy-poll with back-off (default notify)")
+    s.add_argument("--exit", choices=("async", "sync"), default="async",
+                   help="async: a kick only posts (ioeventfd); sync: the kick returns once "
+                        "the daemon took it (a trapping PIO write). Default async")
+    s.add_argument("--exit-cost", type=float, default=0.0, metavar="US",
+                   help="extra microseconds spent inside every kick (default 0)")
+    s.add_argument("--lock", choices=("spin", "spinyield", "mutex"), default="spin",
+                   help="kind of the guest's queue lock (default spin)")
+    s.add_argument("--event-idx", dest="event_idx", action="store_true", default=True,
+                   help="offer VIRTIO_RING_F_EVENT_IDX (default)")
+    s.add_argument("--no-event-idx", dest="event_idx", action="store_false",
+                   help="use the NO_NOTIFY / NO_INTERRUPT flags instead")
+    s.add_argument("--direct", dest="direct", action="store_true", default=True,
+                   help="O_DIRECT on the stripe files where supported (default)")
+    s.add_argument("--no-direct", dest="direct", action="store_false", help="buffered I/O")
+    s.add_argument("--io-threads", type=int, default=None,
+                   help="I/O threads (default 16 with O_DIRECT, 0 = inline on a memory store)")
+    s.add_argument("--buffers", type=size_arg, default="64M",
+                   help="request buffer area per queue in the region (default 64M)")
+    s.add_argument("--serial", default=None, help="GET_ID serial, 20 bytes at most")
+    s.add_argument("--foreground", action="store_true", help="do not detach")
+
+    for cmd, text in (("stop", "finish in-flight requests, unlink everything, exit"),
+                      ("status", "show configuration, queues, counters and lock statistics")):
+        c = sub.add_parser(cmd, help=text, description=text)
+        c.add_argument("--name", required=True, type=_name, help="device name")
+        if cmd == "status":
+            c.add_argument("--json", action="store_true", help="print JSON")
+        else:
+            c.add_argument("--timeout", type=float, default=30.0,
+                           help="seconds to wait for the daemon to finish (default 30)")
+
+    a = sub.add_parser("assemble", help="write the striped store as one raw image",
+                       description="Write the logical disk of a store as one raw image "
+                                   "(compare it with cmp or qemu-img compare).")
+    a.add_argument("--store", required=True, metavar="DIR")
+    a.add_argument("--out", required=True, metavar="FILE")
+    a.add_argument("--stripes", type=int, default=None, help="default: from DIR/store.json")
+    a.add_argument("--chunk", type=size_arg, default=None, help="default: from DIR/store.json")
+    a.add_argument("--size", type=size_arg, default=None, help="default: from DIR/store.json")
+    return p
+
+
+def _check_start_args(a):
+    if not 1 <= a.stripes <= 64:
+        raise CliError(f"--stripes must be 1 to 64, not {a.stripes}")
+    if a.chunk < 512 or a.chunk % 512:
+        raise CliError(f"--chunk must be a multiple of 512, not {a.chunk}")
+    if a.size < 512 or a.size % 512:
+        raise CliError(f"--size must be a positive multiple of 512, not {a.size}")
+    if not 1 <= a.queues <= 16:
+        raise CliError(f"--queues must be 1 to 16, not {a.queues}")
+    qs = a.queue_size
+    if qs < 2 or qs > 32768 or qs & (qs - 1):
+        raise CliError(f"--queue-size must be a power of two from 2 to 32768, not {qs}")
+    if a.io_threads is not None and not 0 <= a.io_threads <= 1024:
+        raise CliError(f"--io-threads must be 0 to 1024, not {a.io_threads}")
+    if not 0 <= a.exit_cost <= 1_000_000:
+        raise CliError(f"--exit-cost must be 0 to 1000000 us, not {a.exit_cost}")
+    if a.serial is not None and len(a.serial.encode()) > 20:
+        raise CliError("--serial is 20 bytes at most")
+    if a.buffers < (1 << 20):
+        raise CliError("--buffers must be at least 1M")
+
+
+def _daemon_from(a):
+    return HostDaemon(a.name, a.store, a.size, stripes=a.stripes, chunk=a.chunk,
+                      queues=a.queues, queue_size=a.queue_size, mode=a.mode, exit=a.exit,
+                      lock=a.lock, event_idx=a.event_idx, direct=a.direct,
+                      io_threads=a.io_threads, exit_cost_us=a.exit_cost, buffers=a.buffers,
+                      serial=a.serial)
+
+
+def _serve(d, report):
+    """Set up, report readiness (or the error) through report(), serve until signalled."""
+    d.install_signals()
+    try:
+        d.setup()
+    except (VirtioError, OSError) as e:
+        report(f"error: {e}")
+        return 1
+    for n in d.notices:
+        report(f"notice: {n}")
+    report(f"ready: serving {d.name} (pid {os.getpid()})")
+    try:
+        d.wait()
+    finally:
+        d.shutdown()
+    return 0
+
+
+def cmd_start(a):
+    _check_start_args(a)
+    state = stale_or_live(a.name)
+    if state and state[1]:
+        raise CliError(f"a daemon already serves {a.name!r} (pid {state[0]})")
+    d = _daemon_from(a)
+    if a.foreground:
+        return _serve(d, lambda m: print(f"{PROG}: {m}", flush=True))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        code = 1
+        try:
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            wf = os.fdopen(w, "w", buffering=1)
+            code = _serve(d, lambda m: (wf.write(m + "\n"), wf.flush()) if not wf.closed else None)
+        finally:
+            os._exit(code)
+    os.close(w)
+    ok = False
+    with os.fdopen(r) as rf:
+        for line in rf:
+            line = line.rstrip("\n")
+            if line.startswith("ready:"):
+                print(f"{PROG}: {line}")
+                ok = True
+                break
+            print(f"{PROG}: {line}", file=sys.stderr if line.startswith("error") else sys.stdout)
+    if not ok:
+        os.waitpid(pid, 0)
+        return 1
+    return 0
+
+
+def cmd_stop(a):
+    state = stale_or_live(a.name)
+    if state is None:
+        raise CliError(f"no device named {a.name!r}")
+    pid, alive = state
+    if not alive:
+        removed = destroy(a.name)
+        print(f"{PROG}: daemon of {a.name!r} was not running (pid {pid}); "
+              f"removed {len(removed)} leftover objects")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + a.timeout
+    while time.monotonic() < deadline:
+        if not is_daemon_of(pid, a.name) and not exists(a.name):
+            print(f"{PROG}: stopped {a.name} (pid {pid})")
+            return 0
+        time.sleep(0.05)
+    raise CliError(f"daemon of {a.name!r} (pid {pid}) did not stop within {a.timeout:g} s")
+
+
+def cmd_status(a):
+    if not exists(a.name):
+        raise CliError(f"no device named {a.name!r}")
+    st = device_status(a.name)
+    if a.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print(format_status(st))
+    return 0
+
+
+def cmd_assemble(a):
+    size = assemble(a.store, a.out, a.stripes, a.chunk, a.size)
+    print(f"{PROG}: wrote {size} bytes to {a.out}")
+    return 0
+
+
+def main(argv=None):
+    p = build_parser()
+    a = p.parse_args(argv)
+    try:
+        return {"start": cmd_start, "stop": cmd_stop, "status": cmd_status,
+                "assemble": cmd_assemble}[a.cmd](a)
+    except (CliError, VirtioError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{PROG}: error: {e.strerror or e}"
+              + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

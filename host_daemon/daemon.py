@@ -1,0 +1,162 @@
+"""The device process: sets up the region, notifiers and store, serves the
+queues from C threads, and tears everything down on stop or signal."""
+import os
+import signal
+import threading
+
+from virtio_py._lowlevel import check, lib, opened
+from virtio_py.errors import RegionError
+from virtio_py.region import FEATURE_BITS, Region, destroy, exists
+from virtio_py.virtqueue import DeviceQueue
+
+from .store import StripedStore
+
+DEFAULT_FEATURES = ("VERSION_1", "SEG_MAX", "BLK_SIZE", "FLUSH", "DISCARD", "WRITE_ZEROES")
+
+
+def pid_alive(pid):
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_daemon_of(pid, name):
+    """True if pid is a live host daemon serving name (guards against pid
+    reuse and a guest scribbling a pid into the header)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return False
+    text = b" ".join(args)
+    return (b"hostd" in text or b"host_daemon" in text) and name.encode() in args
+
+
+def stale_or_live(name):
+    """None if no device of that name exists; else (pid, alive)."""
+    if not exists(name):
+        return None
+    try:
+        r = Region.attach(name)
+    except RegionError:
+        return (0, False)
+    try:
+        pid = r.daemon_pid
+    finally:
+        r.close()
+    return (pid, is_daemon_of(pid, name))
+
+
+def clear_stale(name):
+    """Remove leftovers of a dead daemon; a one-line report, or None if clean.
+
+    Raises RegionError if a live daemon serves the name."""
+    state = stale_or_live(name)
+    if state is None:
+        removed = destroy(name)  # semaphores without a region
+        return f"removed {len(removed)} leftover objects of {name!r}" if removed else None
+    pid, alive = state
+    if alive:
+        raise RegionError(f"a daemon already serves {name!r} (pid {pid})")
+    removed = destroy(name)
+    who = f"pid {pid}" if pid else "never started"
+    return f"replaced leftovers of a daemon that died ({who}): {len(removed)} objects of {name!r}"
+
+
+class HostDaemon:
+    def __init__(self, name, store, size, *, stripes=12, chunk=64 << 10, queues=1,
+                 queue_size=128, mode="notify", exit="async", lock="spin", event_idx=True,
+                 direct=True, io_threads=None, exit_cost_us=0, buffers=64 << 20,
+                 serial=None):
+        self.name = name
+        self.cfg = dict(store=store, size=size, stripes=stripes, chunk=chunk, queues=queues,
+                        queue_size=queue_size, mode=mode, exit=exit, lock=lock,
+                        event_idx=event_idx, direct=direct, io_threads=io_threads,
+                        exit_cost_us=exit_cost_us, buffers=buffers)
+        self.serial = (serial or f"vpy-{name}")[:20]
+        self.region = None
+        self.store = None
+        self.queues = []
+        self._srv = None
+        self._stop = threading.Event()
+        self.notices = []
+
+    def setup(self):
+        """Create everything and start serving.  On error, nothing is left."""
+        c = self.cfg
+        try:
+            msg = clear_stale(self.name)
+            if msg:
+                self.notices.append(msg)
+            self.store = StripedStore(c["store"], c["size"], c["stripes"], c["chunk"], c["direct"])
+            if self.store.notice:
+                self.notices.append(self.store.notice)
+            features = 0
+            for f in DEFAULT_FEATURES:
+                features |= 1 << FEATURE_BITS[f]
+            if c["queues"] > 1:
+                features |= 1 << FEATURE_BITS["MQ"]
+            self.region = Region.create(
+                self.name, queues=c["queues"], queue_size=c["queue_size"],
+                data_size=c["buffers"] * c["queues"], capacity=c["size"] // 512,
+                blk_size=512, lock=c["lock"], exit=c["exit"], exit_cost_us=c["exit_cost_us"],
+                mode=c["mode"], event_idx=c["event_idx"], features=features)
+            self.queues = [DeviceQueue(self.region, q) for q in range(c["queues"])]
+            io_threads = c["io_threads"]
+            if io_threads is None:
+                # Disk I/O blocks: keep a request in flight per outstanding
+                # guest request.  A memory store has nothing to wait for.
+                io_threads = 16 if self.store.direct else 0
+            self.io_threads = io_threads
+            mode = lib.VP_MODE_POLL if c["mode"] == "poll" else lib.VP_MODE_NOTIFY
+            self._srv = opened(lib.vp_server_new, self.store.handle, mode, io_threads,
+                               self.serial.encode(), what="server")
+            for q in self.queues:
+                check(lib.vp_server_add_queue(self._srv, q.handle), "server")
+            self.region.set_daemon_pid(os.getpid())
+            check(lib.vp_server_start(self._srv), "server start")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def request_stop(self, *_):
+        self._stop.set()
+
+    def wait(self):
+        """Block until SIGTERM/SIGINT or request_stop()."""
+        while not self._stop.wait(0.2):
+            pass
+
+    def install_signals(self):
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def shutdown(self):
+        """Finish what is in flight, then unlink everything."""
+        if self._srv is not None:
+            lib.vp_server_free(self._srv)  # stops, drains in-flight, joins
+            self._srv = None
+        for q in self.queues:
+            q.close()
+        self.queues = []
+        if self.region is not None:
+            self.region.close()
+            self.region = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def __enter__(self):
+        self.setup()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

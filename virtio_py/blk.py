@@ -1,0 +1,210 @@
+"""A scriptable virtio-blk guest driver.
+
+``BlockDevice`` is one guest process's view of a disk served by the host
+daemon: it claims a slot on a queue, submits requests through the queue's
+lock and kick path like any guest worker, and takes its share of the
+interrupts on a C thread that reaps the used ring (virtblk_done).
+"""
+import struct
+
+from ._lowlevel import check, ffi, lib, opened
+from .errors import BlockIOError, ConfigError
+from .region import Region
+from .virtqueue import Virtqueue, strategy_code
+
+SECTOR = 512
+STATUS_NAMES = {lib.VIRTIO_BLK_S_OK: "OK", lib.VIRTIO_BLK_S_IOERR: "IOERR",
+                lib.VIRTIO_BLK_S_UNSUPP: "UNSUPP"}
+T_IN, T_OUT, T_FLUSH = lib.VIRTIO_BLK_T_IN, lib.VIRTIO_BLK_T_OUT, lib.VIRTIO_BLK_T_FLUSH
+T_GET_ID, T_DISCARD = lib.VIRTIO_BLK_T_GET_ID, lib.VIRTIO_BLK_T_DISCARD
+T_WRITE_ZEROES = lib.VIRTIO_BLK_T_WRITE_ZEROES
+WRITE_ZEROES_FLAG_UNMAP = 1
+DEFAULT_TIMEOUT = 30.0
+
+
+class GuestSlot:
+    """A process's slot on a shared queue: request buffers, completion
+    records and the interrupt thread.  Workers and BlockDevice share it."""
+
+    def __init__(self, vq, depth=1, strategy="prepare", irq=True):
+        self.vq = vq
+        region = vq.region
+        self._g = opened(lib.vp_guest_open, region.base, region.size, vq.handle, vq.index,
+                         vq.call_notifier.handle, what=f"queue {vq.index} slot")
+        self.depth = depth
+        self.strategy = strategy_code(strategy)
+        try:
+            check(lib.vp_guest_set_depth(self._g, depth), f"iodepth {depth}")
+            if irq:
+                check(lib.vp_guest_start_irq(self._g), "interrupt thread")
+        except Exception:
+            self.close()
+            raise
+        self.max_data = lib.vp_guest_max_data(self._g)
+        self._status = ffi.new("uint8_t *")
+        self._len = ffi.new("uint32_t *")
+
+    @property
+    def slot(self):
+        return lib.vp_guest_slot(self._g)
+
+    def data(self, tag, length):
+        """A writable cffi buffer over tag's data area."""
+        return ffi.buffer(lib.vp_guest_data_ptr(self._g, tag), length)
+
+    def submit(self, tag, rtype, sector, nbytes):
+        check(lib.vp_guest_blk_submit(self._g, tag, rtype, sector, nbytes, self.strategy),
+              "submit")
+
+    def wait(self, tag, timeout=DEFAULT_TIMEOUT):
+        """Wait for tag; returns (status, used length)."""
+        check(lib.vp_guest_wait(self._g, tag, int(timeout * 1e9), self._status, self._len),
+              "waiting for the device")
+        return self._status[0], self._len[0]
+
+    def wait_any(self, mask, timeout=DEFAULT_TIMEOUT):
+        """Wait for any tag in the bit mask; returns (tag, status, used length)."""
+        tag = check(lib.vp_guest_wait_any(self._g, mask, int(timeout * 1e9), self._status,
+                                          self._len), "waiting for the device")
+        return tag, self._status[0], self._len[0]
+
+    def irq_acct(self):
+        return acct_dict(lib.vp_guest_irq_acct(self._g))
+
+    def close(self):
+        if self._g is not None:
+            lib.vp_guest_close(self._g)
+            self._g = None
+
+
+def acct_dict(a):
+    return {f: getattr(a, f) for f in ("lock_wait_ns", "lock_hold_ns", "lock_acquisitions",
+                                       "kick_ns", "kicks", "io_wait_ns", "irqs", "reaped")}
+
+
+class BlockDevice:
+    """A virtio-blk disk, attached by device name.  Offsets and lengths are
+    bytes, multiples of 512.  Failed requests raise BlockIOError carrying
+    the virtio status."""
+
+    def __init__(self, region, queue=0, strategy="prepare", timeout=DEFAULT_TIMEOUT,
+                 own_region=False):
+        self.region = region
+        self._own_region = own_region
+        self.timeout = timeout
+        self.vq = Virtqueue(region, queue)
+        try:
+            self.slot = GuestSlot(self.vq, depth=1, strategy=strategy)
+        except Exception:
+            self.vq.close()
+            raise
+        self.capacity = region.header.blk.capacity * SECTOR
+
+    @classmethod
+    def attach(cls, name, queue=0, strategy="prepare", timeout=DEFAULT_TIMEOUT):
+        region = Region.attach(name)
+        try:
+            return cls(region, queue, strategy, timeout, own_region=True)
+        except Exception:
+            region.close()
+            raise
+
+    def close(self):
+        if getattr(self, "slot", None) is not None:
+            self.slot.close()
+            self.slot = None
+        if getattr(self, "vq", None) is not None:
+            self.vq.close()
+            self.vq = None
+        if self._own_region and self.region is not None:
+            self.region.close()
+            self.region = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- requests ----
+    def _request(self, rtype, sector, nbytes, what):
+        s = self.slot
+        s.submit(0, rtype, sector, nbytes)
+        status, used = s.wait(0, self.timeout)
+        if status != lib.VIRTIO_BLK_S_OK:
+            name = STATUS_NAMES.get(status, str(status))
+            raise BlockIOError(f"{what}: device returned {name}", status)
+        return used
+
+    @staticmethod
+    def _check_range(offset, length):
+        if offset < 0 or length < 0 or offset % SECTOR or length % SECTOR:
+            raise ConfigError(f"offset {offset} and length {length} must be "
+                              f"non-negative multiples of {SECTOR}")
+
+    def read(self, offset, length):
+        self._check_range(offset, length)
+        out = bytearray(length)
+        step = self.slot.max_data
+        done = 0
+        while done < length:
+            n = min(step, length - done)
+            self._request(T_IN, (offset + done) // SECTOR, n,
+                          f"read of {n} bytes at {offset + done}")
+            out[done:done + n] = self.slot.data(0, n)
+            done += n
+        return bytes(out)
+
+    def write(self, offset, data):
+        data = memoryview(data).cast("B")
+        self._check_range(offset, len(data))
+        step = self.slot.max_data
+        done = 0
+        while done < len(data):
+            n = min(step, len(data) - done)
+            self.slot.data(0, n)[:] = data[done:done + n]
+            self._request(T_OUT, (offset + done) // SECTOR, n,
+                          f"write of {n} bytes at {offset + done}")
+            done += n
+
+    def flush(self):
+        self._request(T_FLUSH, 0, 0, "flush")
+
+    def get_id(self):
+        """The device's serial: up to 20 bytes (NUL padding removed)."""
+        used = self._request(T_GET_ID, 0, lib.VIRTIO_BLK_ID_BYTES, "get_id")
+        n = max(0, min(used - 1, lib.VIRTIO_BLK_ID_BYTES))
+        return bytes(self.slot.data(0, n)).rstrip(b"\0")
+
+    def _range_request(self, rtype, offset, length, flags, what):
+        self._check_range(offset, length)
+        sector, left = offset // SECTOR, length // SECTOR
+        while left:
+            n = min(left, 0xFFFFFFFF)
+            self.slot.data(0, 16)[:] = struct.pack("<QII", sector, n, flags)
+            self._request(rtype, 0, 16, what)
+            sector += n
+            left -= n
+
+    def discard(self, offset, length):
+        self._range_request(T_DISCARD, offset, length, 0, f"discard of {length} at {offset}")
+
+    def write_zeroes(self, offset, length, unmap=False):
+        self._range_request(T_WRITE_ZEROES, offset, length,
+                            WRITE_ZEROES_FLAG_UNMAP if unmap else 0,
+                            f"write_zeroes of {length} at {offset}")
+
+    def raw_request(self, rtype, sector=0, payload=b"", nbytes=None):
+        """Send any request type; returns (status, used length, data)."""
+        n = len(payload) if nbytes is None else nbytes
+        if payload:
+            self.slot.data(0, len(payload))[:] = payload
+        self.slot.submit(0, rtype, sector, n)
+        status, used = self.slot.wait(0, self.timeout)
+        return status, used, bytes(self.slot.data(0, n))
