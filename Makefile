@@ -10,14 +10,15 @@ all: install
 
 $(STAMP): $(SOURCES)
 	$(PIP) 'setuptools>=61' wheel 'cffi>=1.15' 'posix_ipc>=1.1' 'numpy>=1.21' \
-		'pytest>=7' 'pytest-benchmark>=4' 'hypothesis>=6'
+		'pytest>=7' 'pytest-benchmark>=4' 'hypothesis>=6' 'matplotlib>=3.5'
 	$(PIP) --no-build-isolation -e .
 	@touch $@
 
 install: $(STAMP)
 
+# The RFC comparison with its defaults (about a minute).
 run: $(STAMP)
-	$(PY) -m virtio_py.demo
+	$(PY) -m virtio_py compare
 
 demo: $(STAMP)
 	$(PY) -m virtio_py.demo
@@ -25,7 +26,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# bench/bench_hostd.py compares the host daemon with fio (Debian's package).
 bench: $(STAMP)
+	@command -v fio >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq fio; }
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-autosave \
 		--benchmark-columns=min,median,mean,ops,rounds
 

@@ -1,10 +1,15 @@
-/* virtio-blk device: serve loops, an I/O thread pool and the striped store.
+/* virtio-blk device: the striped store and the threads that serve queues.
  *
- * One serve thread per queue pops chains and hands each request to the
- * pool (or runs it inline when the store is memory and there is no disk to
- * wait for).  Pool threads do the I/O straight between the stripe files
- * and the region's buffers, write the status byte, push the used entry and
- * interrupt the guest, so no request waits behind another's disk I/O. */
+ * Notify mode: each queue has io_threads workers that all sleep on its
+ * kick; the one woken pops a request and does it itself (one wake-up per
+ * request, not a serve loop's plus a pool thread's), re-arming kicks first
+ * so the next request wakes an idle worker.  Without I/O threads (a memory
+ * store: nothing to wait for) one serve loop per queue runs requests
+ * inline.  Poll mode: one loop per queue spins on the avail ring and hands
+ * requests to a pool.  Whoever runs a request does the I/O straight
+ * between the stripe files and the region's buffers, writes the status
+ * byte, pushes the used entry and interrupts the guest, so no request
+ * waits behind another's disk I/O. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -164,15 +169,18 @@ struct work {
 struct vp_server {
 	struct vp_store *st;
 	int mode;
-	unsigned io_threads;
+	unsigned io_threads;    /* per queue */
 	char serial[VIRTIO_BLK_ID_BYTES];
 	unsigned nq;
 	struct vp_devq *q[VP_MAX_QUEUES];
-	pthread_t serve[VP_MAX_QUEUES];
-	struct serve_arg *args[VP_MAX_QUEUES];
-	pthread_t *pool;
-	unsigned pool_started, serve_started;
-	/* work queue */
+	/* Kicks a worker posted to wake a peer: not the guest's, never acked. */
+	uint32_t self_kicks[VP_MAX_QUEUES];
+	pthread_t *threads;     /* serve loops, or each queue's workers */
+	struct serve_arg *args;
+	unsigned nthreads, started;
+	pthread_t *pool;        /* poll mode: the I/O pool */
+	unsigned npool, pool_started;
+	/* poll mode: work handed from the poll loops to the pool */
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
 	pthread_cond_t idle_cv;
@@ -181,7 +189,6 @@ struct vp_server {
 	volatile int stop;      /* serve threads: stop popping */
 	int pool_stop;
 };
-
 
 static uint64_t seg_total(const struct vp_seg *segs, unsigned from,
 			  unsigned to)
@@ -367,13 +374,13 @@ static int drain(struct vp_server *srv, struct vp_devq *q,
 	struct vp_chain c;
 	int n = 0, r;
 	while (!srv->stop && (r = vp_devq_pop(q, &c, segs, max_segs)) == 1) {
-		if (srv->io_threads)
+		if (srv->pool)
 			dispatch(srv, q, &c, segs);
 		else
 			complete(srv, q, &c, segs, 0);
 		n++;
 	}
-	if (!srv->io_threads && n)
+	if (!srv->pool && n)
 		vp_devq_interrupt(q);
 	return n;
 }
@@ -392,6 +399,83 @@ static void backoff(unsigned idle)
 	}
 }
 
+/* Of k kicks taken from the kick notifier, how many were the guest's: the
+ * rest were posted by workers to wake each other.  Counted as taken only
+ * if counted is 0 (vp_devq_wait_kick counts all it takes). */
+static int guest_kicks(struct vp_server *srv, unsigned qi, int k, int counted)
+{
+	uint32_t *self = &srv->self_kicks[qi];
+	uint32_t s = __atomic_load_n(self, __ATOMIC_RELAXED), take;
+	do {
+		take = s < (uint32_t)k ? s : (uint32_t)k;
+	} while (take && !__atomic_compare_exchange_n(self, &s, s - take, 0,
+						      __ATOMIC_RELAXED,
+						      __ATOMIC_RELAXED));
+	struct vp_device_stats *ds = vp_devq_stats(srv->q[qi]);
+	if (counted)
+		__atomic_fetch_sub(&ds->kicks_taken, take, __ATOMIC_RELAXED);
+	else
+		__atomic_fetch_add(&ds->kicks_taken, k - take, __ATOMIC_RELAXED);
+	return k - (int)take;
+}
+
+static void wake_peer(struct vp_server *srv, unsigned qi)
+{
+	__atomic_fetch_add(&srv->self_kicks[qi], 1, __ATOMIC_RELAXED);
+	vp_notifier_post(vp_devq_kick(srv->q[qi]));
+}
+
+/* Notify mode with I/O threads.  Every worker of a queue sleeps on the
+ * queue's kick itself and does the I/O of the request it pops: a request
+ * costs the device one wake-up, not a serve loop's plus a pool thread's.
+ * A worker re-enables kicks as soon as it has popped, so the next request
+ * wakes an idle peer, and wakes one itself for a request already waiting:
+ * no request waits behind another's disk I/O while a worker is idle. */
+static void *worker_main(void *arg)
+{
+	struct serve_arg *a = arg;
+	struct vp_server *srv = a->srv;
+	struct vp_devq *q = srv->q[a->qi];
+	unsigned max_segs = vp_devq_num(q);
+	struct vp_seg *segs = calloc(max_segs, sizeof(*segs));
+	struct vp_chain c;
+	int acks = 0;
+	if (!segs)
+		return NULL;
+	while (!srv->stop) {
+		/* Kicks that came while we worked are taken now: a sync exit
+		 * must not wait until some worker goes idle. */
+		int k = vp_notifier_drain_opt(vp_devq_kick(q));
+		if (k > 0)
+			acks += guest_kicks(srv, a->qi, k, 0);
+		int r = vp_devq_broken(q) ? 0 : vp_devq_pop(q, &c, segs, max_segs);
+		/* Acked once popped: the exit returns when its request is
+		 * taken (by us or a peer), not when it is done. */
+		if (acks) {
+			vp_devq_ack_kicks(q, acks);
+			acks = 0;
+		}
+		if (r == 1) {
+			if (vp_devq_enable_notify(q))
+				wake_peer(srv, a->qi);
+			complete(srv, q, &c, segs, 1);
+			continue;
+		}
+		/* Idle: kicks on, and a last look before sleeping. */
+		if (!vp_devq_broken(q) && vp_devq_enable_notify(q))
+			continue;
+		k = vp_devq_wait_kick(q, 200000000);
+		if (k > 0)
+			acks += guest_kicks(srv, a->qi, k, 1);
+	}
+	if (acks)
+		vp_devq_ack_kicks(q, acks);
+	free(segs);
+	return NULL;
+}
+
+/* One per queue: notify mode without I/O threads (a memory store, served
+ * inline), or poll mode (handing requests to the pool). */
 static void *serve_main(void *arg)
 {
 	struct serve_arg *a = arg;
@@ -409,8 +493,11 @@ static void *serve_main(void *arg)
 			 * suppressed yet; a sync exit waits for its ack. */
 			int k = vp_notifier_drain_opt(vp_devq_kick(q));
 			int n = vp_devq_broken(q) ? 0 : drain(srv, q, segs, max_segs);
-			if (k > 0)
+			if (k > 0) {
+				__atomic_fetch_add(&vp_devq_stats(q)->kicks_taken, k,
+						   __ATOMIC_RELAXED);
 				vp_devq_ack_kicks(q, k);
+			}
 			idle = n || k ? 0 : idle + 1;
 			if (!n && !k)
 				backoff(idle);
@@ -419,7 +506,14 @@ static void *serve_main(void *arg)
 		while (!srv->stop) {
 			if (!vp_devq_broken(q) && vp_devq_enable_notify(q)) {
 				vp_devq_disable_notify(q);
+				/* Kicks posted so far are for requests this drain
+				 * pops: a sync exit returns now, not at the next
+				 * wait (under steady load that never came and
+				 * exits stalled for up to hundreds of ms). */
+				int k = vp_devq_wait_kick(q, 0);
 				drain(srv, q, segs, max_segs);
+				if (k > 0)
+					vp_devq_ack_kicks(q, k);
 				continue;
 			}
 			int k = vp_devq_wait_kick(q, 50000000);
@@ -465,7 +559,7 @@ struct vp_server *vp_server_new(struct vp_store *st, int mode,
 
 int vp_server_add_queue(struct vp_server *srv, struct vp_devq *q)
 {
-	if (srv->nq >= VP_MAX_QUEUES || srv->serve_started)
+	if (srv->nq >= VP_MAX_QUEUES || srv->threads)
 		return -EINVAL;
 	srv->q[srv->nq++] = q;
 	return 0;
@@ -473,13 +567,26 @@ int vp_server_add_queue(struct vp_server *srv, struct vp_devq *q)
 
 int vp_server_start(struct vp_server *srv)
 {
-	if (srv->serve_started || !srv->nq)
+	if (srv->threads || !srv->nq)
 		return -EINVAL;
-	if (srv->io_threads) {
-		srv->pool = calloc(srv->io_threads, sizeof(pthread_t));
-		if (!srv->pool)
+	int workers = srv->mode == VP_MODE_NOTIFY && srv->io_threads;
+	unsigned per_q = workers ? srv->io_threads : 1;
+	srv->nthreads = per_q * srv->nq;
+	srv->threads = calloc(srv->nthreads, sizeof(pthread_t));
+	srv->args = calloc(srv->nthreads, sizeof(struct serve_arg));
+	if (!srv->threads || !srv->args) {
+		vp_server_stop(srv);
+		return -ENOMEM;
+	}
+	if (srv->mode == VP_MODE_POLL && srv->io_threads) {
+		unsigned n = srv->io_threads * srv->nq;
+		srv->npool = n < 1024 ? n : 1024;
+		srv->pool = calloc(srv->npool, sizeof(pthread_t));
+		if (!srv->pool) {
+			vp_server_stop(srv);
 			return -ENOMEM;
-		for (; srv->pool_started < srv->io_threads; srv->pool_started++) {
+		}
+		for (; srv->pool_started < srv->npool; srv->pool_started++) {
 			int r = pthread_create(&srv->pool[srv->pool_started],
 					       NULL, pool_main, srv);
 			if (r) {
@@ -488,22 +595,17 @@ int vp_server_start(struct vp_server *srv)
 			}
 		}
 	}
-	for (unsigned i = 0; i < srv->nq; i++) {
-		struct serve_arg *a = calloc(1, sizeof(*a));
-		if (!a) {
-			vp_server_stop(srv);
-			return -ENOMEM;
-		}
+	for (unsigned i = 0; i < srv->nthreads; i++) {
+		struct serve_arg *a = &srv->args[i];
 		a->srv = srv;
-		a->qi = i;
-		int r = pthread_create(&srv->serve[i], NULL, serve_main, a);
+		a->qi = i % srv->nq;
+		int r = pthread_create(&srv->threads[i], NULL,
+				       workers ? worker_main : serve_main, a);
 		if (r) {
-			free(a);
 			vp_server_stop(srv);
 			return -r;
 		}
-		srv->args[i] = a;
-		srv->serve_started++;
+		srv->started++;
 	}
 	return 0;
 }
@@ -511,11 +613,17 @@ int vp_server_start(struct vp_server *srv)
 void vp_server_stop(struct vp_server *srv)
 {
 	srv->stop = 1;
-	for (unsigned i = 0; i < srv->serve_started; i++) {
-		pthread_join(srv->serve[i], NULL);
-		free(srv->args[i]);
-	}
-	srv->serve_started = 0;
+	if (srv->mode == VP_MODE_NOTIFY && srv->io_threads)
+		/* Wake sleeping workers now rather than at their timeout. */
+		for (unsigned i = 0; i < srv->started; i++)
+			wake_peer(srv, i % srv->nq);
+	for (unsigned i = 0; i < srv->started; i++)
+		pthread_join(srv->threads[i], NULL);
+	srv->started = 0;
+	free(srv->threads);
+	free(srv->args);
+	srv->threads = NULL;
+	srv->args = NULL;
 	/* Requests already popped complete before the pool goes. */
 	pthread_mutex_lock(&srv->mu);
 	while (srv->busy)

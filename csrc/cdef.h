@@ -86,10 +86,17 @@ struct vp_device_stats {
 	uint64_t bytes_written;
 	...;
 };
+struct vp_guest_slot {
+	int32_t owner_pid;
+	uint32_t wake_seq;
+	uint64_t delivered;
+	...;
+};
 struct vp_queue_shared {
 	struct vp_lock lock;
 	struct vp_driver_state drv;
 	struct vp_device_stats dev;
+	struct vp_guest_slot slot[];
 	...;
 };
 struct vp_queue_info {
@@ -321,3 +328,58 @@ int vp_server_add_queue(struct vp_server *srv, struct vp_devq *q);
 int vp_server_start(struct vp_server *srv);
 void vp_server_stop(struct vp_server *srv);
 void vp_server_free(struct vp_server *srv);
+
+/* csrc/bench.c */
+int64_t vp_lock_hammer(struct vp_lock *l, int64_t n);
+
+/* ---- guest workload loops (guest.h, workload.c) ---- */
+#define VP_RW_READ ...
+#define VP_RW_WRITE ...
+#define VP_RW_RANDREAD ...
+#define VP_RW_RANDWRITE ...
+#define VP_RW_RANDRW ...
+#define VP_VERIFY_MAGIC ...
+#define VP_VERIFY_UNWRITTEN ...
+#define VP_VERIFY_CORRUPT ...
+#define VP_VERIFY_MISPLACED ...
+#define VP_VERIFY_STALE ...
+struct vp_run_params {
+	uint32_t rw;             /* VP_RW_* */
+	uint32_t bs;             /* bytes per request, a multiple of 512 */
+	uint32_t iodepth;        /* requests kept in flight, 1..VP_MAX_TAGS */
+	uint32_t verify;         /* stamp writes, check reads */
+	uint32_t rwmix_read;     /* randrw: percent of reads */
+	uint64_t area_off;       /* bytes: the job's part of the disk */
+	uint64_t area_len;
+	uint64_t max_ios;        /* 0: no limit */
+	uint64_t deadline_ns;    /* CLOCK_MONOTONIC; 0: none */
+	uint64_t seed;           /* offsets of random jobs */
+	uint64_t verify_seed;    /* goes into every stamp */
+	int64_t  timeout_ns;     /* per wait for a completion */
+	volatile int32_t *stop;
+	...;
+};
+struct vp_run_result {
+	uint64_t issued, ios, reads, writes, bytes_read, bytes_written;
+	uint64_t errors;            /* completions with a status other than OK */
+	uint64_t short_reads;       /* used length other than bs + 1 */
+	uint64_t dup_completions;   /* completions of a tag not in flight */
+	uint64_t queue_full;        /* submissions retried: no free descriptors */
+	uint64_t verified, verify_failures, verify_unwritten;
+	uint64_t first_bad_sector;
+	int32_t  first_bad_kind;
+	int32_t  first_error_status;
+	uint64_t lat_recorded, lat_max_ns, lat_total_ns;
+	uint64_t t_start_ns, t_end_ns;
+	int32_t  rc;
+	...;
+};
+void vp_verify_fill(uint8_t *buf, uint64_t sector, uint32_t nbytes,
+		    uint64_t seed);
+int vp_verify_check(const uint8_t *buf, uint64_t sector, uint32_t nbytes,
+		    uint64_t seed, uint64_t *bad);
+/* Run a job on g; lat gets up to lat_cap latencies (ns, a uniform sample
+ * when there are more).  Returns 0 or the error that stopped it early. */
+int vp_guest_run(struct vp_guest *g, int strategy,
+		 const struct vp_run_params *p, struct vp_run_result *res,
+		 uint32_t *lat, uint64_t lat_cap);

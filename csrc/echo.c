@@ -34,7 +34,10 @@ int64_t vp_echo_serve(struct vp_devq *q, int64_t n, int poll,
 	uint32_t seq = 0;
 	unsigned idle = 0;
 	int kicks = 0;
-	if (!poll)
+	/* A polling device wants no kicks: it looks at the ring anyway. */
+	if (poll)
+		vp_devq_disable_notify(q);
+	else
 		vp_devq_enable_notify(q);
 	while (n < 0 || done < n) {
 		if (stop && *stop)
@@ -49,6 +52,10 @@ int64_t vp_echo_serve(struct vp_devq *q, int64_t n, int poll,
 		}
 		/* Ring empty: signal what we completed, then wait for more. */
 		vp_devq_interrupt(q);
+		/* Kicks reach a polling device too (event index, or sent before
+		 * it turned them off), and a sync exit waits for the ack. */
+		if (poll && (r = vp_devq_wait_kick(q, 0)) > 0)
+			kicks += r;
 		vp_devq_ack_kicks(q, kicks);
 		kicks = 0;
 		if (poll) {
@@ -68,7 +75,9 @@ int64_t vp_echo_serve(struct vp_devq *q, int64_t n, int poll,
 		vp_devq_disable_notify(q);
 	}
 	vp_devq_interrupt(q);
-	vp_devq_ack_kicks(q, kicks);
+	/* Leave no sync exit waiting for a kick that came as we finished. */
+	int r = vp_devq_wait_kick(q, 0);
+	vp_devq_ack_kicks(q, kicks + (r > 0 ? r : 0));
 	return done;
 }
 
@@ -114,23 +123,27 @@ int64_t vp_echo_drive(struct vp_vq *vq, int64_t n, unsigned batch,
 			}
 		}
 		vp_lock_release(lock);
-		/* Reap everything in flight by polling the used ring. */
+		/* Reap everything in flight by polling the used ring, taking
+		 * every used buffer that is there per lock acquisition. */
 		while (done < (int64_t)(next_token - 1)) {
 			uint64_t tok;
 			uint32_t l;
+			int64_t got = 0;
 			vp_lock_acquire(lock);
-			r = virtqueue_get_buf(vq, &tok, &l);
+			while ((r = virtqueue_get_buf(vq, &tok, &l)) == 1) {
+				if (tok != expect || l != buf_len) {
+					r = -EPROTO;
+					break;
+				}
+				expect++;
+				got++;
+			}
 			vp_lock_release(lock);
+			done += got;
 			if (r < 0)
 				return r;
-			if (r == 0) {
+			if (!got)
 				cpu_relax();
-				continue;
-			}
-			if (tok != expect || l != buf_len)
-				return -EPROTO;
-			expect++;
-			done++;
 		}
 	}
 	return done;

@@ -4,10 +4,13 @@
  * whichever process's irq thread takes the call notification; that thread
  * reaps every used buffer (virtblk_done) and delivers each completion to
  * the slot that owns it, waking the owner on a shared futex.  Tokens are
- * (slot + 1) << 16 | tag, so a completion finds its owner without a search. */
+ * gen << 32 | (slot + 1) << 16 | tag, so a completion finds its owner
+ * without a search, and one for a slot's previous owner is dropped. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
+#include <stdio.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -31,6 +34,7 @@ struct vp_guest {
 	struct vp_notifier *call;
 	uint64_t share_gpa, share_size;
 	unsigned depth;
+	uint32_t gen;
 	uint64_t tag_size;
 	pthread_t irq;
 	int irq_running;
@@ -50,9 +54,31 @@ static void futex_wake_all(uint32_t *w)
 	syscall(SYS_futex, w, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
+/* Is the process gone?  A zombie is: an orphaned daemon killed with
+ * SIGKILL may never be reaped (PID 1 need not reap), yet kill(pid, 0)
+ * still finds it. */
+int vp_pid_gone(int32_t pid)
+{
+	if (pid <= 0 || (kill(pid, 0) && errno == ESRCH))
+		return 1;
+	char path[32], buf[256];
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT;
+	ssize_t n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	buf[n] = 0;
+	/* "pid (comm) S ...": comm may hold anything, so the last ')'. */
+	char *p = strrchr(buf, ')');
+	return p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
+}
+
 static int pid_dead(int32_t pid)
 {
-	return pid > 0 && kill(pid, 0) && errno == ESRCH;
+	return pid > 0 && vp_pid_gone(pid);
 }
 
 struct vp_guest *vp_guest_open(void *base, uint64_t size, struct vp_vq *vq,
@@ -107,6 +133,7 @@ struct vp_guest *vp_guest_open(void *base, uint64_t size, struct vp_vq *vq,
 	g->share_size = (qi->data_size / VP_MAX_SLOTS) & ~(VP_PAGE - 1);
 	g->share_gpa = qi->data + claimed * g->share_size;
 	memset(g->slot->comp, 0, sizeof(g->slot->comp));
+	g->gen = __atomic_add_fetch(&g->slot->gen, 1, __ATOMIC_RELAXED);
 	if (vp_guest_set_depth(g, 1)) {
 		vp_guest_close(g);
 		*err = -ENOSPC;
@@ -158,17 +185,24 @@ uint8_t *vp_guest_data_ptr(struct vp_guest *g, unsigned tag)
 	return g->base + vp_guest_data_gpa(g, tag);
 }
 
-static void deliver(struct vp_guest *g, uint64_t token, uint32_t len)
+/* Mark tag of its owner's slot done; returns the slot to wake, or -1.  The
+ * wake-up itself waits until the lock is dropped: in the kernel the
+ * completion path runs under a spinlock with preemption off, so the woken
+ * task cannot preempt the holder; a futex wake under our lock lets it do
+ * just that (holder preemption) and shows up as milliseconds of hold time. */
+static int deliver(struct vp_guest *g, uint64_t token, uint32_t len)
 {
-	uint64_t s = (token >> 16) - 1, tag = token & 0xffff;
+	uint64_t s = ((token >> 16) & 0xffff) - 1, tag = token & 0xffff;
 	if (s >= VP_MAX_SLOTS || tag >= VP_MAX_TAGS)
-		return;
+		return -1;
 	struct vp_guest_slot *slot = &g->sh->slot[s];
+	if ((uint32_t)(token >> 32) != __atomic_load_n(&slot->gen, __ATOMIC_RELAXED))
+		return -1;
 	slot->comp[tag].len = len;
 	store_release(&slot->comp[tag].done, 1);
 	__atomic_fetch_add(&slot->delivered, 1, __ATOMIC_RELAXED);
 	__atomic_fetch_add(&slot->wake_seq, 1, __ATOMIC_SEQ_CST);
-	futex_wake_all(&slot->wake_seq);
+	return (int)s;
 }
 
 int vp_guest_reap(struct vp_guest *g)
@@ -177,17 +211,26 @@ int vp_guest_reap(struct vp_guest *g)
 	uint64_t token;
 	uint32_t len;
 	int n = 0, r;
+	uint64_t wake = 0;     /* slots with new completions */
 	vp_lock_acquire(lock);
 	do {
 		virtqueue_disable_cb(g->vq);
 		while ((r = virtqueue_get_buf(g->vq, &token, &len)) == 1) {
-			deliver(g, token, len);
+			/* Counted before the owner can see it: whoever saw
+			 * the completion also sees it counted. */
+			if (vp_acct_cur)
+				vp_acct_cur->reaped++;
+			int s = deliver(g, token, len);
+			if (s >= 0)
+				wake |= 1ULL << s;
 			n++;
 		}
 	} while (r == 0 && !virtqueue_enable_cb(g->vq));
 	vp_lock_release(lock);
-	if (vp_acct_cur)
-		vp_acct_cur->reaped += n;
+	/* wake_seq moved before the unlock, so a waiter that has not slept
+	 * yet will not sleep on the old value: no wake-up is lost. */
+	for (; wake; wake &= wake - 1)
+		futex_wake_all(&g->sh->slot[__builtin_ctzll(wake)].wake_seq);
 	return r < 0 ? r : n;
 }
 
@@ -266,7 +309,8 @@ int vp_guest_blk_submit(struct vp_guest *g, unsigned tag, uint32_t type,
 	len[out + in] = 1;
 	in++;
 	store_release(&g->slot->comp[tag].done, 0);
-	uint64_t token = ((uint64_t)(g->slot_idx + 1) << 16) | tag;
+	uint64_t token = (uint64_t)g->gen << 32 |
+			 (uint64_t)(g->slot_idx + 1) << 16 | tag;
 	return vp_vq_submit(g->vq, strategy, addr, len, out, in, token);
 }
 
@@ -305,8 +349,13 @@ int vp_guest_wait_any(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
 		}
 		if (futex_wait(&s->wake_seq, seq, 20000000) && errno == ETIMEDOUT) {
 			vp_guest_reap(g);
-			if (done_in(g, mask) < 0 && device_gone(g))
+			if (done_in(g, mask) >= 0)
+				continue;
+			if (device_gone(g))
 				return -VP_EDEVGONE;
+			/* NEEDS_RESET: the device will not complete it. */
+			if (READ_ONCE(g->sh->dev.broken))
+				return -VP_EBROKEN;
 		}
 	}
 	if (vp_acct_cur)

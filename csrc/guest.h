@@ -35,4 +35,56 @@ int vp_guest_wait(struct vp_guest *g, unsigned tag, int64_t timeout_ns,
 int vp_guest_wait_any(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
 		      uint8_t *status, uint32_t *len);
 struct vp_acct *vp_guest_irq_acct(struct vp_guest *g);
+
+/* ---- workload loops (workload.c) ---- */
+#define VP_RW_READ       0
+#define VP_RW_WRITE      1
+#define VP_RW_RANDREAD   2
+#define VP_RW_RANDWRITE  3
+#define VP_RW_RANDRW     4
+#define VP_VERIFY_MAGIC  0x5946495245565056ULL  /* "VPVERIFY" read as bytes */
+#define VP_VERIFY_UNWRITTEN 1   /* all zeros: never written */
+#define VP_VERIFY_CORRUPT   2   /* bad magic or checksum */
+#define VP_VERIFY_MISPLACED 3   /* a good stamp of another sector */
+#define VP_VERIFY_STALE     4   /* a good stamp with another seed */
+struct vp_run_params {
+	uint32_t rw;             /* VP_RW_* */
+	uint32_t bs;             /* bytes per request, a multiple of 512 */
+	uint32_t iodepth;        /* requests kept in flight, 1..VP_MAX_TAGS */
+	uint32_t verify;         /* stamp writes, check reads */
+	uint32_t rwmix_read;     /* randrw: percent of reads */
+	uint32_t pad;
+	uint64_t area_off;       /* bytes: the job's part of the disk */
+	uint64_t area_len;
+	uint64_t max_ios;        /* 0: no limit */
+	uint64_t deadline_ns;    /* CLOCK_MONOTONIC; 0: none */
+	uint64_t seed;           /* offsets of random jobs */
+	uint64_t verify_seed;    /* goes into every stamp */
+	int64_t  timeout_ns;     /* per wait for a completion */
+	volatile int32_t *stop;  /* set non-zero to stop early (may be NULL) */
+};
+struct vp_run_result {
+	uint64_t issued, ios, reads, writes, bytes_read, bytes_written;
+	uint64_t errors;            /* completions with a status other than OK */
+	uint64_t short_reads;       /* used length other than bs + 1 */
+	uint64_t dup_completions;   /* completions of a tag not in flight */
+	uint64_t queue_full;        /* submissions retried: no free descriptors */
+	uint64_t verified, verify_failures, verify_unwritten;
+	uint64_t first_bad_sector;
+	int32_t  first_bad_kind;
+	int32_t  first_error_status;
+	uint64_t lat_recorded, lat_max_ns, lat_total_ns;
+	uint64_t t_start_ns, t_end_ns;
+	int32_t  rc;
+	int32_t  pad;
+};
+void vp_verify_fill(uint8_t *buf, uint64_t sector, uint32_t nbytes,
+		    uint64_t seed);
+int vp_verify_check(const uint8_t *buf, uint64_t sector, uint32_t nbytes,
+		    uint64_t seed, uint64_t *bad);
+/* Run a job on g; lat gets up to lat_cap latencies (ns, a uniform sample
+ * when there are more).  Returns 0 or the error that stopped it early. */
+int vp_guest_run(struct vp_guest *g, int strategy,
+		 const struct vp_run_params *p, struct vp_run_result *res,
+		 uint32_t *lat, uint64_t lat_cap);
 #endif

@@ -114,14 +114,15 @@ int vp_notifier_wait(struct vp_notifier *n, int64_t timeout_ns)
 		return 1;
 	}
 	struct timespec ts;
-	clock_gettime(CLOCK_REALTIME, &ts);
+	/* Monotonic: a wall-clock step must not stretch or cut the wait. */
+	clock_gettime(CLOCK_MONOTONIC, &ts);
 	ts.tv_sec += timeout_ns / 1000000000;
 	ts.tv_nsec += timeout_ns % 1000000000;
 	if (ts.tv_nsec >= 1000000000) {
 		ts.tv_sec++;
 		ts.tv_nsec -= 1000000000;
 	}
-	while (sem_timedwait(n->sem, &ts)) {
+	while (sem_clockwait(n->sem, CLOCK_MONOTONIC, &ts)) {
 		if (errno == ETIMEDOUT)
 			return 0;
 		if (errno != EINTR)

@@ -120,6 +120,12 @@ int vp_region_init(void *base, uint64_t size, const struct vp_region_params *p)
 	return 0;
 }
 
+/* off..off+len lies inside size, and the sum cannot wrap past 2^64. */
+static int inside(uint64_t off, uint64_t len, uint64_t size)
+{
+	return off <= size && len <= size - off;
+}
+
 /* A driver's check of what the device laid out. */
 int vp_region_check(const void *base, uint64_t size)
 {
@@ -138,13 +144,18 @@ int vp_region_check(const void *base, uint64_t size)
 		uint64_t num = qi->num;
 		if (!is_pow2(qi->num) || num > VP_MAX_QUEUE_SIZE)
 			return -VP_ELAYOUT;
-		if (qi->desc > h->size || qi->used > h->size ||
-		    qi->used + 6 + 8 * num > h->size ||
-		    qi->avail + 6 + 2 * num > h->size ||
-		    qi->desc + 16 * num > h->size ||
-		    qi->shared + sizeof(struct vp_queue_shared) > h->size ||
-		    qi->tokens + 8 * num > h->size ||
-		    qi->data + qi->data_size > h->size)
+		if (!inside(qi->desc, 16 * num, h->size) ||
+		    !inside(qi->avail, 6 + 2 * num, h->size) ||
+		    !inside(qi->used, 6 + 8 * num, h->size) ||
+		    !inside(qi->shared, sizeof(struct vp_queue_shared), h->size) ||
+		    !inside(qi->tokens, 8 * num, h->size) ||
+		    !inside(qi->data, qi->data_size, h->size))
+			return -VP_ELAYOUT;
+		/* The driver reaches all of these with aligned atomics. */
+		if (qi->desc % VRING_DESC_ALIGN_SIZE ||
+		    qi->avail % VRING_AVAIL_ALIGN_SIZE ||
+		    qi->used % VRING_USED_ALIGN_SIZE || qi->tokens % 8 ||
+		    qi->shared % _Alignof(struct vp_queue_shared))
 			return -VP_ELAYOUT;
 	}
 	return 0;

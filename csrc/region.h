@@ -121,6 +121,8 @@ struct vp_completion {
 struct vp_guest_slot {
 	int32_t  owner_pid;      /* 0 free */
 	uint32_t wake_seq;
+	uint32_t gen;            /* bumped by each owner: tells stale completions */
+	uint32_t pad;
 	uint64_t delivered;      /* completions delivered to this slot */
 	struct vp_completion comp[VP_MAX_TAGS];
 };

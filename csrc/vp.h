@@ -55,6 +55,8 @@ int vp_map(int fd, uint64_t size, void **base);
 int vp_unmap(void *base, uint64_t size);
 int vp_guest_poke(void *base, uint64_t size, uint64_t gpa, uint64_t value,
 		  unsigned width);
+/* 1 if the process is gone (no such pid, or a zombie), else 0. */
+int vp_pid_gone(int32_t pid);
 
 /* ---- per-thread accounting: where a guest thread's time goes ---- */
 struct vp_acct {
@@ -168,5 +170,9 @@ int64_t vp_echo_serve(struct vp_devq *q, int64_t n, int poll,
  * queue, batch at a time, kicking after each batch; reaps by polling. */
 int64_t vp_echo_drive(struct vp_vq *vq, int64_t n, unsigned batch,
 		      int strategy, uint64_t buf_gpa, uint32_t buf_len);
+
+/* ---- benchmarks (csrc/bench.c) ---- */
+/* Acquire and release l n times; returns n. */
+int64_t vp_lock_hammer(struct vp_lock *l, int64_t n);
 
 #endif

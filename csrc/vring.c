@@ -216,8 +216,7 @@ static int notify(struct vp_vq *vq)
 		r = vp_notifier_wait(vq->ack, 200000000);
 		if (r != 0)
 			return r < 0 ? r : 0;
-		pid_t pid = READ_ONCE(*vq->daemon_pid);
-		if (pid <= 0 || (kill(pid, 0) && errno == ESRCH))
+		if (vp_pid_gone(READ_ONCE(*vq->daemon_pid)))
 			return -VP_EDEVGONE;
 	}
 }
@@ -343,6 +342,7 @@ struct vp_devq {
 	uint16_t used_idx;
 	uint16_t signalled_used;
 	int signalled_valid;
+	int used_any;             /* pushed anything since open */
 	uint16_t used_flags;
 	int event_idx;
 	uint32_t exit_mode;
@@ -387,16 +387,18 @@ struct vp_devq *vp_devq_open(void *base, uint64_t size, uint64_t data_lo,
 	q->event_idx = event_idx;
 	q->exit_mode = exit_mode;
 	q->inflight_map = map;
-	struct vp_queue_shared *sh = (void *)(b + h->queue[index].shared);
 	/* The stats block is only written; a guest scribbling on it only
-	 * lies to itself.  It must still be inside the region. */
-	if ((uint8_t *)sh < b || h->queue[index].shared >
-	    size - sizeof(struct vp_queue_shared)) {
+	 * lies to itself.  It must still be inside the region and aligned
+	 * for the atomics: read its place once, check, then use it. */
+	uint64_t shared = READ_ONCE(h->queue[index].shared);
+	if (size < sizeof(struct vp_queue_shared) ||
+	    shared > size - sizeof(struct vp_queue_shared) ||
+	    shared % _Alignof(struct vp_queue_shared)) {
 		vp_devq_close(q);
 		*err = -EINVAL;
 		return NULL;
 	}
-	q->stats = &sh->dev;
+	q->stats = &((struct vp_queue_shared *)(b + shared))->dev;
 	*err = 0;
 	return q;
 }
@@ -595,6 +597,7 @@ int vp_devq_push(struct vp_devq *q, unsigned head, uint32_t len)
 	WRITE_ONCE(e->id, head);
 	WRITE_ONCE(e->len, len);
 	q->used_idx++;
+	q->used_any = 1;
 	store_release(&q->vr.used->idx, q->used_idx);
 	publish_stats(q);
 out:
@@ -608,8 +611,8 @@ static int need_interrupt(struct vp_devq *q)
 	virtio_mb();
 	uint16_t old = q->signalled_used, new = q->used_idx;
 	int valid = q->signalled_valid;
-	/* Nothing used since the last interrupt: nothing to tell. */
-	if (valid && old == new)
+	/* Nothing used since the last interrupt, or ever: nothing to tell. */
+	if (old == new && (valid || !q->used_any))
 		return -1;
 	q->signalled_used = new;
 	q->signalled_valid = 1;
@@ -677,11 +680,14 @@ int vp_devq_wait_kick(struct vp_devq *q, int64_t timeout_ns)
 {
 	if (!q->kick)
 		return -EINVAL;
-	int r = vp_notifier_wait(q->kick, timeout_ns);
-	if (r <= 0)
+	/* Timeout 0: take what is pending, without a system call (the
+	 * polling device asks on every idle turn). */
+	int r = timeout_ns ? vp_notifier_wait(q->kick, timeout_ns) : 0;
+	if (r < 0 || (r == 0 && timeout_ns))
 		return r;
 	r += vp_notifier_drain(q->kick);
-	__atomic_fetch_add(&q->stats->kicks_taken, r, __ATOMIC_RELAXED);
+	if (r)
+		__atomic_fetch_add(&q->stats->kicks_taken, r, __ATOMIC_RELAXED);
 	return r;
 }
 

@@ -10,7 +10,7 @@ from virtio_py.errors import VirtioError
 from virtio_py.region import check_name, destroy, exists
 from virtio_py.units import size_arg
 
-from .daemon import HostDaemon, clear_stale, is_daemon_of, stale_or_live
+from .daemon import HostDaemon, pid_alive, stale_or_live
 from .status import device_status, format_status
 from .store import assemble
 
@@ -28,8 +28,15 @@ def _name(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (try --help)\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=PROG,
         description="The host side of the virtio_py block device: a daemon that serves "
                     "virtio-blk requests from a shared-memory virtqueue out of a striped, "
@@ -65,7 +72,8 @@ def build_parser():
                    help="O_DIRECT on the stripe files where supported (default)")
     s.add_argument("--no-direct", dest="direct", action="store_false", help="buffered I/O")
     s.add_argument("--io-threads", type=int, default=None,
-                   help="I/O threads (default 16 with O_DIRECT, 0 = inline on a memory store)")
+                   help="I/O threads per queue (default 16; 0, served inline by the queue's "
+                        "loop, on a memory store such as tmpfs)")
     s.add_argument("--buffers", type=size_arg, default="64M",
                    help="request buffer area per queue in the region (default 64M)")
     s.add_argument("--serial", default=None, help="GET_ID serial, 20 bytes at most")
@@ -163,7 +171,7 @@ def cmd_start(a):
         finally:
             os._exit(code)
     os.close(w)
-    ok = False
+    ok = seen_error = False
     with os.fdopen(r) as rf:
         for line in rf:
             line = line.rstrip("\n")
@@ -171,9 +179,13 @@ def cmd_start(a):
                 print(f"{PROG}: {line}")
                 ok = True
                 break
+            seen_error |= line.startswith("error")
             print(f"{PROG}: {line}", file=sys.stderr if line.startswith("error") else sys.stdout)
     if not ok:
-        os.waitpid(pid, 0)
+        _, status = os.waitpid(pid, 0)
+        if not seen_error:
+            print(f"{PROG}: error: the daemon exited before it was ready "
+                  f"(wait status {status})", file=sys.stderr)
         return 1
     return 0
 
@@ -191,10 +203,18 @@ def cmd_stop(a):
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + a.timeout
     while time.monotonic() < deadline:
-        if not is_daemon_of(pid, a.name) and not exists(a.name):
-            print(f"{PROG}: stopped {a.name} (pid {pid})")
+        gone = not pid_alive(pid)
+        if gone or not exists(a.name):
+            left = destroy(a.name) if gone else []   # it died on the way out
+            # Unlinking comes last but one: give it a moment to close the
+            # store and exit (a daemon run in-process by a program may stay).
+            end = min(deadline, time.monotonic() + 2)
+            while pid_alive(pid) and time.monotonic() < end:
+                time.sleep(0.01)
+            print(f"{PROG}: stopped {a.name} (pid {pid})"
+                  + (f"; removed {len(left)} leftover objects" if left else ""))
             return 0
-        time.sleep(0.05)
+        time.sleep(0.02)
     raise CliError(f"daemon of {a.name!r} (pid {pid}) did not stop within {a.timeout:g} s")
 
 

@@ -15,6 +15,8 @@ DEFAULT_FEATURES = ("VERSION_1", "SEG_MAX", "BLK_SIZE", "FLUSH", "DISCARD", "WRI
 
 
 def pid_alive(pid):
+    """True if pid runs.  A zombie does not: nobody may reap an orphaned
+    daemon (PID 1 here does not), and a zombie serves nothing."""
     if pid <= 0:
         return False
     try:
@@ -23,21 +25,42 @@ def pid_alive(pid):
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def is_daemon_of(pid, name):
-    """True if pid is a live host daemon serving name (guards against pid
-    reuse and a guest scribbling a pid into the header)."""
+    """True if pid is alive and maps this device's region (guards against pid
+    reuse and a guest scribbling a pid into the header).  Mapping, not the
+    command line, so a daemon run in-process by any program counts."""
     if not pid_alive(pid):
         return False
+    shm = f"/dev/shm/{name}"
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().split(b"\0")
-    except OSError:
+        ino = os.stat(shm).st_ino
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                fields = line.split(None, 5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == shm \
+                        and int(fields[4]) == ino:
+                    return True
+    except FileNotFoundError:
         return False
-    text = b" ".join(args)
-    return (b"hostd" in text or b"host_daemon" in text) and name.encode() in args
+    except PermissionError:
+        # Another user's process: fall back to its command line.
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            return False
+        text = b" ".join(args)
+        return (b"hostd" in text or b"host_daemon" in text) and name.encode() in args
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def stale_or_live(name):
@@ -109,19 +132,22 @@ class HostDaemon:
                 data_size=c["buffers"] * c["queues"], capacity=c["size"] // 512,
                 blk_size=512, lock=c["lock"], exit=c["exit"], exit_cost_us=c["exit_cost_us"],
                 mode=c["mode"], event_idx=c["event_idx"], features=features)
+            # At once: a region without a live pid is a dead daemon's to a
+            # second start, which would remove it.
+            self.region.set_daemon_pid(os.getpid())
             self.queues = [DeviceQueue(self.region, q) for q in range(c["queues"])]
             io_threads = c["io_threads"]
             if io_threads is None:
-                # Disk I/O blocks: keep a request in flight per outstanding
-                # guest request.  A memory store has nothing to wait for.
-                io_threads = 16 if self.store.direct else 0
+                # Disk I/O blocks, buffered or not: keep a request in flight
+                # per outstanding guest request.  Only a memory store (tmpfs)
+                # has nothing to wait for and is served inline.
+                io_threads = 0 if self.store.memory else 16
             self.io_threads = io_threads
             mode = lib.VP_MODE_POLL if c["mode"] == "poll" else lib.VP_MODE_NOTIFY
             self._srv = opened(lib.vp_server_new, self.store.handle, mode, io_threads,
                                self.serial.encode(), what="server")
             for q in self.queues:
                 check(lib.vp_server_add_queue(self._srv, q.handle), "server")
-            self.region.set_daemon_pid(os.getpid())
             check(lib.vp_server_start(self._srv), "server start")
         except BaseException:
             self.shutdown()

@@ -9,6 +9,7 @@ from virtio_py._lowlevel import check, ffi, lib, opened
 from virtio_py.errors import ConfigError
 
 META = "store.json"
+MEMORY_FS = ("tmpfs", "ramfs")
 
 
 def stripe_path(directory, i):
@@ -24,6 +25,26 @@ def locate(offset, stripes, chunk):
 def stripe_file_size(size, stripes, chunk):
     chunks = -(-size // chunk)
     return -(-chunks // stripes) * chunk
+
+
+def fs_type(path):
+    """Type of the filesystem holding path, from /proc/self/mounts (the
+    last, innermost mount wins)."""
+    path = os.path.realpath(path)
+    best, typ = "", None
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mnt = fields[1].replace("\\040", " ")
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) \
+                        and len(mnt) >= len(best):
+                    best, typ = mnt, fields[2]
+    except OSError:
+        pass
+    return typ
 
 
 def _direct_supported(path, flags):
@@ -62,6 +83,7 @@ class StripedStore:
         self.stripes = stripes
         self.chunk = chunk
         self.direct = False
+        self.memory = False
         self.notice = None
         self.fds = []
         self._st = None
@@ -69,6 +91,12 @@ class StripedStore:
             os.makedirs(directory, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot create store directory {directory}: {e.strerror}") from None
+        self.memory = fs_type(directory) in MEMORY_FS
+        meta = read_meta(directory)
+        if meta and (meta.get("stripes"), meta.get("chunk")) != (stripes, chunk):
+            # Another geometry would put every chunk somewhere else.
+            raise ConfigError(f"store {directory} has {meta.get('stripes')} stripes of "
+                              f"{meta.get('chunk')}-byte chunks, not {stripes} of {chunk}")
         try:
             self._open_files(direct)
             with open(os.path.join(directory, META), "w") as f:

@@ -1,0 +1,82 @@
+"""The guest's shared lock (queue 0's struct vp_lock in a region), per kind:
+
+- uncontended: one process, lock/unlock pairs in a C loop (vp_lock_hammer);
+- contended: four attached processes hammering the same lock at once (more
+  processes than this machine's two cores, as the guest workers are).
+
+Rates are per acquisition (lock + unlock).  The lockstat counters are
+written by the holder only, so after the run they must count every
+acquisition exactly: a lost update would mean two holders at once.
+"""
+import pytest
+
+from benchutil import LockCrowd, report_rate
+from virtio_py import SharedLock
+from virtio_py._lowlevel import lib
+
+KINDS = ["spin", "spinyield", "mutex"]
+UNCONTENDED = 200_000
+CONTENDERS = 4
+# Per process per round, so a round lasts well under a second on two cores.
+# A ticket lock with more waiters than cores convoys whenever the next
+# ticket's owner is not running: every hand-off then waits for the
+# scheduler (ms).  Measured on this 2-core box: spin with 3,000 per process
+# took 4-9 s a round, spinyield with 20,000 took 3-5 s, mutex with 100,000
+# about 0.04 s.
+CONTENDED = {"spin": 1_000, "spinyield": 5_000, "mutex": 100_000}
+
+
+def _stats_extra(lock, expected):
+    raw = lock.raw_stats()
+    acq = raw["acquisitions"]
+    if acq != expected:
+        raise AssertionError(f"lockstat counted {acq} acquisitions, expected {expected}")
+    extra = {"acquisitions": acq, "contentions": raw["contentions"],
+             "acq_bounces": raw["acq_bounces"]}
+    if raw["contentions"]:
+        extra["wait_avg_us"] = round(raw["wait_total"] / raw["contentions"] / 1000, 2)
+        extra["wait_max_us"] = round(raw["wait_max"] / 1000, 2)
+    extra["hold_avg_ns"] = round(raw["hold_total"] / acq) if acq else 0
+    return extra
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lock_uncontended(benchmark, lock_region, kind):
+    region = lock_region(kind)
+    lock = SharedLock.of_queue(region, 0)
+    assert lock.kind == kind
+    lock.reset()
+    calls = []
+
+    def hammer():
+        calls.append(lib.vp_lock_hammer(lock._l, UNCONTENDED))
+
+    benchmark.pedantic(hammer, rounds=10, iterations=1, warmup_rounds=1)
+    extra = _stats_extra(lock, sum(calls))
+    rate = report_rate(benchmark, "acquisitions_per_s", UNCONTENDED, kind=kind,
+                       processes=1, **extra)
+    if rate is not None:
+        benchmark.extra_info["ns_per_lock_unlock"] = round(1e9 / rate, 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lock_contended(benchmark, lock_region, kind):
+    region = lock_region(kind)
+    lock = SharedLock.of_queue(region, 0)
+    n = CONTENDED[kind]
+    total = CONTENDERS * n
+    calls = []
+
+    def contend():
+        crowd.release()
+        calls.append(total)
+
+    with LockCrowd(region, CONTENDERS) as crowd:
+        lock.reset()
+        benchmark.pedantic(contend, setup=lambda: crowd.arm(n), rounds=5,
+                           warmup_rounds=1)
+    extra = _stats_extra(lock, sum(calls))
+    rate = report_rate(benchmark, "acquisitions_per_s", total, kind=kind,
+                       processes=CONTENDERS, per_process=n, **extra)
+    if rate is not None:
+        benchmark.extra_info["us_per_acquisition"] = round(1e6 / rate, 3)

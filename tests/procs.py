@@ -1,0 +1,130 @@
+"""Run test code in forked processes and get its result back.
+
+A child reports through a pipe (pickled) and always leaves with os._exit, so
+it never runs pytest's teardown or a Region's finaliser (which would unlink
+the parent's objects).  A child that dies by a signal, e.g. SIGSEGV on a
+guard page, is a test failure of its own.
+"""
+import os
+import pickle
+import select
+import signal
+import time
+import traceback
+
+import pytest
+
+
+class Child:
+    def __init__(self, fn, *args, **kwargs):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                res = ("ok", fn(*args, **kwargs))
+            except BaseException as e:   # report everything, never unwind into pytest
+                res = ("exc", f"{type(e).__name__}: {e}", traceback.format_exc(),
+                       type(e).__name__, getattr(e, "code", None))
+            try:
+                data = pickle.dumps(res)
+            except Exception as e:
+                data = pickle.dumps(("exc", f"unpicklable result: {e!r}", "", "", None))
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(w, view):]
+            finally:
+                os._exit(0)
+        os.close(w)
+        self.pid = pid
+        self._fd = r
+        self._data = bytearray()
+        self._result = None
+        self.status = None
+
+    def _pump(self, wait):
+        """Read what the child sent; True once it has closed its end."""
+        if self._fd is None:
+            return True
+        ready, _, _ = select.select([self._fd], [], [], wait)
+        if ready:
+            chunk = os.read(self._fd, 1 << 16)
+            if not chunk:
+                os.close(self._fd)
+                self._fd = None
+                return True
+            self._data += chunk
+        return False
+
+    def join(self, timeout=120, watch=()):
+        """The child's return value; fails the test if it raised, died or hung.
+
+        Children in watch are checked meanwhile: one that ends early (e.g. the
+        device of a driver being joined) is joined at once, so its failure is
+        reported instead of a timeout.
+        """
+        if self.status is not None:
+            return self._result
+        deadline = time.monotonic() + timeout
+        while not self._pump(0.05):
+            for other in watch:
+                if other is not self and other.status is None and other._pump(0):
+                    other.join(1)
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"child {self.pid} did not finish within {timeout} s")
+        _, status = os.waitpid(self.pid, 0)
+        self.status = status
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            pytest.fail(f"child {self.pid} killed by {signal.Signals(sig).name}")
+        assert os.WEXITSTATUS(status) == 0
+        res = pickle.loads(bytes(self._data))
+        if res[0] == "exc":
+            pytest.fail(f"child {self.pid} raised {res[1]}\n{res[2]}")
+        self._result = res[1]
+        return self._result
+
+    def kill(self):
+        if self.status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _, self.status = os.waitpid(self.pid, 0)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def run(fn, *args, timeout=120, **kwargs):
+    return Child(fn, *args, **kwargs).join(timeout)
+
+
+class Children:
+    """Several children joined together; any still running at exit is killed."""
+
+    def __init__(self):
+        self.kids = []
+
+    def start(self, fn, *args, **kwargs):
+        c = Child(fn, *args, **kwargs)
+        self.kids.append(c)
+        return c
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for c in self.kids:
+            c.kill()
+
+
+def wait_for(cond, what, timeout=30):
+    """Poll cond until true; fail (not hang) if it never gets there."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.001)
