@@ -16,7 +16,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import ctypes  # noqa: E402
 import itertools  # noqa: E402
 import mmap  # noqa: E402
-import multiprocessing  # noqa: E402
 import select  # noqa: E402
 import signal  # noqa: E402
 import struct  # noqa: E402
@@ -114,6 +113,7 @@ class EchoDevice:
 
     The device process creates (and on exit unlinks) the region; this side
     also destroys every object of the name afterwards in case the device died.
+    cpus, if given, pins the device process to that set of CPUs.
     """
 
     def __init__(self, mode="poll", queue_size=256, lock="spin", exit="async",
@@ -181,30 +181,40 @@ class EchoDevice:
 
 
 class LockCrowd:
-    """nproc processes attached to one region, each taking and dropping queue
-    0's lock n times per round (vp_lock_hammer, in C).
+    """nproc processes attached to one region, pinned round robin to this
+    process's CPUs, each taking and dropping queue 0's lock n times per round
+    (vp_lock_hammer, in C).
 
-    The start line is an Event: arm(n) tells every worker to go and gives
-    them time to block on it; release() sets it (waking all of them at once)
-    and returns once every worker is done.  So a round times nproc*n
-    acquisitions by processes that really overlap.  (A lock as the start
-    line does not do: a ticket lock lets the workers through one at a time,
-    each after the previous one finished.)  Use arm as pedantic's untimed
-    setup and release as its target."""
+    The start line is a barrier on a word of shared memory (vp_bench_arrive
+    and vp_bench_wait, in C) with this process as the last party: arm(n)
+    sends every worker to the line and waits until all are there; release()
+    lets them go and returns once every worker is done.  So a round times
+    nproc*n acquisitions by processes that really overlap.  Use arm as
+    pedantic's untimed setup and release as its target.
+
+    (Processes woken by a notifier or a lock straggle in over a millisecond
+    and, unpinned, tend to be queued on the waker's CPU: short runs then go
+    one after another and never contend.)"""
 
     def __init__(self, region, nproc):
         self.region = region
-        self.start = multiprocessing.get_context("fork").Event()
+        self.nproc = nproc
+        self._linemap = mmap.mmap(-1, mmap.PAGESIZE)
+        self.line = ffi.cast("uint32_t *", ffi.from_buffer(self._linemap))
+        self.line[0] = 0
+        self.target = 0            # the line's value that starts this round
         self.pids, self.go, self.done = [], [], []
         try:
-            for _ in range(nproc):
+            cpus = sorted(os.sched_getaffinity(0))
+            for i in range(nproc):
+                cpu = cpus[i % len(cpus)]
                 go_r, go_w = os.pipe()
                 done_r, done_w = os.pipe()
                 pid = os.fork()
                 if pid == 0:
                     for fd in self.go + self.done + [go_w, done_r]:
                         os.close(fd)  # the parent's ends, the siblings' pipes
-                    _child(lambda: self._work(go_r, done_w))
+                    _child(lambda: self._work(go_r, done_w, cpu))
                 os.close(go_r)
                 os.close(done_w)
                 self.pids.append(pid)
@@ -216,43 +226,51 @@ class LockCrowd:
             self.close()
             raise
 
-    def _work(self, go_r, done_w):
+    def _work(self, go_r, done_w, cpu):
+        os.sched_setaffinity(0, {cpu})
         region = Region.attach(self.region.name)
         try:
             lock = SharedLock.of_queue(region, 0)
             os.write(done_w, b"r")
             while True:
-                msg = os.read(go_r, 8)
-                if len(msg) != 8:
+                msg = os.read(go_r, 16)
+                if len(msg) != 16:
                     return
-                (n,) = struct.unpack("q", msg)
+                n, target = struct.unpack("qq", msg)
                 if n < 0:
                     return
-                if not self.start.wait(60):
-                    return
+                lib.vp_bench_arrive(self.line)
+                lib.vp_bench_wait(self.line, target)
                 lib.vp_lock_hammer(lock._l, n)
                 os.write(done_w, b"d")
         finally:
             region.close()
 
-    def arm(self, n, settle=0.02):
-        """Send every worker to the start line for a round of n."""
-        self.start.clear()
-        msg = struct.pack("q", n)
+    def arm(self, n):
+        """Send every worker to the start line for a round of n; return
+        when they are all there."""
+        self.target += self.nproc + 1
+        msg = struct.pack("qq", n, self.target)
         for fd in self.go:
             os.write(fd, msg)
-        time.sleep(settle)
+        deadline = time.monotonic() + 30
+        while self.line[0] != self.target - 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError("lock workers did not reach the start line")
+            time.sleep(0.0005)
 
     def release(self, timeout=120):
         """Start them all; return when every worker has done its n."""
-        self.start.set()
+        lib.vp_bench_arrive(self.line)
         for fd in self.done:
             _read_exact(fd, 1, timeout, "lock worker round")
 
     def close(self):
+        if self.line[0] == self.target - 1:
+            lib.vp_bench_arrive(self.line)   # armed, never released
         for fd in self.go:
             try:
-                os.write(fd, struct.pack("q", -1))
+                os.write(fd, struct.pack("qq", -1, 0))
             except OSError:
                 pass
             os.close(fd)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-import benchutil  # noqa: F401  (sets OPENBLAS_NUM_THREADS before numpy loads)
+# benchutil first: it sets OPENBLAS_NUM_THREADS before virtio_py loads numpy.
 from benchutil import EchoDevice, is_ours, unique_name
 from virtio_py import Region
 from virtio_py.region import destroy

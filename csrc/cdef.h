@@ -331,6 +331,8 @@ void vp_server_free(struct vp_server *srv);
 
 /* csrc/bench.c */
 int64_t vp_lock_hammer(struct vp_lock *l, int64_t n);
+uint32_t vp_bench_arrive(uint32_t *word);
+void vp_bench_wait(const uint32_t *word, uint32_t target);
 
 /* ---- guest workload loops (guest.h, workload.c) ---- */
 #define VP_RW_READ ...

@@ -90,10 +90,13 @@ struct vp_driver_state {
 	uint64_t kicks_suppressed;
 	uint64_t added;          /* chains added */
 	uint64_t completed;      /* chains returned by virtqueue_get_buf */
+	uint64_t reserved[2];    /* fills the cache line: dev starts a new one */
 };
 
 /* Device counters of one queue: written by the device only, informational
- * (the device never reads them back for a decision). */
+ * (the device never reads them back for a decision).  A cache line of its
+ * own: the device writes it on every pop and push, the driver its state on
+ * every add. */
 struct vp_device_stats {
 	uint16_t last_avail_idx;
 	uint16_t used_idx;
@@ -104,10 +107,10 @@ struct vp_device_stats {
 	uint64_t interrupts;     /* call notifications sent */
 	uint64_t interrupts_suppressed;
 	uint64_t chains;         /* chains popped */
-	uint64_t req[8];         /* per request class, see VP_REQ_* in blk.h */
+	uint64_t req[8];         /* per request class, see VP_REQ_* in blkdev.h */
 	uint64_t bytes_read;
 	uint64_t bytes_written;
-};
+} __attribute__((aligned(64)));
 
 /* Guest-internal completion records: one slot per guest process using the
  * queue, one record per outstanding request (tag).  Whoever reaps the used
@@ -125,7 +128,7 @@ struct vp_guest_slot {
 	uint32_t pad;
 	uint64_t delivered;      /* completions delivered to this slot */
 	struct vp_completion comp[VP_MAX_TAGS];
-};
+} __attribute__((aligned(64)));   /* slots of different processes */
 
 /* What lives in the region for each queue, page aligned. */
 struct vp_queue_shared {

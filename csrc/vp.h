@@ -174,5 +174,8 @@ int64_t vp_echo_drive(struct vp_vq *vq, int64_t n, unsigned batch,
 /* ---- benchmarks (csrc/bench.c) ---- */
 /* Acquire and release l n times; returns n. */
 int64_t vp_lock_hammer(struct vp_lock *l, int64_t n);
+/* A start line for benchmark processes on a shared word. */
+uint32_t vp_bench_arrive(uint32_t *word);
+void vp_bench_wait(const uint32_t *word, uint32_t target);
 
 #endif

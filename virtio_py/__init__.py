@@ -1,4 +1,9 @@
 """virtio_py: a multiprocess, shared-memory emulator of a virtio block device."""
+import os as _os
+
+# numpy only inspects here; OpenBLAS's spinning helper threads would take
+# CPU from the guests and the daemon on a small machine.
+_os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from .errors import (BlockIOError, ConfigError, DeviceGoneError, QueueBrokenError,
                      QueueFullError, RegionError, RingError, VirtioError)
 from .layout import vring_layout, vring_need_event, vring_size

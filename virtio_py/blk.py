@@ -6,6 +6,7 @@ lock and kick path like any guest worker, and takes its share of the
 interrupts on a C thread that reaps the used ring (virtblk_done).
 """
 import struct
+import weakref
 
 from ._lowlevel import check, ffi, lib, opened
 from .errors import BlockIOError, ConfigError
@@ -31,6 +32,9 @@ class GuestSlot:
         region = vq.region
         self._g = opened(lib.vp_guest_open, region.base, region.size, vq.handle, vq.index,
                          vq.call_notifier.handle, what=f"queue {vq.index} slot")
+        # Also at interpreter exit: the interrupt thread must not be cut
+        # down holding the queue lock, which would hang every other guest.
+        self._finalizer = weakref.finalize(self, lib.vp_guest_close, self._g)
         self.depth = depth
         self.strategy = strategy_code(strategy)
         try:
@@ -73,7 +77,7 @@ class GuestSlot:
 
     def close(self):
         if self._g is not None:
-            lib.vp_guest_close(self._g)
+            self._finalizer()
             self._g = None
 
 
