@@ -1,13 +1,13 @@
 """virtio-hostd: start, stop and inspect the virtio-blk host daemon."""
-import argparse
 import json
 import os
 import signal
 import sys
 import time
 
+from virtio_py.cliutil import CliError, OneLineParser, name_arg, run_main
 from virtio_py.errors import VirtioError
-from virtio_py.region import check_name, destroy, exists
+from virtio_py.region import destroy, exists
 from virtio_py.units import size_arg
 
 from .daemon import HostDaemon, pid_alive, stale_or_live
@@ -17,26 +17,8 @@ from .store import assemble
 PROG = "virtio-hostd"
 
 
-class CliError(Exception):
-    pass
-
-
-def _name(text):
-    try:
-        return check_name(text)
-    except VirtioError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr (exit 2)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (try --help)\n")
-
-
 def build_parser():
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description="The host side of the virtio_py block device: a daemon that serves "
                     "virtio-blk requests from a shared-memory virtqueue out of a striped, "
@@ -47,7 +29,7 @@ def build_parser():
     s = sub.add_parser("start", help="create the device and serve it",
                        description="Create the shared region, notifiers and store of device "
                                    "NAME and serve it.  Detaches once ready unless --foreground.")
-    s.add_argument("--name", required=True, type=_name, help="device name (/dev/shm/NAME)")
+    s.add_argument("--name", required=True, type=name_arg, help="device name (/dev/shm/NAME)")
     s.add_argument("--store", required=True, metavar="DIR",
                    help="directory of the stripe files (created, sparse, if missing)")
     s.add_argument("--size", type=size_arg, default="1G", help="capacity (default 1G)")
@@ -82,7 +64,7 @@ def build_parser():
     for cmd, text in (("stop", "finish in-flight requests, unlink everything, exit"),
                       ("status", "show configuration, queues, counters and lock statistics")):
         c = sub.add_parser(cmd, help=text, description=text)
-        c.add_argument("--name", required=True, type=_name, help="device name")
+        c.add_argument("--name", required=True, type=name_arg, help="device name")
         if cmd == "status":
             c.add_argument("--json", action="store_true", help="print JSON")
         else:
@@ -236,20 +218,9 @@ def cmd_assemble(a):
 
 
 def main(argv=None):
-    p = build_parser()
-    a = p.parse_args(argv)
-    try:
-        return {"start": cmd_start, "stop": cmd_stop, "status": cmd_status,
-                "assemble": cmd_assemble}[a.cmd](a)
-    except (CliError, VirtioError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"{PROG}: error: {e.strerror or e}"
-              + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_main(PROG, build_parser(),
+                    {"start": cmd_start, "stop": cmd_stop, "status": cmd_status,
+                     "assemble": cmd_assemble}, argv)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import errno
 import json
 import os
 
-from virtio_py._lowlevel import check, ffi, lib, opened
+from virtio_py._lowlevel import ffi, lib, opened
 from virtio_py.errors import ConfigError
 
 META = "store.json"

@@ -12,6 +12,7 @@ from ._lowlevel import check, ffi, lib, opened
 from .errors import BlockIOError, ConfigError
 from .region import Region
 from .virtqueue import Virtqueue, strategy_code
+from ._resource import Closeable
 
 SECTOR = 512
 STATUS_NAMES = {lib.VIRTIO_BLK_S_OK: "OK", lib.VIRTIO_BLK_S_IOERR: "IOERR",
@@ -86,7 +87,7 @@ def acct_dict(a):
                                        "kick_ns", "kicks", "io_wait_ns", "irqs", "reaped")}
 
 
-class BlockDevice:
+class BlockDevice(Closeable):
     """A virtio-blk disk, attached by device name.  Offsets and lengths are
     bytes, multiples of 512.  Failed requests raise BlockIOError carrying
     the virtio status."""
@@ -123,18 +124,6 @@ class BlockDevice:
         if self._own_region and self.region is not None:
             self.region.close()
             self.region = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # ---- requests ----
     def _request(self, rtype, sector, nbytes, what):

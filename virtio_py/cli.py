@@ -6,7 +6,7 @@
 import argparse
 import sys
 
-from .errors import VirtioError
+from .cliutil import OneLineParser, name_arg, run_main
 from .units import size_arg
 
 PROG = "virtio-emu"
@@ -37,7 +37,7 @@ def _int_range(lo, hi):
 def build_parser():
     from .workload import ENGINES, RW_MODES
     from .compare import BASE, STRATEGY_ORDER
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog=PROG, description="Guest workloads on the virtio_py block device, and the RFC "
                                "'virtio: Support releasing lock during kick' comparison.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -49,7 +49,7 @@ def build_parser():
                                    "bs=BS iflag=direct at iodepth 1, or like an fio job at a "
                                    "higher iodepth.  All share one virtqueue and its lock "
                                    "(worker i uses queue i mod queues on a multi-queue device).")
-    r.add_argument("--name", required=True, help="device name")
+    r.add_argument("--name", required=True, type=name_arg, help="device name")
     r.add_argument("--workers", type=_int_range(1, 32), default=4, help="processes (default 4)")
     r.add_argument("--rw", choices=tuple(RW_MODES), default="read", help="default read")
     r.add_argument("--bs", type=size_arg, default=4096, help="request size (default 4k)")
@@ -198,21 +198,8 @@ def cmd_compare(a):
 
 
 def main(argv=None):
-    p = build_parser()
-    a = p.parse_args(argv)
-    try:
-        return {"run": cmd_run, "compare": cmd_compare}[a.cmd](a)
-    except VirtioError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"{PROG}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
-              file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; everything it started was stopped and removed",
-              file=sys.stderr)
-        return 130
+    return run_main(PROG, build_parser(), {"run": cmd_run, "compare": cmd_compare}, argv,
+                    interrupted="interrupted; everything it started was stopped and removed")
 
 
 if __name__ == "__main__":

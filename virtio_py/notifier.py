@@ -1,8 +1,9 @@
 """Notifiers: a named POSIX semaphore (default) or an eventfd behind one interface."""
-from ._lowlevel import check, ffi, lib, opened
+from ._lowlevel import check, lib, opened
+from ._resource import Closeable
 
 
-class Notifier:
+class Notifier(Closeable):
     """One direction of notification: post() on one side, wait() on the other."""
 
     def __init__(self, handle, label):
@@ -41,12 +42,3 @@ class Notifier:
         if self._h is not None:
             lib.vp_notifier_close(self._h)
             self._h = None
-
-    def __del__(self):
-        self.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -12,6 +12,7 @@ import posix_ipc
 
 from ._lowlevel import check, ffi, lib
 from .errors import ConfigError, RegionError
+from ._resource import Closeable
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,47}$")
 
@@ -89,7 +90,7 @@ def exists(name):
     return os.path.exists("/dev/shm" + shm_name(name))
 
 
-class Region:
+class Region(Closeable):
     """A mapped device region.  Use ``Region.create`` (device side, owner) or
     ``Region.attach`` (driver side)."""
 
@@ -240,18 +241,6 @@ class Region:
         if not self._unlinked:
             self._unlinked = True
             _unlink_all(getattr(self, "_created", []))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # ---- contents ----
     @property

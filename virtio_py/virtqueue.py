@@ -9,6 +9,7 @@ from ._lowlevel import check, ffi, lib, opened
 from .errors import ConfigError
 from .lock import SharedLock
 from .notifier import Notifier
+from ._resource import Closeable
 
 STRATEGIES = {"hold": lib.VP_KICK_HOLD, "release": lib.VP_KICK_RELEASE,
               "prepare": lib.VP_KICK_PREPARE}
@@ -22,7 +23,7 @@ def strategy_code(strategy):
                           f"not {strategy!r}") from None
 
 
-class Virtqueue:
+class Virtqueue(Closeable):
     """The driver's handle on queue ``index`` of an attached region."""
 
     def __init__(self, region, index=0, notifiers=True):
@@ -60,12 +61,6 @@ class Virtqueue:
         for n in (self.kick_notifier, self.ack_notifier, self.call_notifier):
             if n is not None:
                 n.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _load(self, out, in_):
         n = 0
@@ -148,7 +143,7 @@ class Virtqueue:
                                        buf_gpa, buf_len), "echo_drive")
 
 
-class DeviceQueue:
+class DeviceQueue(Closeable):
     """The device's handle on a queue it laid out itself.
 
     It takes the ring addresses from the creating Region object's own copy of
@@ -192,12 +187,6 @@ class DeviceQueue:
         for n in (self.kick_notifier, self.call_notifier, self.ack_notifier):
             if n is not None:
                 n.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def pop(self):
         """Next available chain as (head, [(gpa, length, writable), ...]) or None.
