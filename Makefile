@@ -4,13 +4,13 @@ PIP     := $(PY) -m pip install -q --disable-pip-version-check --root-user-actio
 STAMP   := .stamp-install
 SOURCES := $(wildcard csrc/*.c csrc/*.h csrc/*.py) setup.py pyproject.toml
 
-.PHONY: all install run demo test bench clean
+.PHONY: all install run test bench clean
 
 all: install
 
 $(STAMP): $(SOURCES)
 	$(PIP) 'setuptools>=61' wheel 'cffi>=1.15' 'posix_ipc>=1.1' 'numpy>=1.21' \
-		'pytest>=7' 'pytest-benchmark>=4' 'hypothesis>=6' 'matplotlib>=3.5'
+		'pytest>=7' 'pytest-benchmark>=4' 'matplotlib>=3.5'
 	$(PIP) --no-build-isolation -e .
 	@touch $@
 
@@ -19,9 +19,6 @@ install: $(STAMP)
 # The RFC comparison with its defaults (about a minute).
 run: $(STAMP)
 	$(PY) -m virtio_py compare
-
-demo: $(STAMP)
-	$(PY) -m virtio_py.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

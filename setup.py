@@ -10,7 +10,7 @@ setup(
     cffi_modules=["csrc/build_core.py:ffibuilder"],
     install_requires=["cffi>=1.15", "posix_ipc>=1.1", "numpy>=1.21"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-benchmark>=4"],
         "plot": ["matplotlib>=3.5"],
     },
     entry_points={

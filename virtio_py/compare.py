@@ -471,7 +471,8 @@ def format_tables(result):
         out.append("")
         out += _table(rows, HOLD_COLS, names)
         out.append("")
-        hdr = (f"{'name':<8} {'IOPS':>9} {'MB/s':>7} {'p50us':>7} {'p99us':>8} {'maxus':>9} "
+        hdr = (f"{'name':<8} {'IOPS':>9} {'vs hold':>7} {'MB/s':>7} {'p50us':>7} {'p99us':>8} "
+               f"{'maxus':>9} "
                f"{'kicks/req':>9} {'irqs/req':>8} {'acq/req':>7} {'guest%':>7} {'host%':>6} "
                f"{'guest us/req':>12}")
         out.append(hdr)
@@ -479,12 +480,12 @@ def format_tables(result):
             lt = r["latency_us"]
             p = r.get("pct_vs_hold", {})
             iops_pct = _fmt_pct(p.get("iops")) if r["strategy"] != "hold" else ""
-            out.append(f"{r['strategy']:<8} {r['iops']:>9.0f} {r['mbps']:>7.1f} {lt['p50']:>7.1f} "
+            out.append(f"{r['strategy']:<8} {r['iops']:>9.0f} {iops_pct.strip():>7} "
+                       f"{r['mbps']:>7.1f} {lt['p50']:>7.1f} "
                        f"{lt['p99']:>8.1f} {lt['max']:>9.1f} {r['kicks_per_request']:>9.3f} "
                        f"{r['interrupts_per_request']:>8.3f} "
                        f"{r['lock_acquisitions_per_request']:>7.2f} {r['guest_cpu_pct']:>7.1f} "
-                       f"{r['host_cpu_pct']:>6.1f} {r['guest_cpu_us_per_request']:>12.1f}"
-                       + iops_pct)
+                       f"{r['host_cpu_pct']:>6.1f} {r['guest_cpu_us_per_request']:>12.1f}")
         out.append("")
         out.append("Where the guest's time went (all workers, ms; CPU user/sys in s):")
         out.append(f"{'name':<8} {'lock wait':>10} {'lock hold':>10} {'in kick':>10} "
