@@ -13,7 +13,6 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import ctypes  # noqa: E402
 import itertools  # noqa: E402
 import mmap  # noqa: E402
 import select  # noqa: E402
@@ -25,6 +24,7 @@ import traceback  # noqa: E402
 from virtio_py import DeviceQueue, Region, SharedLock, Virtqueue  # noqa: E402
 from virtio_py._lowlevel import ffi, lib  # noqa: E402
 from virtio_py.region import destroy  # noqa: E402
+from virtio_py.workload import set_pdeathsig  # noqa: E402
 
 PREFIX = "vpb"
 _counter = itertools.count()
@@ -84,21 +84,12 @@ def _reap(pid, timeout):
         time.sleep(0.01)
 
 
-def _die_with_parent():
-    """A polling device must not outlive a killed pytest and burn a core."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _child(body):
     """Run body() in a forked child and leave without running the parent's
     cleanup (pytest's, atexit): os._exit whatever happens."""
     code = 0
     try:
-        _die_with_parent()
+        set_pdeathsig(signal.SIGKILL)   # a polling device must not outlive a killed pytest
         body()
     except BaseException:
         traceback.print_exc()

@@ -246,7 +246,10 @@ static uint32_t execute(struct vp_server *srv, struct vp_devq *q,
 		}
 		if (st == VIRTIO_BLK_S_OK) {
 			if (in) {
-				used += (uint32_t)total;
+				/* used.len is 32 bits: segments may overlap, so a
+				 * read can pass 4 GiB; say as much as fits. */
+				used = total < UINT32_MAX ? (uint32_t)total + 1
+							  : UINT32_MAX;
 				__atomic_fetch_add(&ds->bytes_read, total, __ATOMIC_RELAXED);
 			} else {
 				__atomic_fetch_add(&ds->bytes_written, total, __ATOMIC_RELAXED);
@@ -559,7 +562,9 @@ struct vp_server *vp_server_new(struct vp_store *st, int mode,
 
 int vp_server_add_queue(struct vp_server *srv, struct vp_devq *q)
 {
-	if (srv->nq >= VP_MAX_QUEUES || srv->threads)
+	/* Notify mode sleeps on the queue's kick and wakes workers with it. */
+	if (srv->nq >= VP_MAX_QUEUES || srv->threads ||
+	    (srv->mode == VP_MODE_NOTIFY && !vp_devq_kick(q)))
 		return -EINVAL;
 	srv->q[srv->nq++] = q;
 	return 0;
@@ -569,6 +574,9 @@ int vp_server_start(struct vp_server *srv)
 {
 	if (srv->threads || !srv->nq)
 		return -EINVAL;
+	/* A server stopped before may start again. */
+	srv->stop = 0;
+	srv->pool_stop = 0;
 	int workers = srv->mode == VP_MODE_NOTIFY && srv->io_threads;
 	unsigned per_q = workers ? srv->io_threads : 1;
 	srv->nthreads = per_q * srv->nq;

@@ -132,8 +132,15 @@ struct vp_guest *vp_guest_open(void *base, uint64_t size, struct vp_vq *vq,
 	g->call = call;
 	g->share_size = (qi->data_size / VP_MAX_SLOTS) & ~(VP_PAGE - 1);
 	g->share_gpa = qi->data + claimed * g->share_size;
-	memset(g->slot->comp, 0, sizeof(g->slot->comp));
+	/* Under the queue lock: a reaper checks gen and delivers under it, so
+	 * a completion of the slot's last owner lands before the reset (and
+	 * is cleared) or after the new gen (and is dropped), never on a tag
+	 * we just submitted. */
+	struct vp_lock *lock = vp_vq_lock(vq);
+	vp_lock_acquire(lock);
 	g->gen = __atomic_add_fetch(&g->slot->gen, 1, __ATOMIC_RELAXED);
+	memset(g->slot->comp, 0, sizeof(g->slot->comp));
+	vp_lock_release(lock);
 	if (vp_guest_set_depth(g, 1)) {
 		vp_guest_close(g);
 		*err = -ENOSPC;

@@ -4,7 +4,9 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
+#include <pthread.h>
 #include <semaphore.h>
 #include <stdlib.h>
 #include <time.h>
@@ -19,7 +21,7 @@ struct vp_notifier {
 	int kind;
 	sem_t *sem;
 	int fd;
-	uint64_t pending;   /* eventfd: counts read but not yet handed out */
+	pthread_mutex_t mu; /* eventfd: this process's threads read one at a time */
 };
 
 struct vp_notifier *vp_notifier_open_sem(const char *name, int *err)
@@ -58,6 +60,7 @@ struct vp_notifier *vp_notifier_open_eventfd(int fd, int *err)
 	}
 	n->kind = VP_NOTIFIER_EVENTFD;
 	n->fd = d;
+	pthread_mutex_init(&n->mu, NULL);
 	*err = 0;
 	return n;
 }
@@ -66,10 +69,12 @@ void vp_notifier_close(struct vp_notifier *n)
 {
 	if (!n)
 		return;
-	if (n->kind == VP_NOTIFIER_SEM)
+	if (n->kind == VP_NOTIFIER_SEM) {
 		sem_close(n->sem);
-	else
+	} else {
 		close(n->fd);
+		pthread_mutex_destroy(&n->mu);
+	}
 	free(n);
 }
 
@@ -81,32 +86,59 @@ int vp_notifier_post(struct vp_notifier *n)
 	return write(n->fd, &one, sizeof(one)) == sizeof(one) ? 0 : -errno;
 }
 
-/* eventfd reads take the whole count; hand them out one at a time so both
- * kinds count alike. */
-static int efd_take(struct vp_notifier *n, int timeout_ms)
+/* An eventfd read takes the whole count.  To count as a semaphore does,
+ * take one (or, for a drain, all) and write the rest straight back, where
+ * every waiter polling the fd still sees it: a count kept aside in the
+ * notifier left the device's other I/O threads asleep on it.  This
+ * process's threads read under mu and only while the fd is readable, so
+ * none blocks in read() on a count another thread took since its poll.
+ * Returns how many were taken, or a negative error. */
+static int64_t efd_try(struct vp_notifier *n, int all)
 {
-	if (n->pending) {
-		n->pending--;
-		return 1;
-	}
 	struct pollfd p = { .fd = n->fd, .events = POLLIN };
-	int r = poll(&p, 1, timeout_ms);
-	if (r < 0)
-		return errno == EINTR ? 0 : -errno;
-	if (r == 0)
-		return 0;
-	uint64_t v;
-	if (read(n->fd, &v, sizeof(v)) != sizeof(v))
-		return errno == EAGAIN ? 0 : -errno;
-	n->pending = v - 1;
-	return 1;
+	uint64_t v = 0;
+	int64_t r = 0;
+	pthread_mutex_lock(&n->mu);
+	if (poll(&p, 1, 0) == 1) {
+		if (read(n->fd, &v, sizeof(v)) == sizeof(v)) {
+			uint64_t take = all ? (v < INT_MAX ? v : INT_MAX) : 1;
+			uint64_t rest = v - take;
+			r = (int64_t)take;
+			if (rest && write(n->fd, &rest, sizeof(rest)) != sizeof(rest))
+				r = -errno;
+		} else if (errno != EAGAIN) {
+			r = -errno;
+		}
+	}
+	pthread_mutex_unlock(&n->mu);
+	return r;
+}
+
+static int efd_wait(struct vp_notifier *n, int64_t timeout_ns)
+{
+	uint64_t end = vp_now_ns() + (timeout_ns > 0 ? (uint64_t)timeout_ns : 0);
+	for (;;) {
+		int r = (int)efd_try(n, 0);
+		if (r || timeout_ns == 0)
+			return r;
+		int ms = -1;
+		if (timeout_ns > 0) {
+			uint64_t now = vp_now_ns();
+			if (now >= end)
+				return 0;
+			uint64_t left = (end - now + 999999) / 1000000;
+			ms = left < INT_MAX ? (int)left : INT_MAX;
+		}
+		struct pollfd p = { .fd = n->fd, .events = POLLIN };
+		if (poll(&p, 1, ms) < 0 && errno != EINTR)
+			return -errno;
+	}
 }
 
 int vp_notifier_wait(struct vp_notifier *n, int64_t timeout_ns)
 {
 	if (n->kind == VP_NOTIFIER_EVENTFD)
-		return efd_take(n, timeout_ns < 0 ? -1 :
-				(int)((timeout_ns + 999999) / 1000000));
+		return efd_wait(n, timeout_ns);
 	if (timeout_ns < 0) {
 		while (sem_wait(n->sem))
 			if (errno != EINTR)
@@ -139,11 +171,8 @@ int vp_notifier_drain_opt(struct vp_notifier *n)
 int vp_notifier_drain(struct vp_notifier *n)
 {
 	int count = 0;
-	if (n->kind == VP_NOTIFIER_EVENTFD) {
-		while (efd_take(n, 0) == 1)
-			count++;
-		return count;
-	}
+	if (n->kind == VP_NOTIFIER_EVENTFD)
+		return (int)efd_try(n, 1);
 	while (sem_trywait(n->sem) == 0)
 		count++;
 	return count;

@@ -43,6 +43,9 @@ static int plan(const struct vp_region_params *p, struct layout *l)
 		l->ring[q] = off;
 		off = page_up(off + vring_size(p->queue_size, VP_RING_ALIGN));
 	}
+	/* per_queue * num_queues <= data_size, but off on top may wrap. */
+	if (per_queue * p->num_queues > UINT64_MAX - off)
+		return -EINVAL;
 	l->data_offset = off;
 	l->per_queue_data = per_queue;
 	l->size = off + per_queue * p->num_queues;

@@ -358,10 +358,12 @@ struct vp_devq *vp_devq_open(void *base, uint64_t size, uint64_t data_lo,
 			     uint64_t desc, uint64_t avail, uint64_t used,
 			     int event_idx, uint32_t exit_mode, int *err)
 {
+	/* Each part must end inside the region without the sum wrapping. */
 	if (index >= VP_MAX_QUEUES || !num || (num & (num - 1)) ||
 	    num > VP_MAX_QUEUE_SIZE || data_lo > data_hi || data_hi > size ||
-	    desc + 16ULL * num > size || avail + 6 + 2ULL * num > size ||
-	    used + 6 + 8ULL * num > size) {
+	    desc > size || 16ULL * num > size - desc ||
+	    avail > size || 6 + 2ULL * num > size - avail ||
+	    used > size || 6 + 8ULL * num > size - used) {
 		*err = -EINVAL;
 		return NULL;
 	}
@@ -605,6 +607,8 @@ out:
 	return r;
 }
 
+/* Only asks: vp_devq_interrupt alone moves signalled_used, so a caller
+ * that asks first and then interrupts does not lose the interrupt. */
 static int need_interrupt(struct vp_devq *q)
 {
 	/* The used idx must be visible before we read the driver's wish. */
@@ -614,8 +618,6 @@ static int need_interrupt(struct vp_devq *q)
 	/* Nothing used since the last interrupt, or ever: nothing to tell. */
 	if (old == new && (valid || !q->used_any))
 		return -1;
-	q->signalled_used = new;
-	q->signalled_valid = 1;
 	if (q->event_idx)
 		return !valid || vring_need_event(
 			READ_ONCE(vring_used_event(&q->vr)), new, old);
@@ -634,6 +636,10 @@ int vp_devq_interrupt(struct vp_devq *q)
 {
 	pthread_mutex_lock(&q->mu);
 	int r = q->broken ? -1 : need_interrupt(q);
+	if (r >= 0) {
+		q->signalled_used = q->used_idx;
+		q->signalled_valid = 1;
+	}
 	if (r > 0)
 		q->stats->interrupts++;
 	else if (r == 0)

@@ -152,6 +152,7 @@ int vp_guest_run(struct vp_guest *g, int strategy,
 	uint64_t busy = 0, pos = 0, issued = 0;
 	uint64_t all = depth == 64 ? ~0ULL : (1ULL << depth) - 1;
 	int stopping = 0;
+	uint64_t full_since = 0;   /* ring full with none of ours in flight */
 	uint8_t status;
 	uint32_t len;
 
@@ -201,10 +202,23 @@ int vp_guest_run(struct vp_guest *g, int strategy,
 				res->queue_full++;
 				if (!random)
 					pos--;
-				if (!busy)
+				if (!busy) {
+					/* Nothing of ours to wait for: retry after
+					 * the others' completions, as long as we
+					 * would wait for one of our own. */
+					uint64_t now = vp_now_ns();
+					if (!full_since)
+						full_since = now;
+					else if (p->timeout_ns >= 0 &&
+						 now - full_since >= (uint64_t)p->timeout_ns) {
+						res->rc = -ETIMEDOUT;
+						stopping = 1;
+					}
 					sched_yield();
+				}
 				break;
 			}
+			full_since = 0;
 			if (r) {
 				res->rc = r;
 				stopping = 1;
@@ -213,8 +227,11 @@ int vp_guest_run(struct vp_guest *g, int strategy,
 			busy |= 1ULL << tag;
 			issued++;
 		}
-		if (!busy)
-			break;
+		if (!busy) {
+			if (stopping)
+				break;
+			continue;      /* the ring was full: try again */
+		}
 		int tag = vp_guest_wait_any(g, busy, p->timeout_ns, &status, &len);
 		uint64_t now = vp_now_ns();
 		if (tag < 0) {

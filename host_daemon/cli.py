@@ -5,9 +5,11 @@ import signal
 import sys
 import time
 
-from virtio_py.cliutil import CliError, OneLineParser, name_arg, run_main
+from virtio_py._lowlevel import lib
+from virtio_py.cliutil import (CliError, OneLineParser, error_text, int_range, name_arg,
+                               positive_float, run_main)
 from virtio_py.errors import VirtioError
-from virtio_py.region import destroy, exists
+from virtio_py.region import EXIT_MODES, LOCK_KINDS, SERVE_MODES, destroy, exists
 from virtio_py.units import size_arg
 
 from .daemon import HostDaemon, pid_alive, stale_or_live
@@ -33,18 +35,20 @@ def build_parser():
     s.add_argument("--store", required=True, metavar="DIR",
                    help="directory of the stripe files (created, sparse, if missing)")
     s.add_argument("--size", type=size_arg, default="1G", help="capacity (default 1G)")
-    s.add_argument("--stripes", type=int, default=12, help="stripe files (default 12)")
+    s.add_argument("--stripes", type=int_range(1, lib.VP_STORE_MAX_STRIPES), default=12,
+                   help="stripe files (default 12)")
     s.add_argument("--chunk", type=size_arg, default="64K", help="chunk size (default 64K)")
-    s.add_argument("--queues", type=int, default=1, help="virtqueues (default 1)")
+    s.add_argument("--queues", type=int_range(1, lib.VP_MAX_QUEUES), default=1,
+                   help="virtqueues (default 1)")
     s.add_argument("--queue-size", type=int, default=128, help="entries per queue (default 128)")
-    s.add_argument("--mode", choices=("notify", "poll"), default="notify",
+    s.add_argument("--mode", choices=tuple(SERVE_MODES), default="notify",
                    help="sleep on kicks, or busy-poll with back-off (default notify)")
-    s.add_argument("--exit", choices=("async", "sync"), default="async",
+    s.add_argument("--exit", choices=tuple(EXIT_MODES), default="async",
                    help="async: a kick only posts (ioeventfd); sync: the kick returns once "
                         "the daemon took it (a trapping PIO write). Default async")
     s.add_argument("--exit-cost", type=float, default=0.0, metavar="US",
                    help="extra microseconds spent inside every kick (default 0)")
-    s.add_argument("--lock", choices=("spin", "spinyield", "mutex"), default="spin",
+    s.add_argument("--lock", choices=tuple(LOCK_KINDS), default="spin",
                    help="kind of the guest's queue lock (default spin)")
     s.add_argument("--event-idx", dest="event_idx", action="store_true", default=True,
                    help="offer VIRTIO_RING_F_EVENT_IDX (default)")
@@ -53,7 +57,7 @@ def build_parser():
     s.add_argument("--direct", dest="direct", action="store_true", default=True,
                    help="O_DIRECT on the stripe files where supported (default)")
     s.add_argument("--no-direct", dest="direct", action="store_false", help="buffered I/O")
-    s.add_argument("--io-threads", type=int, default=None,
+    s.add_argument("--io-threads", type=int_range(0, 1024), default=None,
                    help="I/O threads per queue (default 16; 0, served inline by the queue's "
                         "loop, on a memory store such as tmpfs)")
     s.add_argument("--buffers", type=size_arg, default="64M",
@@ -68,7 +72,7 @@ def build_parser():
         if cmd == "status":
             c.add_argument("--json", action="store_true", help="print JSON")
         else:
-            c.add_argument("--timeout", type=float, default=30.0,
+            c.add_argument("--timeout", type=positive_float, default=30.0,
                            help="seconds to wait for the daemon to finish (default 30)")
 
     a = sub.add_parser("assemble", help="write the striped store as one raw image",
@@ -76,26 +80,21 @@ def build_parser():
                                    "(compare it with cmp or qemu-img compare).")
     a.add_argument("--store", required=True, metavar="DIR")
     a.add_argument("--out", required=True, metavar="FILE")
-    a.add_argument("--stripes", type=int, default=None, help="default: from DIR/store.json")
+    a.add_argument("--stripes", type=int_range(1, lib.VP_STORE_MAX_STRIPES), default=None,
+                   help="default: from DIR/store.json")
     a.add_argument("--chunk", type=size_arg, default=None, help="default: from DIR/store.json")
     a.add_argument("--size", type=size_arg, default=None, help="default: from DIR/store.json")
     return p
 
 
 def _check_start_args(a):
-    if not 1 <= a.stripes <= 64:
-        raise CliError(f"--stripes must be 1 to 64, not {a.stripes}")
     if a.chunk < 512 or a.chunk % 512:
         raise CliError(f"--chunk must be a multiple of 512, not {a.chunk}")
     if a.size < 512 or a.size % 512:
         raise CliError(f"--size must be a positive multiple of 512, not {a.size}")
-    if not 1 <= a.queues <= 16:
-        raise CliError(f"--queues must be 1 to 16, not {a.queues}")
     qs = a.queue_size
     if qs < 2 or qs > 32768 or qs & (qs - 1):
         raise CliError(f"--queue-size must be a power of two from 2 to 32768, not {qs}")
-    if a.io_threads is not None and not 0 <= a.io_threads <= 1024:
-        raise CliError(f"--io-threads must be 0 to 1024, not {a.io_threads}")
     if not 0 <= a.exit_cost <= 1_000_000:
         raise CliError(f"--exit-cost must be 0 to 1000000 us, not {a.exit_cost}")
     if a.serial is not None and len(a.serial.encode()) > 20:
@@ -118,15 +117,15 @@ def _serve(d, report):
     try:
         d.setup()
     except (VirtioError, OSError) as e:
-        report(f"error: {e}")
+        report(f"error: {error_text(e)}")
         return 1
-    for n in d.notices:
-        report(f"notice: {n}")
-    report(f"ready: serving {d.name} (pid {os.getpid()})")
     try:
+        for n in d.notices:
+            report(f"notice: {n}")
+        report(f"ready: serving {d.name} (pid {os.getpid()})")
         d.wait()
     finally:
-        d.shutdown()
+        d.shutdown()      # also when nobody is left to hear "ready"
     return 0
 
 
@@ -154,15 +153,22 @@ def cmd_start(a):
             os._exit(code)
     os.close(w)
     ok = seen_error = False
-    with os.fdopen(r) as rf:
-        for line in rf:
-            line = line.rstrip("\n")
-            if line.startswith("ready:"):
-                print(f"{PROG}: {line}")
-                ok = True
-                break
-            seen_error |= line.startswith("error")
-            print(f"{PROG}: {line}", file=sys.stderr if line.startswith("error") else sys.stdout)
+    try:
+        with os.fdopen(r) as rf:
+            for line in rf:
+                line = line.rstrip("\n")
+                if line.startswith("ready:"):
+                    print(f"{PROG}: {line}")
+                    ok = True
+                    break
+                seen_error |= line.startswith("error")
+                print(f"{PROG}: {line}",
+                      file=sys.stderr if line.startswith("error") else sys.stdout)
+    except KeyboardInterrupt:
+        # Given up on: the daemon must not come up behind the user's back.
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        raise
     if not ok:
         _, status = os.waitpid(pid, 0)
         if not seen_error:
@@ -220,7 +226,7 @@ def cmd_assemble(a):
 def main(argv=None):
     return run_main(PROG, build_parser(),
                     {"start": cmd_start, "stop": cmd_stop, "status": cmd_status,
-                     "assemble": cmd_assemble}, argv)
+                     "assemble": cmd_assemble}, argv, interrupted="interrupted")
 
 
 if __name__ == "__main__":

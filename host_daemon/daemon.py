@@ -157,13 +157,13 @@ class HostDaemon:
         self._stop.set()
 
     def wait(self):
-        """Block until SIGTERM/SIGINT or request_stop()."""
+        """Block until SIGTERM/SIGINT/SIGHUP or request_stop()."""
         while not self._stop.wait(0.2):
             pass
 
     def install_signals(self):
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self.request_stop)
 
     def shutdown(self):
         """Finish what is in flight, then unlink everything."""

@@ -58,6 +58,16 @@ def _direct_supported(path, flags):
     return True
 
 
+def check_geometry(stripes, chunk, size):
+    """ConfigError unless a store can have this geometry."""
+    if not 1 <= stripes <= lib.VP_STORE_MAX_STRIPES:
+        raise ConfigError(f"stripes must be 1 to {lib.VP_STORE_MAX_STRIPES}, not {stripes}")
+    if chunk < 512 or chunk % 512:
+        raise ConfigError(f"chunk must be a multiple of 512, not {chunk}")
+    if size < 512 or size % 512:
+        raise ConfigError(f"size must be a positive multiple of 512, not {size}")
+
+
 def read_meta(directory):
     try:
         with open(os.path.join(directory, META)) as f:
@@ -72,12 +82,7 @@ class StripedStore:
     """Opened stripe files and the C store over them."""
 
     def __init__(self, directory, size, stripes=12, chunk=64 << 10, direct=True):
-        if stripes < 1 or stripes > lib.VP_STORE_MAX_STRIPES:
-            raise ConfigError(f"stripes must be 1 to {lib.VP_STORE_MAX_STRIPES}, not {stripes}")
-        if chunk < 512 or chunk % 512:
-            raise ConfigError(f"chunk must be a multiple of 512, not {chunk}")
-        if size < 512 or size % 512:
-            raise ConfigError(f"size must be a positive multiple of 512, not {size}")
+        check_geometry(stripes, chunk, size)
         self.directory = directory
         self.size = size
         self.stripes = stripes
@@ -124,8 +129,11 @@ class StripedStore:
             except OSError as e:
                 raise ConfigError(f"cannot open {path}: {e.strerror}") from None
             self.fds.append(fd)
-            if os.fstat(fd).st_size < fsize:
-                os.ftruncate(fd, fsize)  # sparse
+            try:
+                if os.fstat(fd).st_size < fsize:
+                    os.ftruncate(fd, fsize)  # sparse
+            except OSError as e:
+                raise ConfigError(f"cannot make {path} {fsize} bytes: {e.strerror}") from None
         self.direct = direct
 
     @property
@@ -142,13 +150,15 @@ class StripedStore:
 
 
 def assemble(directory, out, stripes=None, chunk=None, size=None):
-    """Write the logical disk of a store as one raw image file."""
+    """Write the logical disk of a store as one raw image file, sparse
+    where the store reads as zeros."""
     meta = read_meta(directory) or {}
-    stripes = stripes or meta.get("stripes")
-    chunk = chunk or meta.get("chunk")
-    size = size or meta.get("size")
-    if not (stripes and chunk and size):
+    stripes = meta.get("stripes") if stripes is None else stripes
+    chunk = meta.get("chunk") if chunk is None else chunk
+    size = meta.get("size") if size is None else size
+    if None in (stripes, chunk, size):
         raise ConfigError(f"{directory} has no {META}: give --stripes, --chunk and --size")
+    check_geometry(stripes, chunk, size)
     files = []
     try:
         for i in range(stripes):
@@ -164,8 +174,12 @@ def assemble(directory, out, stripes=None, chunk=None, size=None):
                 f = files[s]
                 f.seek(foff)
                 data = f.read(n)
-                o.write(data + bytes(n - len(data)))
+                if data.count(0) == len(data):
+                    o.seek(n, os.SEEK_CUR)   # a hole: the image of a 1T disk is not 1T
+                else:
+                    o.write(data + bytes(n - len(data)))
                 off += n
+            o.truncate(size)
     finally:
         for f in files:
             f.close()

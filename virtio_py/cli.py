@@ -4,39 +4,20 @@
   virtio-emu compare ...           the RFC benchmark with its own daemon
 """
 import argparse
+import os
 import sys
 
-from .cliutil import OneLineParser, name_arg, run_main
+from .cliutil import (CliError, OneLineParser, check_output, int_range, name_arg,
+                      positive_float, run_main)
 from .units import size_arg
 
 PROG = "virtio-emu"
 
 
-def _positive_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-    return v
-
-
-def _int_range(lo, hi):
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be {lo} to {hi}, not {v}")
-        return v
-    return parse
-
-
 def build_parser():
     from .workload import ENGINES, RW_MODES
     from .compare import BASE, STRATEGY_ORDER
+    from .region import LOCK_KINDS
     p = OneLineParser(
         prog=PROG, description="Guest workloads on the virtio_py block device, and the RFC "
                                "'virtio: Support releasing lock during kick' comparison.")
@@ -50,12 +31,12 @@ def build_parser():
                                    "higher iodepth.  All share one virtqueue and its lock "
                                    "(worker i uses queue i mod queues on a multi-queue device).")
     r.add_argument("--name", required=True, type=name_arg, help="device name")
-    r.add_argument("--workers", type=_int_range(1, 32), default=4, help="processes (default 4)")
+    r.add_argument("--workers", type=int_range(1, 32), default=4, help="processes (default 4)")
     r.add_argument("--rw", choices=tuple(RW_MODES), default="read", help="default read")
     r.add_argument("--bs", type=size_arg, default=4096, help="request size (default 4k)")
-    r.add_argument("--iodepth", type=_int_range(1, 64), default=1,
+    r.add_argument("--iodepth", type=int_range(1, 64), default=1,
                    help="requests in flight per worker (default 1)")
-    r.add_argument("--runtime", type=_positive_float, default=None, metavar="S",
+    r.add_argument("--runtime", type=positive_float, default=None, metavar="S",
                    help="seconds to run; the workers go round their area (fio time_based)")
     r.add_argument("--size", type=size_arg, default=None,
                    help="bytes of each worker's area; without --runtime each worker goes "
@@ -65,7 +46,7 @@ def build_parser():
                    help="writes stamp every sector with its LBA, a seed and a checksum; "
                         "reads check them")
     r.add_argument("--verify-seed", type=int, default=0x5eed, help=argparse.SUPPRESS)
-    r.add_argument("--rwmixread", type=_int_range(0, 100), default=50,
+    r.add_argument("--rwmixread", type=int_range(0, 100), default=50,
                    help="randrw: percent of reads (default 50)")
     r.add_argument("--strategy", choices=STRATEGY_ORDER, default="hold",
                    help="kick path: hold the lock across the kick (2.6.35), release it "
@@ -84,9 +65,9 @@ def build_parser():
                                    "strategy (--repeat times, interleaved) and print the RFC's lockstat tables with the % "
                                    "change against hold, then throughput, kicks and CPU.  "
                                    "Everything is stopped and removed at the end.")
-    c.add_argument("--runtime", type=_positive_float, default=3.0, metavar="S",
+    c.add_argument("--runtime", type=positive_float, default=3.0, metavar="S",
                    help="seconds per run (default 3)")
-    c.add_argument("--repeat", type=_int_range(1, 100), default=3, metavar="N",
+    c.add_argument("--repeat", type=int_range(1, 100), default=3, metavar="N",
                    help="runs per strategy, interleaved; the tables show medians (default 3)")
     c.add_argument("--strategies", default=",".join(STRATEGY_ORDER),
                    help="comma-separated, hold first (default hold,release,prepare)")
@@ -110,11 +91,11 @@ def build_parser():
     g.add_argument("--no-rfc-row", action="store_true",
                    help="skip the RFC setup row (only the extra rows)")
     b = c.add_argument_group("the RFC setup (every row starts from it)")
-    b.add_argument("--workers", type=_int_range(1, 32), default=BASE["workers"])
+    b.add_argument("--workers", type=int_range(1, 32), default=BASE["workers"])
     b.add_argument("--bs", type=size_arg, default=BASE["bs"])
-    b.add_argument("--iodepth", type=_int_range(1, 64), default=BASE["iodepth"])
+    b.add_argument("--iodepth", type=int_range(1, 64), default=BASE["iodepth"])
     b.add_argument("--rw", choices=tuple(RW_MODES), default=BASE["rw"])
-    b.add_argument("--lock", choices=("spin", "spinyield", "mutex"), default=BASE["lock"],
+    b.add_argument("--lock", choices=tuple(LOCK_KINDS), default=BASE["lock"],
                    help=f"the queue lock's kind (default {BASE['lock']}; see docs/COMPARE.md)")
     b.add_argument("--exit-cost", type=float, default=BASE["exit_cost_us"], metavar="US",
                    help="extra microseconds spent inside every kick (default 0)")
@@ -125,7 +106,7 @@ def build_parser():
                         "the runs")
     b.add_argument("--no-prewrite", action="store_true",
                    help="do not write the read area first (reads of holes never touch the disk)")
-    b.add_argument("--stripes", type=_int_range(1, 64), default=BASE["stripes"])
+    b.add_argument("--stripes", type=int_range(1, 64), default=BASE["stripes"])
     b.add_argument("--chunk", type=size_arg, default=BASE["chunk"])
     b.add_argument("--engine", choices=ENGINES, default=BASE["engine"])
     c.add_argument("--workdir", default=None, metavar="DIR",
@@ -139,14 +120,19 @@ def build_parser():
 
 def cmd_run(a):
     from .workload import JobSpec, format_result, run_job
-    from .compare import _Progress, write_json
+    from .compare import _Progress, _sigterm_as_interrupt, write_json
+    if a.json:
+        check_output(a.json, "--json")
     spec = JobSpec(a.name, workers=a.workers, rw=a.rw, bs=a.bs, iodepth=a.iodepth,
                    runtime=a.runtime, size=a.size, offset=a.offset, verify=a.verify,
                    verify_seed=a.verify_seed, rwmix_read=a.rwmixread, strategy=a.strategy,
                    engine=a.engine, seed=a.seed)
     prog = _Progress(sys.stderr)
     try:
-        res = run_job(spec, progress=None if a.quiet else prog, label=a.strategy)
+        # SIGTERM must stop the workers cleanly too: one killed holding the
+        # queue lock would hang the device for every later guest.
+        with _sigterm_as_interrupt():
+            res = run_job(spec, progress=None if a.quiet else prog, label=a.strategy)
     finally:
         prog.clear()
     if a.json:
@@ -168,6 +154,8 @@ def cmd_run(a):
 def cmd_compare(a):
     from .compare import compare, format_tables, write_json
     strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
+    if not strategies:
+        raise CliError("--strategies names none of hold, release, prepare")
     rows = [] if a.no_rfc_row else [""]
     extra = list(a.rows or [])
     if a.all_rows:
@@ -176,9 +164,15 @@ def cmd_compare(a):
     if not rows:
         print(f"{PROG}: error: no rows to run", file=sys.stderr)
         return 2
+    # Fail now, not after the runs.
+    if a.workdir and not os.path.isdir(a.workdir):
+        raise CliError(f"--workdir {a.workdir}: not a directory")
+    if a.json:
+        check_output(a.json, "--json")
     if a.plot:
+        check_output(a.plot, "--plot")
         from .plot import _pyplot
-        _pyplot()     # fail now, not after the runs
+        _pyplot()
     base = {"workers": a.workers, "bs": a.bs, "iodepth": a.iodepth, "rw": a.rw,
             "lock": a.lock, "exit_cost_us": a.exit_cost, "size": a.size, "area": a.area,
             "prewrite": not a.no_prewrite, "stripes": a.stripes, "chunk": a.chunk,

@@ -1,6 +1,8 @@
 """What both command lines share: one-line usage errors, argument types,
 and turning failures into one line on stderr with a non-zero exit."""
 import argparse
+import math
+import os
 import sys
 
 from .errors import VirtioError
@@ -25,17 +27,51 @@ def name_arg(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def positive_float(text):
+    """argparse type: a finite number above 0 (seconds, say)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be positive and finite, not {text}")
+    return v
+
+
+def int_range(lo, hi):
+    """argparse type: an integer from lo to hi."""
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be {lo} to {hi}, not {v}")
+        return v
+    return parse
+
+
+def check_output(path, what):
+    """CliError now, not after a long run, if path cannot be written."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise CliError(f"{what} {path}: not a writable file path")
+
+
+def error_text(e):
+    """One line for an exception: an OSError by its strerror and file name."""
+    if isinstance(e, OSError) and not isinstance(e, VirtioError):
+        return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    return str(e)
+
+
 def run_main(prog, parser, commands, argv=None, interrupted=None):
     """Parse argv, run commands[cmd](args) and map failures to one line."""
     a = parser.parse_args(argv)
     try:
         return commands[a.cmd](a)
-    except (CliError, VirtioError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"{prog}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
-              file=sys.stderr)
+    except (CliError, OSError, VirtioError) as e:
+        print(f"{prog}: error: {error_text(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if interrupted:

@@ -12,7 +12,7 @@ Everything it starts is stopped and unlinked at the end, on error, on
 Ctrl-C and on SIGTERM.
 """
 import contextlib
-import ctypes
+import functools
 import json
 import os
 import select
@@ -24,9 +24,9 @@ import time
 
 from .errors import ConfigError, VirtioError
 from .lock import LOCKSTAT_COLUMNS
-from .region import check_name, destroy
+from .region import check_config, check_name, destroy
 from .units import format_size, parse_size
-from .workload import JobSpec, run_job
+from .workload import JobSpec, run_job, set_pdeathsig
 
 STRATEGY_ORDER = ("hold", "release", "prepare")
 WAIT_COLS = ("con-bounces", "contentions", "waittime-min", "waittime-max", "waittime-total")
@@ -78,6 +78,11 @@ def resolve(base, over):
     cfg.update(over)
     if cfg["queues"] is None:
         cfg["queues"] = cfg["workers"]
+    # What the daemon would refuse, refused before anything starts.
+    from host_daemon.store import check_geometry   # the daemon package owns the store
+    check_config(queues=cfg["queues"], lock=cfg["lock"], exit=cfg["exit"],
+                 exit_cost_us=cfg["exit_cost_us"], mode=cfg["mode"])
+    check_geometry(cfg["stripes"], cfg["chunk"], cfg["size"])
     # Room for every request in flight (3 descriptors each, no indirect
     # descriptors), as blk-mq sizes its tag set to the virtqueue.
     per_q = -(-cfg["workers"] // cfg["queues"]) * cfg["iodepth"] * 3
@@ -98,13 +103,6 @@ def describe(cfg):
 
 
 # ------------------------------------------------------------------ daemon
-def _pdeathsig_term():
-    try:
-        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
 class DaemonProcess:
     """``python -m host_daemon start --foreground`` as our child, in its own
     session (a terminal's Ctrl-C reaches us, and we stop it in order)."""
@@ -127,7 +125,20 @@ class DaemonProcess:
             args += ["--io-threads", str(c["io_threads"])]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_pdeathsig_term)
+                                     preexec_fn=functools.partial(set_pdeathsig, signal.SIGTERM))
+        try:
+            out = self._wait_ready(timeout)
+        except BaseException:       # Ctrl-C too: it must not set up behind our back
+            self.stop()
+            raise
+        if out is None:
+            return self
+        self.stop()
+        msg = [line for line in out if "error" in line] or out or ["no output"]
+        raise VirtioError(f"host daemon for {self.name} did not start: {msg[-1]}")
+
+    def _wait_ready(self, timeout):
+        """None once the daemon says it is ready, else the lines it said."""
         deadline = time.monotonic() + timeout
         out = []
         buf = b""
@@ -144,12 +155,10 @@ class DaemonProcess:
                     text = line.decode(errors="replace")
                     out.append(text)
                     if "ready:" in text:
-                        return self
+                        return None
             elif self.proc.poll() is not None:
                 break
-        self.stop()
-        msg = [line for line in out if "error" in line] or out or ["no output"]
-        raise VirtioError(f"host daemon for {self.name} did not start: {msg[-1]}")
+        return out
 
     @property
     def pid(self):
@@ -343,7 +352,8 @@ def compare(rows=("",), runtime=3.0, strategies=STRATEGY_ORDER, base=None, name_
             "base": {k: v for k, v in base.items()}}
 
 
-MEDIAN_KEYS = ("iops", "mbps", "wall_s", "ios", "bytes", "kicks", "kicks_suppressed",
+MEDIAN_KEYS = ("iops", "mbps", "wall_s", "ios", "bytes", "requests_added",
+               "requests_completed", "kicks", "kicks_suppressed",
                "kicks_taken", "interrupts", "interrupts_suppressed", "kicks_per_request",
                "interrupts_per_request", "lock_acquisitions_per_request", "guest_cpu_s",
                "guest_cpu_pct", "guest_cpu_pct_of_machine", "guest_cpu_us_per_request",
@@ -359,7 +369,8 @@ def _median(vals):
 
 def combine(reps):
     """One run from repeats: every figure is the median over the repeats (so
-    one preempted lock holder does not make the row); the per-worker detail
+    one preempted lock holder does not make the row), but errors, duplicate
+    completions and full-queue retries are summed; the per-worker detail
     is the median-IOPS repeat's.  The repeats' own figures stay in "repeats"."""
     if len(reps) == 1:
         out = dict(reps[0])
@@ -375,10 +386,8 @@ def combine(reps):
     out["latency_us"] = {k: _median([r["latency_us"][k] for r in reps])
                          for k in mid["latency_us"]}
     out["time_ms"] = {k: _median([r["time_ms"][k] for r in reps]) for k in mid["time_ms"]}
-    for k in ("requests_added", "requests_completed", "errors", "dup_completions",
-              "queue_full"):
+    for k in ("errors", "dup_completions", "queue_full"):
         out[k] = sum(r[k] for r in reps)
-    out["ios"] = sum(r["ios"] for r in reps)
     out["repeat"] = len(reps)
     out["repeats"] = [{k: r[k] for k in ("ios", "iops", "mbps", "lockstat", "latency_us",
                                         "guest_cpu_pct", "host_cpu_pct", "kicks_per_request",

@@ -1,5 +1,4 @@
 """The exception hierarchy: everything the package raises derives from VirtioError."""
-import errno as _errno
 
 
 class VirtioError(Exception):
@@ -44,5 +43,5 @@ class ConfigError(VirtioError, ValueError):
 
 __all__ = [
     "VirtioError", "QueueFullError", "RingError", "QueueBrokenError",
-    "RegionError", "DeviceGoneError", "BlockIOError", "ConfigError", "_errno",
+    "RegionError", "DeviceGoneError", "BlockIOError", "ConfigError",
 ]

@@ -1,5 +1,6 @@
 """The guest's shared lock (vblk->lock) with lockstat counters."""
 from ._lowlevel import ffi, lib
+from .region import LOCK_KINDS, kind_name
 
 LOCKSTAT_COLUMNS = (
     "con-bounces", "contentions", "waittime-min", "waittime-max", "waittime-total",
@@ -24,8 +25,7 @@ class SharedLock:
 
     @property
     def kind(self):
-        return {lib.VP_LOCK_SPIN: "spin", lib.VP_LOCK_SPINYIELD: "spinyield",
-                lib.VP_LOCK_MUTEX: "mutex"}.get(self._l.kind, "unknown")
+        return kind_name(LOCK_KINDS, self._l.kind, "lock kind")
 
     def acquire(self):
         lib.vp_lock_acquire(self._l)

@@ -34,7 +34,7 @@ FEATURE_BITS = {
 }
 
 
-def _name_of(kinds, value, what):
+def kind_name(kinds, value, what):
     for k, v in kinds.items():
         if v == value:
             return k
@@ -86,6 +86,24 @@ def destroy(name):
     return removed
 
 
+def check_config(*, queues=1, queue_size=128, lock="spin", exit="async", exit_cost_us=0,
+                 mode="notify"):
+    """ConfigError unless Region.create takes these parameters."""
+    if lock not in LOCK_KINDS:
+        raise ConfigError(f"lock kind must be one of {', '.join(LOCK_KINDS)}, not {lock!r}")
+    if exit not in EXIT_MODES:
+        raise ConfigError(f"exit must be one of {', '.join(EXIT_MODES)}, not {exit!r}")
+    if mode not in SERVE_MODES:
+        raise ConfigError(f"mode must be one of {', '.join(SERVE_MODES)}, not {mode!r}")
+    if not (isinstance(queue_size, int) and 1 <= queue_size <= lib.VP_MAX_QUEUE_SIZE
+            and queue_size & (queue_size - 1) == 0):
+        raise ConfigError(f"queue size must be a power of two from 1 to 32768, not {queue_size!r}")
+    if not 1 <= queues <= lib.VP_MAX_QUEUES:
+        raise ConfigError(f"queues must be from 1 to {lib.VP_MAX_QUEUES}, not {queues!r}")
+    if not 0 <= exit_cost_us <= 1_000_000:     # also NaN
+        raise ConfigError(f"exit cost must be 0 to 1000000 us, not {exit_cost_us!r}")
+
+
 def exists(name):
     return os.path.exists("/dev/shm" + shm_name(name))
 
@@ -113,19 +131,8 @@ class Region(Closeable):
         Fails with RegionError if anything of that name exists already.
         """
         check_name(name)
-        if lock not in LOCK_KINDS:
-            raise ConfigError(f"lock kind must be one of {', '.join(LOCK_KINDS)}, not {lock!r}")
-        if exit not in EXIT_MODES:
-            raise ConfigError(f"exit must be one of {', '.join(EXIT_MODES)}, not {exit!r}")
-        if mode not in SERVE_MODES:
-            raise ConfigError(f"mode must be one of {', '.join(SERVE_MODES)}, not {mode!r}")
-        if not (isinstance(queue_size, int) and 1 <= queue_size <= lib.VP_MAX_QUEUE_SIZE
-                and queue_size & (queue_size - 1) == 0):
-            raise ConfigError(f"queue size must be a power of two from 1 to 32768, not {queue_size!r}")
-        if not 1 <= queues <= lib.VP_MAX_QUEUES:
-            raise ConfigError(f"queues must be from 1 to {lib.VP_MAX_QUEUES}, not {queues!r}")
-        if exit_cost_us < 0 or exit_cost_us > 1_000_000:
-            raise ConfigError(f"exit cost must be 0 to 1000000 us, not {exit_cost_us!r}")
+        check_config(queues=queues, queue_size=queue_size, lock=lock, exit=exit,
+                     exit_cost_us=exit_cost_us, mode=mode)
         if features is None:
             features = (1 << FEATURE_BITS["VERSION_1"]) | (1 << FEATURE_BITS["BLK_SIZE"]) \
                 | (1 << FEATURE_BITS["SEG_MAX"])
@@ -272,15 +279,15 @@ class Region(Closeable):
 
     @property
     def exit_mode(self):
-        return _name_of(EXIT_MODES, self.header.exit_mode, "exit mode")
+        return kind_name(EXIT_MODES, self.header.exit_mode, "exit mode")
 
     @property
     def serve_mode(self):
-        return _name_of(SERVE_MODES, self.header.serve_mode, "mode")
+        return kind_name(SERVE_MODES, self.header.serve_mode, "mode")
 
     @property
     def lock_kind(self):
-        return _name_of(LOCK_KINDS, self.header.lock_kind, "lock kind")
+        return kind_name(LOCK_KINDS, self.header.lock_kind, "lock kind")
 
     @property
     def daemon_pid(self):
@@ -291,10 +298,6 @@ class Region(Closeable):
 
     def sem_name(self, index, role):
         return sem_name(self.name, index, role)
-
-    def buffer(self):
-        """A cffi buffer over the whole region (for read-only inspection)."""
-        return ffi.buffer(self.base, self.size)
 
     def read(self, gpa, length):
         """Copy bytes out of the region, bounds-checked."""

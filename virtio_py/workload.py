@@ -20,6 +20,7 @@ into one dict (see ``run_job``).
 import ctypes
 import dataclasses
 import errno
+import math
 import multiprocessing
 import os
 import resource
@@ -91,8 +92,8 @@ class JobSpec:
             raise ConfigError(f"bs must be a positive multiple of {SECTOR}, not {self.bs}")
         if not 1 <= self.iodepth <= lib.VP_MAX_TAGS:
             raise ConfigError(f"iodepth must be 1 to {lib.VP_MAX_TAGS}, not {self.iodepth}")
-        if self.runtime is not None and not self.runtime > 0:
-            raise ConfigError(f"runtime must be positive, not {self.runtime}")
+        if self.runtime is not None and not (self.runtime > 0 and math.isfinite(self.runtime)):
+            raise ConfigError(f"runtime must be positive and finite, not {self.runtime}")
         if self.size is not None and (self.size < self.bs or self.size % SECTOR):
             raise ConfigError(f"size must be a multiple of {SECTOR} and at least bs, "
                               f"not {self.size}")
@@ -105,6 +106,8 @@ class JobSpec:
             raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if not 0 <= self.rwmix_read <= 100:
             raise ConfigError(f"rwmix_read must be 0 to 100, not {self.rwmix_read}")
+        if not 0 <= self.verify_seed < 1 << 64:
+            raise ConfigError(f"verify seed must be 0 to 2**64-1, not {self.verify_seed}")
         return self
 
 
@@ -140,8 +143,9 @@ def merge_lockstats(raws):
     return out
 
 
-def _set_pdeathsig(sig=signal.SIGKILL):
-    """Die with the parent (a worker left spinning on the lock helps nobody)."""
+def set_pdeathsig(sig=signal.SIGKILL):
+    """Get sig when the parent dies (a worker left spinning on the lock helps
+    nobody; a daemon is asked to clean up)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(sig), 0, 0, 0)   # PR_SET_PDEATHSIG
@@ -290,7 +294,7 @@ def _worker(idx, spec, queue, area_off, area_len, barrier, done_barrier, stop, c
     """Body of worker process idx: attach, get ready, run, report, leave."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent stops us via `stop`
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _set_pdeathsig()
+    set_pdeathsig()
     region = vq = slot = None
     out = {"worker": idx, "pid": os.getpid(), "queue": queue}
     try:
@@ -399,6 +403,8 @@ class JobError(VirtioError):
 
 def plan_areas(spec, capacity):
     """(offset, length) of each worker's area in bytes."""
+    if spec.offset >= capacity:
+        raise ConfigError(f"offset {spec.offset} is beyond the disk ({capacity} bytes)")
     size = spec.size
     if size is None:
         size = (capacity - spec.offset) // spec.workers
@@ -455,18 +461,17 @@ def _run(spec, region, progress, label):
             procs.append(p)
             conns.append(r)
         try:
-            barrier.wait(timeout=60)          # every worker attached and ready
+            _parent_wait(barrier)             # every worker attached and ready
         except Exception:
             _collect(conns, procs, results, 10)
-            errs = [r["error"] for r in results if r and "error" in r]
-            raise JobError(errs[0] if errs else "workers did not get ready") from None
+            raise JobError(_failure(results) or "workers did not get ready") from None
         locks = [SharedLock.of_queue(region, q) for q in used_q]
         for lk in locks:
             lk.reset()
         c0 = {q: _queue_counters(region, q) for q in used_q}
         d0 = proc_cpu_seconds(daemon_pid)
         t0 = time.monotonic()
-        barrier.wait(timeout=60)              # go
+        _parent_wait(barrier)                 # go
         _wait_for_workers(spec, region, used_q, c0, conns, procs, results, t0, stop,
                           progress, label)
         t1 = time.monotonic()
@@ -489,13 +494,30 @@ def _run(spec, region, progress, label):
                 p.join()
         for c in conns:
             c.close()
-    errs = [r["error"] for r in results if r is None or "error" in r]
-    if any(r is None for r in results):
-        raise JobError("a worker died without reporting")
-    if errs:
-        raise JobError(errs[0].splitlines()[0] if len(errs) == 1 else
-                       f"{len(errs)} workers failed; first: {errs[0].splitlines()[0]}")
+    failure = _failure(results)
+    if failure:
+        raise JobError(failure)
     return summarise(spec, region, results, raw, c0, c1, d1 - d0, t1 - t0, used_q)
+
+
+def _parent_wait(barrier, timeout=60):
+    """The parent's barrier.wait.  A Ctrl-C inside the multiprocessing
+    barrier's own locking can come out as an AssertionError ("lock is not
+    owned") whose context is the KeyboardInterrupt: it is still a Ctrl-C."""
+    try:
+        barrier.wait(timeout=timeout)
+    except AssertionError as e:
+        if isinstance(e.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+
+
+def _failure(results):
+    """One line for the workers that reported an error, or None."""
+    errs = [r["error"].splitlines()[0] for r in results if r and "error" in r]
+    if len(errs) > 1:
+        return f"{len(errs)} workers failed; first: {errs[0]}"
+    return errs[0] if errs else None
 
 
 def _collect(conns, procs, results, timeout):
