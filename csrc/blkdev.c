@@ -199,61 +199,161 @@ static uint64_t seg_total(const struct vp_seg *segs, unsigned from,
 	return t;
 }
 
+/* len bytes of a chain's readable or writable stream (segments [i0, i1)),
+ * starting skip bytes in.  VIRTIO_F_VERSION_1 lets a driver lay a request
+ * over descriptors any way it likes, so the header, the data and the status
+ * byte are found in the streams, not in particular descriptors. */
+struct span {
+	const struct vp_seg *segs;
+	unsigned i0, i1;
+	uint64_t skip, len;
+};
+
+/* Call fn on every piece of the span, with the piece's offset in it. */
+static int span_walk(struct vp_devq *q, const struct span *s,
+		     int (*fn)(struct vp_devq *q, uint8_t *p, uint32_t n,
+			       uint64_t pos, void *arg),
+		     void *arg)
+{
+	uint64_t skip = s->skip, left = s->len, pos = 0;
+	for (unsigned i = s->i0; i < s->i1 && left; i++) {
+		uint64_t l = s->segs[i].len;
+		if (skip >= l) {
+			skip -= l;
+			continue;
+		}
+		uint64_t n = l - skip < left ? l - skip : left;
+		int r = fn(q, vp_devq_gpa(q, s->segs[i].addr + skip),
+			   (uint32_t)n, pos, arg);
+		if (r)
+			return r;
+		pos += n;
+		left -= n;
+		skip = 0;
+	}
+	return 0;
+}
+
+static int piece_from_guest(struct vp_devq *q, uint8_t *p, uint32_t n,
+			    uint64_t pos, void *buf)
+{
+	(void)q;
+	memcpy((uint8_t *)buf + pos, p, n);
+	return 0;
+}
+
+static int piece_to_guest(struct vp_devq *q, uint8_t *p, uint32_t n,
+			  uint64_t pos, void *buf)
+{
+	(void)q;
+	memcpy(p, (const uint8_t *)buf + pos, n);
+	return 0;
+}
+
+struct store_io {
+	struct vp_store *st;
+	int write;
+	uint64_t off;
+};
+
+static int piece_store(struct vp_devq *q, uint8_t *p, uint32_t n,
+		       uint64_t pos, void *arg)
+{
+	(void)q;
+	struct store_io *io = arg;
+	return vp_store_rw(io->st, io->write, io->off + pos, p, n);
+}
+
+static int piece_unaligned(struct vp_devq *q, uint8_t *p, uint32_t n,
+			   uint64_t pos, void *arg)
+{
+	(void)q;
+	(void)pos;
+	(void)arg;
+	return ((uintptr_t)p | n) % 512 != 0;
+}
+
+#define BOUNCE_MAX (16U << 20)
+
+/* Move a request's data between the store and the guest.  Straight from
+ * and into the guest's buffers where O_DIRECT can take them; a layout that
+ * cuts sectors apart goes through one aligned bounce buffer instead. */
+static int data_io(struct vp_store *st, struct vp_devq *q,
+		   const struct span *data, int write, uint64_t off)
+{
+	struct store_io io = { st, write, off };
+	if (!st->direct || !span_walk(q, data, piece_unaligned, NULL))
+		return span_walk(q, data, piece_store, &io);
+	if (data->len > BOUNCE_MAX)
+		return -E2BIG;
+	uint8_t *b;
+	if (posix_memalign((void **)&b, 4096, data->len ? data->len : 1))
+		return -ENOMEM;
+	int r;
+	if (write) {
+		span_walk(q, data, piece_from_guest, b);
+		r = vp_store_rw(st, 1, off, b, data->len);
+	} else {
+		r = vp_store_rw(st, 0, off, b, data->len);
+		if (!r)
+			span_walk(q, data, piece_to_guest, b);
+	}
+	free(b);
+	return r;
+}
+
 /* Execute one request; returns the used length.  The chain was checked by
- * vp_devq_pop: every segment lies inside the data area. */
+ * vp_devq_pop: every segment lies inside the data area, and the readable
+ * segments [0, n_out) come before the writable ones. */
 static uint32_t execute(struct vp_server *srv, struct vp_devq *q,
 			const struct vp_chain *c, const struct vp_seg *segs,
 			struct vp_device_stats *ds)
 {
-	unsigned n = c->nseg;
-	/* Header first and readable, status last and writable. */
-	const struct vp_seg *hs = &segs[0], *ss = &segs[n - 1];
-	if (n < 2 || hs->write || hs->len < sizeof(struct virtio_blk_outhdr) ||
-	    !ss->write) {
+	struct virtio_blk_outhdr hdr;
+	unsigned n = c->nseg, nout = c->n_out;
+	uint64_t out_len = seg_total(segs, 0, nout);
+	uint64_t in_len = seg_total(segs, nout, n);
+	/* The header opens the readable stream, the status byte closes the
+	 * writable one; without room for both there is nothing to answer. */
+	if (out_len < sizeof(hdr) || in_len < 1) {
 		vp_devq_mark_broken(q, VP_EFRAME);
 		return 0;
 	}
-	struct virtio_blk_outhdr hdr;
-	memcpy(&hdr, vp_devq_gpa(q, hs->addr), sizeof(hdr));
-	uint8_t *status = vp_devq_gpa(q, ss->addr + ss->len - 1);
+	const struct span head = { segs, 0, nout, 0, sizeof(hdr) };
+	span_walk(q, &head, piece_from_guest, &hdr);   /* read once */
+	const struct vp_seg *last = &segs[n - 1];
+	uint8_t *status = vp_devq_gpa(q, last->addr + last->len - 1);
+	const struct span out = { segs, 0, nout, sizeof(hdr), out_len - sizeof(hdr) };
+	const struct span in = { segs, nout, n, 0, in_len - 1 };
 	uint8_t st = VIRTIO_BLK_S_OK;
 	uint32_t used = 1;
-	unsigned d0 = 1, d1 = n - 1;       /* data segments [d0, d1) */
-	uint64_t total = seg_total(segs, d0, d1);
 	uint64_t cap = srv->st->capacity;
 	int cls;
 
 	switch (hdr.type) {
 	case VIRTIO_BLK_T_IN:
 	case VIRTIO_BLK_T_OUT: {
-		int in = hdr.type == VIRTIO_BLK_T_IN;
-		cls = in ? VP_REQ_IN : VP_REQ_OUT;
-		if (total % 512 || hdr.sector > cap / 512 ||
-		    total > cap - hdr.sector * 512) {
+		int rd = hdr.type == VIRTIO_BLK_T_IN;
+		const struct span *data = rd ? &in : &out;
+		uint64_t total = data->len;
+		cls = rd ? VP_REQ_IN : VP_REQ_OUT;
+		/* Data flowing the wrong way for the request is an error. */
+		if ((rd ? out.len : in.len) || total % 512 ||
+		    hdr.sector > cap / 512 || total > cap - hdr.sector * 512) {
 			st = VIRTIO_BLK_S_IOERR;
 			break;
 		}
-		uint64_t off = hdr.sector * 512;
-		for (unsigned i = d0; i < d1 && st == VIRTIO_BLK_S_OK; i++) {
-			if ((int)segs[i].write != in) {
-				st = VIRTIO_BLK_S_IOERR;
-				break;
-			}
-			if (vp_store_rw(srv->st, !in, off,
-					vp_devq_gpa(q, segs[i].addr), segs[i].len))
-				st = VIRTIO_BLK_S_IOERR;
-			off += segs[i].len;
+		if (data_io(srv->st, q, data, !rd, hdr.sector * 512)) {
+			st = VIRTIO_BLK_S_IOERR;
+			break;
 		}
-		if (st == VIRTIO_BLK_S_OK) {
-			if (in) {
-				/* used.len is 32 bits: segments may overlap, so a
-				 * read can pass 4 GiB; say as much as fits. */
-				used = total < UINT32_MAX ? (uint32_t)total + 1
-							  : UINT32_MAX;
-				__atomic_fetch_add(&ds->bytes_read, total, __ATOMIC_RELAXED);
-			} else {
-				__atomic_fetch_add(&ds->bytes_written, total, __ATOMIC_RELAXED);
-			}
+		if (rd) {
+			/* used.len is 32 bits: segments may overlap, so a
+			 * read can pass 4 GiB; say as much as fits. */
+			used = total < UINT32_MAX ? (uint32_t)total + 1 : UINT32_MAX;
+			__atomic_fetch_add(&ds->bytes_read, total, __ATOMIC_RELAXED);
+		} else {
+			__atomic_fetch_add(&ds->bytes_written, total, __ATOMIC_RELAXED);
 		}
 		break;
 	}
@@ -264,14 +364,15 @@ static uint32_t execute(struct vp_server *srv, struct vp_devq *q,
 		break;
 	case VIRTIO_BLK_T_GET_ID: {
 		cls = VP_REQ_GET_ID;
-		if (d1 - d0 != 1 || !segs[d0].write) {
+		if (in.len == 0) {
 			st = VIRTIO_BLK_S_IOERR;
 			break;
 		}
-		uint32_t l = segs[d0].len < VIRTIO_BLK_ID_BYTES ? segs[d0].len
-							       : VIRTIO_BLK_ID_BYTES;
-		memcpy(vp_devq_gpa(q, segs[d0].addr), srv->serial, l);
-		used += l;
+		struct span id = in;
+		if (id.len > VIRTIO_BLK_ID_BYTES)
+			id.len = VIRTIO_BLK_ID_BYTES;
+		span_walk(q, &id, piece_to_guest, srv->serial);
+		used += (uint32_t)id.len;
 		break;
 	}
 	case VIRTIO_BLK_T_DISCARD:
@@ -280,11 +381,11 @@ static uint32_t execute(struct vp_server *srv, struct vp_devq *q,
 		cls = discard ? VP_REQ_DISCARD : VP_REQ_WZEROES;
 		/* One range per request (max_*_seg = 1 in config space). */
 		struct virtio_blk_discard_write_zeroes r;
-		if (d1 - d0 != 1 || segs[d0].write || segs[d0].len != sizeof(r)) {
+		if (out.len != sizeof(r)) {
 			st = VIRTIO_BLK_S_IOERR;
 			break;
 		}
-		memcpy(&r, vp_devq_gpa(q, segs[d0].addr), sizeof(r));
+		span_walk(q, &out, piece_from_guest, &r);
 		if ((r.flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) ||
 		    (discard && r.flags) || r.sector > cap / 512 ||
 		    (uint64_t)r.num_sectors * 512 > cap - r.sector * 512) {
