@@ -7,10 +7,9 @@ import time
 
 from virtio_py._lowlevel import lib
 from virtio_py.cliutil import (CliError, OneLineParser, error_text, int_range, name_arg,
-                               positive_float, run_main)
+                               positive_float, run_main, size_arg)
 from virtio_py.errors import VirtioError
 from virtio_py.region import EXIT_MODES, LOCK_KINDS, SERVE_MODES, destroy, exists
-from virtio_py.units import size_arg
 
 from .daemon import HostDaemon, pid_alive, stale_or_live
 from .status import device_status, format_status
@@ -78,8 +77,10 @@ def build_parser():
     a = sub.add_parser("assemble", help="write the striped store as one raw image",
                        description="Write the logical disk of a store as one raw image "
                                    "(compare it with cmp or qemu-img compare).")
-    a.add_argument("--store", required=True, metavar="DIR")
-    a.add_argument("--out", required=True, metavar="FILE")
+    a.add_argument("--store", required=True, metavar="DIR",
+                   help="directory of the stripe files (and store.json)")
+    a.add_argument("--out", required=True, metavar="FILE",
+                   help="raw image to write, sparse where the disk reads as zeros")
     a.add_argument("--stripes", type=int_range(1, lib.VP_STORE_MAX_STRIPES), default=None,
                    help="default: from DIR/store.json")
     a.add_argument("--chunk", type=size_arg, default=None, help="default: from DIR/store.json")

@@ -8,6 +8,7 @@ import os
 import struct
 import threading
 import time
+import types
 
 import pytest
 
@@ -16,6 +17,7 @@ from virtio_py._lowlevel import ffi, lib
 from virtio_py.blk import T_IN, BlockDevice, GuestSlot
 from virtio_py.errors import VirtioError
 from virtio_py.notifier import Notifier
+from virtio_py.workload import _python_loop
 
 F_NEXT, F_WRITE = 1, 2
 OK = lib.VIRTIO_BLK_S_OK
@@ -202,7 +204,7 @@ def test_server_serves_again_after_stop_and_start(name, tmp_path, mode, io_threa
 
 # ---- workload.c --------------------------------------------------------------
 
-def _one_read_job(slot, timeout_s):
+def _one_read_job(slot, timeout_s, engine="c"):
     p = ffi.new("struct vp_run_params *")
     p.rw, p.bs, p.iodepth = lib.VP_RW_READ, 512, 1
     p.area_off, p.area_len, p.max_ios = 0, 512, 1
@@ -211,7 +213,10 @@ def _one_read_job(slot, timeout_s):
     out = {}
 
     def run():
-        out["rc"] = lib.vp_guest_run(slot._g, slot.strategy, p, res, ffi.NULL, 0)
+        if engine == "c":
+            out["rc"] = lib.vp_guest_run(slot._g, slot.strategy, p, res, ffi.NULL, 0)
+        else:
+            out["rc"] = _python_loop(slot, p, res, [], 0, types.SimpleNamespace(value=0))
     t = threading.Thread(target=run)
     t.start()
     return t, res, out
@@ -240,11 +245,12 @@ def full_ring(name):
         region.close()
 
 
-def test_job_waits_for_room_when_the_ring_is_full_of_others_requests(full_ring):
+@pytest.mark.parametrize("engine", ["c", "python"])
+def test_job_waits_for_room_when_the_ring_is_full_of_others_requests(full_ring, engine):
     """ENOSPC with none of its own requests in flight ended the job at once,
     with nothing done and rc 0."""
     region, dq, a, b = full_ring
-    t, res, out = _one_read_job(b, timeout_s=10)
+    t, res, out = _one_read_job(b, timeout_s=10, engine=engine)
     try:
         time.sleep(0.3)
         assert serve_by_hand(region, dq, 2) == 2    # a's request, then b's
@@ -256,10 +262,11 @@ def test_job_waits_for_room_when_the_ring_is_full_of_others_requests(full_ring):
     assert a.wait(0, timeout=5)[0] == OK
 
 
-def test_job_gives_up_on_a_ring_that_stays_full_after_its_timeout(full_ring):
+@pytest.mark.parametrize("engine", ["c", "python"])
+def test_job_gives_up_on_a_ring_that_stays_full_after_its_timeout(full_ring, engine):
     region, dq, a, b = full_ring
     t0 = time.monotonic()
-    t, res, out = _one_read_job(b, timeout_s=0.3)
+    t, res, out = _one_read_job(b, timeout_s=0.3, engine=engine)
     t.join(20)
     assert not t.is_alive()
     assert out["rc"] == -errno.ETIMEDOUT and res.issued == 0

@@ -8,8 +8,7 @@ import os
 import sys
 
 from .cliutil import (CliError, OneLineParser, check_output, int_range, name_arg,
-                      positive_float, run_main)
-from .units import size_arg
+                      positive_float, run_main, size_arg)
 
 PROG = "virtio-emu"
 

@@ -7,6 +7,7 @@ import sys
 
 from .errors import VirtioError
 from .region import check_name
+from .units import parse_size
 
 
 class CliError(Exception):
@@ -20,11 +21,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (try --help)\n")
 
 
-def name_arg(text):
-    try:
-        return check_name(text)
-    except VirtioError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def _arg_type(parse, errors):
+    """An argparse type from a parser that raises one of errors on bad text."""
+    def arg(text):
+        try:
+            return parse(text)
+        except errors as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return arg
+
+
+name_arg = _arg_type(check_name, VirtioError)
+size_arg = _arg_type(parse_size, ValueError)       # bytes: 4096, 4k, 64K, 1G
 
 
 def positive_float(text):

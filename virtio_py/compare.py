@@ -364,7 +364,8 @@ def _median(vals):
     v = sorted(vals)
     n = len(v)
     m = v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
-    return round(m, 2) if isinstance(m, float) else m
+    # A run has figures to 4 places (kicks per request): keep them.
+    return round(m, 4) if isinstance(m, float) else m
 
 
 def combine(reps):
@@ -519,7 +520,12 @@ def write_json(result, path):
             return o.item()
         raise TypeError(f"not JSON serialisable: {type(o).__name__}")
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, default=default, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1, default=default, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -12,15 +12,6 @@ def parse_size(text):
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
-def size_arg(text):
-    """argparse type: a size in bytes."""
-    import argparse
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def format_size(n):
     for unit, mult in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if n >= mult and n % mult == 0:
