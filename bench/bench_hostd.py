@@ -31,7 +31,7 @@ import tempfile
 
 import pytest
 
-from benchutil import unique_name
+from benchutil import print_report, unique_name
 from host_daemon.store import stripe_path
 from virtio_py.compare import DaemonProcess, prewrite, write_json
 from virtio_py.workload import JobSpec, run_job
@@ -114,11 +114,7 @@ def bed(request):
                 daemons[(kind, mode)] = dp
             return daemons[(kind, mode)], stores[kind], fio
         yield get
-    text = _report()
-    if text:
-        cap = request.config.pluginmanager.getplugin("capturemanager")
-        with cap.global_and_fixture_disabled() if cap else contextlib.nullcontext():
-            print(text, flush=True)
+    print_report(request, _report())
 
 
 def _bench(benchmark, bed, kind, mode):

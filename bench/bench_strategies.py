@@ -25,7 +25,7 @@ import statistics
 
 import pytest
 
-from benchutil import unique_name
+from benchutil import print_report, unique_name
 from virtio_py.compare import BASE, DaemonProcess, Stores, annotate, write_json
 from virtio_py.workload import JobSpec, run_job
 
@@ -56,11 +56,7 @@ def testbed(request):
                 daemons[key] = d
             return daemons[key]
         yield get
-    text = _report()
-    if text:
-        cap = request.config.pluginmanager.getplugin("capturemanager")
-        with cap.global_and_fixture_disabled() if cap else contextlib.nullcontext():
-            print(text, flush=True)
+    print_report(request, _report())
 
 
 def _bench(benchmark, testbed, group, label, cfg, strategy, per_worker):

@@ -5,6 +5,7 @@ Every benchmark runs a fixed number of rounds (benchmark.pedantic) so the
 whole suite stays within a few minutes, and reports its rate in
 benchmark.extra_info (see ``report_rate``).
 """
+import contextlib
 import os
 
 # numpy (imported by virtio_py.views) starts OpenBLAS worker threads in this
@@ -276,3 +277,12 @@ class LockCrowd:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def print_report(request, text):
+    """Print a session's summary past pytest's output capture."""
+    if not text:
+        return
+    cap = request.config.pluginmanager.getplugin("capturemanager")
+    with cap.global_and_fixture_disabled() if cap else contextlib.nullcontext():
+        print(text, flush=True)

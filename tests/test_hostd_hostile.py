@@ -13,6 +13,7 @@ from virtio_py._lowlevel import lib
 from virtio_py.blk import T_DISCARD, T_GET_ID, T_IN, T_OUT, BlockDevice
 from virtio_py.notifier import Notifier
 from virtio_py.views import used_ring
+from ringpoke import poke_desc
 
 NUM = 16
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
@@ -34,11 +35,7 @@ class RawDriver:
         self.kick.close()
 
     def desc(self, i, addr, length, flags=0, next=0):
-        d = self.qi["desc"] + 16 * i
-        self.r.poke(d, addr, 8)
-        self.r.poke(d + 8, length, 4)
-        self.r.poke(d + 12, flags, 2)
-        self.r.poke(d + 14, next, 2)
+        poke_desc(self.r, self.qi["desc"], i, addr, length, flags, next)
 
     def publish(self, head, idx=None):
         self.r.poke(self.qi["avail"] + 4 + 2 * (self.avail_idx % self.qi["num"]), head, 2)

@@ -15,6 +15,7 @@ import procs
 from virtio_py import (ConfigError, DeviceQueue, Region, RingError, Virtqueue,
                        used_ring)
 from virtio_py._lowlevel import ffi, lib
+from ringpoke import poke_desc
 
 NUM = 8
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
@@ -32,11 +33,7 @@ class HostileGuest:
         self.published = False
 
     def desc(self, i, addr, length, flags=0, next=0):
-        d = self.qi["desc"] + 16 * i
-        self.r.poke(d, addr, 8)
-        self.r.poke(d + 8, length, 4)
-        self.r.poke(d + 12, flags, 2)
-        self.r.poke(d + 14, next, 2)
+        poke_desc(self.r, self.qi["desc"], i, addr, length, flags, next)
 
     def make_available(self, *heads, idx=None):
         for slot, head in enumerate(heads):
