@@ -6,7 +6,7 @@ import threading
 
 from virtio_py._lowlevel import check, lib, opened
 from virtio_py.errors import RegionError
-from virtio_py.region import FEATURE_BITS, Region, destroy, exists
+from virtio_py.region import Region, destroy, exists, feature_bits
 from virtio_py.virtqueue import DeviceQueue
 
 from .store import StripedStore
@@ -122,11 +122,7 @@ class HostDaemon:
             self.store = StripedStore(c["store"], c["size"], c["stripes"], c["chunk"], c["direct"])
             if self.store.notice:
                 self.notices.append(self.store.notice)
-            features = 0
-            for f in DEFAULT_FEATURES:
-                features |= 1 << FEATURE_BITS[f]
-            if c["queues"] > 1:
-                features |= 1 << FEATURE_BITS["MQ"]
+            features = feature_bits(DEFAULT_FEATURES, c["queues"])
             self.region = Region.create(
                 self.name, queues=c["queues"], queue_size=c["queue_size"],
                 data_size=c["buffers"] * c["queues"], capacity=c["size"] // 512,

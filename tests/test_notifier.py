@@ -101,29 +101,25 @@ def _efd_poster(fd, count):
     return count
 
 
+def _take_all_posts(n, kid, count):
+    """Take count posts from another process: nothing is lost or doubled."""
+    taken = 0
+    while taken < count:
+        assert n.wait(30) is True      # blocks until the other process posts
+        taken += 1 + n.drain()
+    assert kid.join(timeout=60) == count
+    assert taken == count
+    assert n.wait(0) is False
+
+
 def test_semaphore_across_processes(sem_notifier):
     n, r = sem_notifier
-    kid = procs.Child(_poster, r.sem_name(0, "kick"), 1000)
-    taken = 0
-    while taken < 1000:
-        # Blocks until the other process posts; nothing is lost or doubled.
-        assert n.wait(30) is True
-        taken += 1 + n.drain()
-    assert kid.join(timeout=60) == 1000
-    assert taken == 1000
-    assert n.wait(0) is False
+    _take_all_posts(n, procs.Child(_poster, r.sem_name(0, "kick"), 1000), 1000)
 
 
 def test_eventfd_across_processes(efd):
     with Notifier.open_eventfd(efd) as n:
-        kid = procs.Child(_efd_poster, efd, 1000)
-        taken = 0
-        while taken < 1000:
-            assert n.wait(30) is True
-            taken += 1 + n.drain()
-        assert kid.join(timeout=60) == 1000
-        assert taken == 1000
-        assert n.wait(0) is False
+        _take_all_posts(n, procs.Child(_efd_poster, efd, 1000), 1000)
 
 
 def test_open_errors(name):

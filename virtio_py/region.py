@@ -34,6 +34,17 @@ FEATURE_BITS = {
 }
 
 
+def feature_bits(names, queues=1):
+    """The device feature word of the named features; MQ joins them when there
+    is more than one queue."""
+    bits = 0
+    for f in names:
+        bits |= 1 << FEATURE_BITS[f]
+    if queues > 1:
+        bits |= 1 << FEATURE_BITS["MQ"]
+    return bits
+
+
 def kind_name(kinds, value, what):
     for k, v in kinds.items():
         if v == value:
@@ -134,10 +145,7 @@ class Region(Closeable):
         check_config(queues=queues, queue_size=queue_size, lock=lock, exit=exit,
                      exit_cost_us=exit_cost_us, mode=mode)
         if features is None:
-            features = (1 << FEATURE_BITS["VERSION_1"]) | (1 << FEATURE_BITS["BLK_SIZE"]) \
-                | (1 << FEATURE_BITS["SEG_MAX"])
-            if queues > 1:
-                features |= 1 << FEATURE_BITS["MQ"]
+            features = feature_bits(("VERSION_1", "BLK_SIZE", "SEG_MAX"), queues)
         if event_idx:
             features |= 1 << FEATURE_BITS["EVENT_IDX"]
         else:
