@@ -4,7 +4,7 @@ PIP     := $(PY) -m pip install -q --disable-pip-version-check --root-user-actio
 STAMP   := .stamp-install
 SOURCES := $(wildcard csrc/*.c csrc/*.h csrc/*.py) setup.py pyproject.toml
 
-.PHONY: all install run test bench clean
+.PHONY: all install run test bench lint clean
 
 all: install
 
@@ -23,6 +23,14 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# ruff (lint and format check) and mypy, configured in pyproject.toml; installed if missing.
+lint: $(STAMP)
+	@$(PY) -m ruff --version >/dev/null 2>&1 || $(PIP) 'ruff>=0.5'
+	@$(PY) -m mypy --version >/dev/null 2>&1 || $(PIP) 'mypy>=1.10'
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
 # bench/bench_hostd.py compares the host daemon with fio (Debian's package).
 bench: $(STAMP)
 	@command -v fio >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq fio; }
@@ -30,6 +38,6 @@ bench: $(STAMP)
 		--benchmark-columns=min,median,mean,ops,rounds
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .benchmarks $(STAMP)
+	rm -rf build dist *.egg-info .pytest_cache .benchmarks .mypy_cache .ruff_cache $(STAMP)
 	find . -name __pycache__ -prune -exec rm -rf {} +
 	rm -f virtio_py/_core*.so virtio_py/_core.c

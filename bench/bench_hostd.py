@@ -21,6 +21,7 @@ both sides' IOPS per round and their ratio.  Nothing is asserted: a loaded
 machine must not fail the suite.  A table is printed at the end and kept
 in .benchmarks/hostd.json.
 """
+
 import contextlib
 import json
 import os
@@ -32,21 +33,31 @@ import tempfile
 import pytest
 
 from benchutil import print_report, unique_name
-from host_daemon.store import stripe_path
-from virtio_py.compare import DaemonProcess, prewrite, write_json
+from virtio_py.compare import DaemonProcess, write_json
+from virtio_py.store import prewrite, stripe_path
 from virtio_py.workload import JobSpec, run_job
 
 ROUNDS = 5
 WORKERS = 4
 BS = 4096
-AREA = 48 << 20              # each worker's (and fio job's) share: 192 MiB in all
-IOS = AREA // BS             # per worker and round: one pass over its area
-CFG = {"size": 1 << 30, "stripes": 12, "chunk": 64 << 10, "queues": 1, "queue_size": 128,
-       "exit": "async", "exit_cost_us": 0.0, "lock": "mutex", "event_idx": True,
-       "io_threads": None}
+AREA = 48 << 20  # each worker's (and fio job's) share: 192 MiB in all
+IOS = AREA // BS  # per worker and round: one pass over its area
+CFG = {
+    "size": 1 << 30,
+    "stripes": 12,
+    "chunk": 64 << 10,
+    "queues": 1,
+    "queue_size": 128,
+    "exit": "async",
+    "exit_cost_us": 0.0,
+    "lock": "mutex",
+    "event_idx": True,
+    "io_threads": None,
+}
 RESULTS = {}
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, ".benchmarks",
-                   "hostd.json")
+OUT = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), os.pardir, ".benchmarks", "hostd.json"
+)
 
 
 def ensure_fio():
@@ -78,18 +89,33 @@ def fio_randread(fio, store, ios_per_job, direct=True):
     """fio on the stripe files: 4 jobs, psync, one I/O outstanding each, over
     the same bytes the workers read (the first AREA*4/12 of every stripe)."""
     per_file = WORKERS * AREA // CFG["stripes"]
-    args = [fio, "--name=hostd-ref", "--filename=" + ":".join(stripe_files(store)),
-            f"--filesize={per_file}", "--rw=randread", f"--bs={BS}",
-            f"--direct={int(direct)}", "--ioengine=psync", "--iodepth=1",
-            f"--numjobs={WORKERS}", f"--number_ios={ios_per_job}",
-            "--file_service_type=random", "--norandommap", "--randrepeat=0",
-            "--group_reporting", "--output-format=json"]
+    args = [
+        fio,
+        "--name=hostd-ref",
+        "--filename=" + ":".join(stripe_files(store)),
+        f"--filesize={per_file}",
+        "--rw=randread",
+        f"--bs={BS}",
+        f"--direct={int(direct)}",
+        "--ioengine=psync",
+        "--iodepth=1",
+        f"--numjobs={WORKERS}",
+        f"--number_ios={ios_per_job}",
+        "--file_service_type=random",
+        "--norandommap",
+        "--randrepeat=0",
+        "--group_reporting",
+        "--output-format=json",
+    ]
     p = subprocess.run(args, capture_output=True, text=True, timeout=300)
     if p.returncode != 0:
         pytest.fail(f"fio failed: {p.stderr.strip() or p.stdout[-500:]}")
-    job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
-    return {"iops": job["read"]["iops"], "usr_cpu_pct": job["usr_cpu"],
-            "sys_cpu_pct": job["sys_cpu"]}
+    job = json.loads(p.stdout[p.stdout.index("{") :])["jobs"][0]
+    return {
+        "iops": job["read"]["iops"],
+        "usr_cpu_pct": job["usr_cpu"],
+        "sys_cpu_pct": job["sys_cpu"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -103,16 +129,21 @@ def bed(request):
         def get(kind, mode):
             if kind not in stores:
                 parent = "/dev/shm" if kind == "shm" else None
-                d = stack.enter_context(tempfile.TemporaryDirectory(
-                    prefix=f"vpb{os.getpid()}-hostd-{kind}-", dir=parent))
-                prewrite(d, CFG["stripes"], CFG["chunk"], WORKERS * AREA, stripe_path)
+                d = stack.enter_context(
+                    tempfile.TemporaryDirectory(
+                        prefix=f"vpb{os.getpid()}-hostd-{kind}-", dir=parent
+                    )
+                )
+                prewrite(d, CFG["stripes"], CFG["chunk"], WORKERS * AREA)
                 stores[kind] = d
             if (kind, mode) not in daemons:
-                dp = DaemonProcess(unique_name(f"hostd-{kind}-{mode}"), stores[kind],
-                                   dict(CFG, mode=mode))
+                dp = DaemonProcess(
+                    unique_name(f"hostd-{kind}-{mode}"), stores[kind], dict(CFG, mode=mode)
+                )
                 stack.enter_context(dp)
                 daemons[(kind, mode)] = dp
             return daemons[(kind, mode)], stores[kind], fio
+
         yield get
     print_report(request, _report())
 
@@ -126,34 +157,54 @@ def _bench(benchmark, bed, kind, mode):
         refs.append(fio_randread(fio, store, IOS, direct))
 
     def daemon_round():
-        res = run_job(JobSpec(daemon.name, workers=WORKERS, rw="randread", bs=BS, iodepth=1,
-                              size=AREA, strategy="prepare"))
+        res = run_job(
+            JobSpec(
+                daemon.name,
+                workers=WORKERS,
+                rw="randread",
+                bs=BS,
+                iodepth=1,
+                size=AREA,
+                strategy="prepare",
+            )
+        )
         if res["errors"]:
             pytest.fail(f"{res['errors']} requests failed")
         runs.append(res)
 
     benchmark.group = f"hostd-{kind}"
-    benchmark.pedantic(daemon_round, setup=fio_round, rounds=ROUNDS, iterations=1,
-                       warmup_rounds=0)
+    benchmark.pedantic(daemon_round, setup=fio_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     iops = [r["iops"] for r in runs]
     fio_iops = [round(f["iops"], 1) for f in refs]
     cpu = [r["host_cpu_us_per_request"] for r in runs]
     med = {
-        "kind": kind, "mode": mode,
-        "iops": statistics.median(iops), "fio_iops": statistics.median(fio_iops),
+        "kind": kind,
+        "mode": mode,
+        "iops": statistics.median(iops),
+        "fio_iops": statistics.median(fio_iops),
         "ratio": round(statistics.median(iops) / statistics.median(fio_iops), 3),
         "ratio_rounds": [round(a / b, 3) for a, b in zip(iops, fio_iops)],
         "host_cpu_us_per_request": statistics.median(cpu),
-        "guest_cpu_us_per_request": statistics.median(r["guest_cpu_us_per_request"]
-                                                      for r in runs),
+        "guest_cpu_us_per_request": statistics.median(r["guest_cpu_us_per_request"] for r in runs),
         "latency_us": sorted(runs, key=lambda r: r["iops"])[len(runs) // 2]["latency_us"],
         "kicks_per_request": statistics.median(r["kicks_per_request"] for r in runs),
         "interrupts_per_request": statistics.median(r["interrupts_per_request"] for r in runs),
-        "iops_rounds": iops, "fio_iops_rounds": fio_iops, "host_cpu_us_rounds": cpu,
+        "iops_rounds": iops,
+        "fio_iops_rounds": fio_iops,
+        "host_cpu_us_rounds": cpu,
         "fio_cpu_pct": refs[-1]["usr_cpu_pct"] + refs[-1]["sys_cpu_pct"],
         "fio_direct": direct,
-        "config": dict(CFG, mode=mode, store=kind, workers=WORKERS, bs=BS, iodepth=1,
-                       area=AREA, strategy="prepare", rw="randread"),
+        "config": dict(
+            CFG,
+            mode=mode,
+            store=kind,
+            workers=WORKERS,
+            bs=BS,
+            iodepth=1,
+            area=AREA,
+            strategy="prepare",
+            rw="randread",
+        ),
     }
     benchmark.extra_info.update({k: v for k, v in med.items() if k != "config"})
     RESULTS[(kind, mode)] = med
@@ -173,16 +224,21 @@ def test_shm_randread_4k(benchmark, bed, mode):
 def _report():
     if not RESULTS:
         return None
-    lines = ["", "host daemon vs fio: 4 KiB random reads, 4 workers x iodepth 1, "
-                 "12 stripes x 64 KiB (median of rounds)",
-             f"  {'store':<5} {'mode':<7} {'daemon IOPS':>11} {'fio IOPS':>9} {'ratio':>6} "
-             f"{'host us/req':>11} {'guest us/req':>12} {'p50 us':>7} {'p99 us':>7}"]
+    lines = [
+        "",
+        "host daemon vs fio: 4 KiB random reads, 4 workers x iodepth 1, "
+        "12 stripes x 64 KiB (median of rounds)",
+        f"  {'store':<5} {'mode':<7} {'daemon IOPS':>11} {'fio IOPS':>9} {'ratio':>6} "
+        f"{'host us/req':>11} {'guest us/req':>12} {'p50 us':>7} {'p99 us':>7}",
+    ]
     for (kind, mode), r in RESULTS.items():
         lat = r["latency_us"]
-        lines.append(f"  {kind:<5} {mode:<7} {r['iops']:>11.0f} {r['fio_iops']:>9.0f} "
-                     f"{r['ratio']:>6.2f} {r['host_cpu_us_per_request']:>11.1f} "
-                     f"{r['guest_cpu_us_per_request']:>12.1f} {lat['p50']:>7.1f} "
-                     f"{lat['p99']:>7.1f}")
+        lines.append(
+            f"  {kind:<5} {mode:<7} {r['iops']:>11.0f} {r['fio_iops']:>9.0f} "
+            f"{r['ratio']:>6.2f} {r['host_cpu_us_per_request']:>11.1f} "
+            f"{r['guest_cpu_us_per_request']:>12.1f} {lat['p50']:>7.1f} "
+            f"{lat['p99']:>7.1f}"
+        )
     text = "\n".join(lines)
     try:
         os.makedirs(os.path.dirname(OUT), exist_ok=True)

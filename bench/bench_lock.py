@@ -11,11 +11,11 @@ that only spins can burn the core its holder needs.  The lockstat counters are
 written by the holder only, so after the run they must count every
 acquisition exactly: a lost update would mean two holders at once.
 """
+
 import pytest
 
 from benchutil import LockCrowd, report_rate
 from virtio_py import SharedLock
-from virtio_py._lowlevel import lib
 
 KINDS = ["spin", "spinyield", "mutex"]
 UNCONTENDED = 200_000
@@ -37,8 +37,11 @@ def _stats_extra(lock, expected):
     acq = raw["acquisitions"]
     if acq != expected:
         raise AssertionError(f"lockstat counted {acq} acquisitions, expected {expected}")
-    extra = {"acquisitions": acq, "contentions": raw["contentions"],
-             "acq_bounces": raw["acq_bounces"]}
+    extra = {
+        "acquisitions": acq,
+        "contentions": raw["contentions"],
+        "acq_bounces": raw["acq_bounces"],
+    }
     if raw["contentions"]:
         extra["wait_avg_us"] = round(raw["wait_total"] / raw["contentions"] / 1000, 2)
         extra["wait_max_us"] = round(raw["wait_max"] / 1000, 2)
@@ -55,12 +58,13 @@ def test_lock_uncontended(benchmark, lock_region, kind):
     calls = []
 
     def hammer():
-        calls.append(lib.vp_lock_hammer(lock._l, UNCONTENDED))
+        calls.append(lock.hammer(UNCONTENDED))
 
     benchmark.pedantic(hammer, rounds=10, iterations=1, warmup_rounds=1)
     extra = _stats_extra(lock, sum(calls))
-    rate = report_rate(benchmark, "acquisitions_per_s", UNCONTENDED, kind=kind,
-                       processes=1, **extra)
+    rate = report_rate(
+        benchmark, "acquisitions_per_s", UNCONTENDED, kind=kind, processes=1, **extra
+    )
     if rate is not None:
         benchmark.extra_info["ns_per_lock_unlock"] = round(1e9 / rate, 1)
 
@@ -79,10 +83,16 @@ def test_lock_contended(benchmark, lock_region, kind):
 
     with LockCrowd(region, CONTENDERS) as crowd:
         lock.reset()
-        benchmark.pedantic(contend, setup=lambda: crowd.arm(n), rounds=5,
-                           warmup_rounds=1)
+        benchmark.pedantic(contend, setup=lambda: crowd.arm(n), rounds=5, warmup_rounds=1)
     extra = _stats_extra(lock, sum(calls))
-    rate = report_rate(benchmark, "acquisitions_per_s", total, kind=kind,
-                       processes=CONTENDERS, per_process=n, **extra)
+    rate = report_rate(
+        benchmark,
+        "acquisitions_per_s",
+        total,
+        kind=kind,
+        processes=CONTENDERS,
+        per_process=n,
+        **extra,
+    )
     if rate is not None:
         benchmark.extra_info["us_per_acquisition"] = round(1e6 / rate, 3)

@@ -11,17 +11,18 @@ a loaded machine must not fail the suite; see extra_info["meets_target"]):
 >= 250,000 requests/s one at a time from Python with a polling device,
 >= 5,000,000 descriptors/s batched in C.
 """
+
 import pytest
 
 from benchutil import report_rate
 
-PY_TARGET = 250_000          # requests/s, Python, polling device
-C_TARGET = 5_000_000         # descriptors/s, batched in C
+PY_TARGET = 250_000  # requests/s, Python, polling device
+C_TARGET = 5_000_000  # descriptors/s, batched in C
 
 # Requests per round: about 0.1-0.3 s each at the rates seen on 2 cores.
 PY_REQUESTS = {"poll": 50_000, "notify": 5_000}
 C_REQUESTS = {"poll": 500_000, "notify": 300_000}
-BUF = 64                     # bytes of each of the two buffers of a request
+BUF = 64  # bytes of each of the two buffers of a request
 
 
 def _counters(dev):
@@ -55,9 +56,14 @@ def test_python_one_at_a_time(benchmark, echo_device, mode):
 
     before = _counters(dev)
     benchmark.pedantic(one_at_a_time, rounds=8, iterations=1, warmup_rounds=1)
-    rate = report_rate(benchmark, "requests_per_s", n, mode=mode,
-                       requests_per_round=n,
-                       kicks_per_request=_per_request(dev, before))
+    rate = report_rate(
+        benchmark,
+        "requests_per_s",
+        n,
+        mode=mode,
+        requests_per_round=n,
+        kicks_per_request=_per_request(dev, before),
+    )
     if rate is not None and mode == "poll":
         benchmark.extra_info["target_requests_per_s"] = PY_TARGET
         benchmark.extra_info["meets_target"] = rate >= PY_TARGET
@@ -77,9 +83,15 @@ def test_c_batched(benchmark, echo_device, mode, batch):
 
     before = _counters(dev)
     benchmark.pedantic(drive, rounds=5, iterations=1, warmup_rounds=1)
-    rate = report_rate(benchmark, "descriptors_per_s", 2 * n, mode=mode,
-                       batch=batch, requests_per_round=n,
-                       kicks_per_request=_per_request(dev, before))
+    rate = report_rate(
+        benchmark,
+        "descriptors_per_s",
+        2 * n,
+        mode=mode,
+        batch=batch,
+        requests_per_round=n,
+        kicks_per_request=_per_request(dev, before),
+    )
     if rate is not None:
         benchmark.extra_info["requests_per_s"] = round(rate / 2)
         benchmark.extra_info["target_descriptors_per_s"] = C_TARGET

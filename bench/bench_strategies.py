@@ -18,6 +18,7 @@ printed at the end):
         against hold; prepare does at least as well as release.
   mem:  prepare + event index against hold (no event index): IOPS ratio.
 """
+
 import contextlib
 import json
 import os
@@ -31,12 +32,13 @@ from virtio_py.workload import JobSpec, run_job
 
 ROUNDS = 3
 RFC = dict(BASE, event_idx=False, area=8 << 20, size=1 << 30)
-RFC_IOS_PER_WORKER = 2000          # about 0.2-2 s a round, by strategy
+RFC_IOS_PER_WORKER = 2000  # about 0.2-2 s a round, by strategy
 MEM = dict(BASE, store="shm", iodepth=16, queue_size=256, area=32 << 20, size=1 << 30)
-MEM_IOS_PER_WORKER = 50000          # about 0.5-3 s a round
-RESULTS = {}                       # (group, label) -> median run
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, ".benchmarks",
-                   "strategies.json")
+MEM_IOS_PER_WORKER = 50000  # about 0.5-3 s a round
+RESULTS = {}  # (group, label) -> median run
+OUT = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), os.pardir, ".benchmarks", "strategies.json"
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,7 @@ def testbed(request):
                 stack.enter_context(d)
                 daemons[key] = d
             return daemons[key]
+
         yield get
     print_report(request, _report())
 
@@ -64,28 +67,41 @@ def _bench(benchmark, testbed, group, label, cfg, strategy, per_worker):
     runs = []
 
     def one_round():
-        spec = JobSpec(d.name, workers=cfg["workers"], rw=cfg["rw"], bs=cfg["bs"],
-                       iodepth=cfg["iodepth"], size=per_worker * cfg["bs"],
-                       strategy=strategy)
+        spec = JobSpec(
+            d.name,
+            workers=cfg["workers"],
+            rw=cfg["rw"],
+            bs=cfg["bs"],
+            iodepth=cfg["iodepth"],
+            size=per_worker * cfg["bs"],
+            strategy=strategy,
+        )
         runs.append(annotate(run_job(spec), label, cfg, d))
 
     benchmark.group = group
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     med = sorted(runs, key=lambda r: r["iops"])[len(runs) // 2]
     ls = med["lockstat"]
-    benchmark.extra_info.update({
-        "iops": med["iops"], "iops_rounds": [r["iops"] for r in runs],
-        "mbps": med["mbps"], "kicks_per_request": med["kicks_per_request"],
-        "interrupts_per_request": med["interrupts_per_request"],
-        "guest_cpu_pct": med["guest_cpu_pct"], "host_cpu_pct": med["host_cpu_pct"],
-        "latency_us": med["latency_us"],
-        "holdtime_max_us_rounds": [r["lockstat"]["holdtime-max"] for r in runs],
-        "waittime_total_us_rounds": [r["lockstat"]["waittime-total"] for r in runs],
-        **{k.replace("-", "_"): v for k, v in ls.items()},
-    })
-    med["rounds"] = {"iops": [r["iops"] for r in runs],
-                     "holdtime-max": [r["lockstat"]["holdtime-max"] for r in runs],
-                     "waittime-total": [r["lockstat"]["waittime-total"] for r in runs]}
+    benchmark.extra_info.update(
+        {
+            "iops": med["iops"],
+            "iops_rounds": [r["iops"] for r in runs],
+            "mbps": med["mbps"],
+            "kicks_per_request": med["kicks_per_request"],
+            "interrupts_per_request": med["interrupts_per_request"],
+            "guest_cpu_pct": med["guest_cpu_pct"],
+            "host_cpu_pct": med["host_cpu_pct"],
+            "latency_us": med["latency_us"],
+            "holdtime_max_us_rounds": [r["lockstat"]["holdtime-max"] for r in runs],
+            "waittime_total_us_rounds": [r["lockstat"]["waittime-total"] for r in runs],
+            **{k.replace("-", "_"): v for k, v in ls.items()},
+        }
+    )
+    med["rounds"] = {
+        "iops": [r["iops"] for r in runs],
+        "holdtime-max": [r["lockstat"]["holdtime-max"] for r in runs],
+        "waittime-total": [r["lockstat"]["waittime-total"] for r in runs],
+    }
     RESULTS[(group, label)] = med
     return med
 
@@ -102,8 +118,7 @@ def test_rfc_workload(benchmark, testbed, strategy):
 def test_memory_store_iodepth16(benchmark, testbed, strategy, event_idx):
     cfg = dict(MEM, event_idx=event_idx)
     label = f"{strategy}{'+event-idx' if event_idx else ''}"
-    _bench(benchmark, testbed, "strategies-mem-iodepth16", label, cfg, strategy,
-           MEM_IOS_PER_WORKER)
+    _bench(benchmark, testbed, "strategies-mem-iodepth16", label, cfg, strategy, MEM_IOS_PER_WORKER)
     if (strategy, event_idx) == ("prepare", True):
         benchmark.extra_info["claims"] = _mem_claims()
 
@@ -121,11 +136,14 @@ def _rfc_claims():
         return None
     cut = {s: round(100 * (1 - hm[s] / hm["hold"]), 1) for s in ("release", "prepare")}
     wcut = {s: round(100 * (1 - wt[s] / wt["hold"]), 1) for s in ("release", "prepare")}
-    return {"holdtime_max_cut_pct": cut, "waittime_total_cut_pct": wcut,
-            "release_cuts_holdtime_max_80pct": cut["release"] >= 80,
-            "release_lowers_waittime_total": wcut["release"] > 0,
-            "prepare_at_least_as_good_as_release": cut["prepare"] >= cut["release"] - 5
-            and wcut["prepare"] >= wcut["release"] - 5}
+    return {
+        "holdtime_max_cut_pct": cut,
+        "waittime_total_cut_pct": wcut,
+        "release_cuts_holdtime_max_80pct": cut["release"] >= 80,
+        "release_lowers_waittime_total": wcut["release"] > 0,
+        "prepare_at_least_as_good_as_release": cut["prepare"] >= cut["release"] - 5
+        and wcut["prepare"] >= wcut["release"] - 5,
+    }
 
 
 def _mem_claims():
@@ -135,8 +153,10 @@ def _mem_claims():
     if not base or not best:
         return None
     iops = lambda r: statistics.median(r["rounds"]["iops"])  # noqa: E731
-    return {"prepare_event_idx_vs_hold_iops_ratio": round(iops(best) / iops(base), 2),
-            "reference_3_16": 2.4}
+    return {
+        "prepare_event_idx_vs_hold_iops_ratio": round(iops(best) / iops(base), 2),
+        "reference_3_16": 2.4,
+    }
 
 
 def _report():
@@ -150,19 +170,25 @@ def _report():
             continue
         hold = dict(rows).get("hold")
         lines.append(f"  {group}")
-        lines.append(f"    {'name':<20} {'IOPS':>9} {'holdtime-max':>13} {'waittime-total':>15} "
-                     f"{'acquisitions':>12} {'kicks/req':>9} {'guest%':>7} {'host%':>6}")
+        lines.append(
+            f"    {'name':<20} {'IOPS':>9} {'holdtime-max':>13} {'waittime-total':>15} "
+            f"{'acquisitions':>12} {'kicks/req':>9} {'guest%':>7} {'host%':>6}"
+        )
         for lbl, r in rows:
             ls = r["lockstat"]
             pct = ""
             if hold and r is not hold:
-                pct = (f"  iops {100 * (r['iops'] / hold['iops'] - 1):+.0f}%  "
-                       f"holdmax {100 * (ls['holdtime-max'] / max(hold['lockstat']['holdtime-max'], 1e-9) - 1):+.0f}%  "
-                       f"waittot {100 * (ls['waittime-total'] / max(hold['lockstat']['waittime-total'], 1e-9) - 1):+.0f}%")
-            lines.append(f"    {lbl:<20} {r['iops']:>9.0f} {ls['holdtime-max']:>13.2f} "
-                         f"{ls['waittime-total']:>15.2f} {ls['acquisitions']:>12} "
-                         f"{r['kicks_per_request']:>9.3f} {r['guest_cpu_pct']:>7.1f} "
-                         f"{r['host_cpu_pct']:>6.1f}{pct}")
+                pct = (
+                    f"  iops {100 * (r['iops'] / hold['iops'] - 1):+.0f}%  "
+                    f"holdmax {100 * (ls['holdtime-max'] / max(hold['lockstat']['holdtime-max'], 1e-9) - 1):+.0f}%  "
+                    f"waittot {100 * (ls['waittime-total'] / max(hold['lockstat']['waittime-total'], 1e-9) - 1):+.0f}%"
+                )
+            lines.append(
+                f"    {lbl:<20} {r['iops']:>9.0f} {ls['holdtime-max']:>13.2f} "
+                f"{ls['waittime-total']:>15.2f} {ls['acquisitions']:>12} "
+                f"{r['kicks_per_request']:>9.3f} {r['guest_cpu_pct']:>7.1f} "
+                f"{r['host_cpu_pct']:>6.1f}{pct}"
+            )
     claims = {"rfc": _rfc_claims(), "mem": _mem_claims()}
     lines.append(f"  claims: {json.dumps(claims)}")
     text = "\n".join(lines)

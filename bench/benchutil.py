@@ -5,10 +5,12 @@ Every benchmark runs a fixed number of rounds (benchmark.pedantic) so the
 whole suite stays within a few minutes, and reports its rate in
 benchmark.extra_info (see ``report_rate``).
 """
+
 import contextlib
+import functools
 import os
 
-# numpy (imported by virtio_py.views) starts OpenBLAS worker threads in this
+# numpy (imported by virtio_py's workloads) starts OpenBLAS worker threads in this
 # process; on a two-core machine they take CPU from the two processes being
 # measured (measured: 30-40% off the batched rate).  Must precede the import.
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -23,9 +25,9 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 
 from virtio_py import DeviceQueue, Region, SharedLock, Virtqueue  # noqa: E402
-from virtio_py._lowlevel import ffi, lib  # noqa: E402
+from virtio_py.proc import set_pdeathsig  # noqa: E402
 from virtio_py.region import destroy  # noqa: E402
-from virtio_py.workload import set_pdeathsig  # noqa: E402
+from virtio_py.startline import StartLine  # noqa: E402
 
 PREFIX = "vpb"
 _counter = itertools.count()
@@ -56,6 +58,7 @@ def report_rate(benchmark, key, per_call, **extra):
 
 
 # ---------------------------------------------------------------- processes
+
 
 def _read_exact(fd, n, timeout, what):
     """n bytes from a pipe within timeout seconds, or RuntimeError."""
@@ -90,7 +93,7 @@ def _child(body):
     cleanup (pytest's, atexit): os._exit whatever happens."""
     code = 0
     try:
-        set_pdeathsig(signal.SIGKILL)   # a polling device must not outlive a killed pytest
+        set_pdeathsig(signal.SIGKILL)  # a polling device must not outlive a killed pytest
         body()
     except BaseException:
         traceback.print_exc()
@@ -108,15 +111,14 @@ class EchoDevice:
     cpus, if given, pins the device process to that set of CPUs.
     """
 
-    def __init__(self, mode="poll", queue_size=256, lock="spin", exit="async",
-                 event_idx=True, cpus=None):
+    def __init__(
+        self, mode="poll", queue_size=256, lock="spin", exit="async", event_idx=True, cpus=None
+    ):
         self.mode = mode
         self.name = unique_name(mode)
         self.region = self.vq = None
         # The stop word lives in anonymous shared memory, shared by fork.
-        self._stopmap = mmap.mmap(-1, mmap.PAGESIZE)
-        self._stop = ffi.cast("int32_t *", ffi.from_buffer(self._stopmap))
-        self._stop[0] = 0
+        self._stop = mmap.mmap(-1, mmap.PAGESIZE)
         rfd, wfd = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:
@@ -139,8 +141,14 @@ class EchoDevice:
     def _serve(self, wfd, queue_size, lock, exit, event_idx, cpus):
         if cpus:
             os.sched_setaffinity(0, cpus)
-        region = Region.create(self.name, queue_size=queue_size, mode=self.mode,
-                               lock=lock, exit=exit, event_idx=event_idx)
+        region = Region.create(
+            self.name,
+            queue_size=queue_size,
+            mode=self.mode,
+            lock=lock,
+            exit=exit,
+            event_idx=event_idx,
+        )
         try:
             region.set_daemon_pid(os.getpid())
             with DeviceQueue(region) as dq:
@@ -158,7 +166,7 @@ class EchoDevice:
             self.region.close()
             self.region = None
         if self.pid:
-            self._stop[0] = 1
+            self._stop[:4] = struct.pack("<i", 1)
             status, self.pid = _reap(self.pid, 10), 0
             destroy(self.name)
             if status:
@@ -191,10 +199,8 @@ class LockCrowd:
     def __init__(self, region, nproc):
         self.region = region
         self.nproc = nproc
-        self._linemap = mmap.mmap(-1, mmap.PAGESIZE)
-        self.line = ffi.cast("uint32_t *", ffi.from_buffer(self._linemap))
-        self.line[0] = 0
-        self.target = 0            # the line's value that starts this round
+        self.line = StartLine()
+        self.target = 0  # the line's value that starts this round
         self.pids, self.go, self.done = [], [], []
         try:
             cpus = sorted(os.sched_getaffinity(0))
@@ -206,7 +212,7 @@ class LockCrowd:
                 if pid == 0:
                     for fd in self.go + self.done + [go_w, done_r]:
                         os.close(fd)  # the parent's ends, the siblings' pipes
-                    _child(lambda: self._work(go_r, done_w, cpu))
+                    _child(functools.partial(self._work, go_r, done_w, cpu))
                 os.close(go_r)
                 os.close(done_w)
                 self.pids.append(pid)
@@ -231,9 +237,9 @@ class LockCrowd:
                 n, target = struct.unpack("qq", msg)
                 if n < 0:
                     return
-                lib.vp_bench_arrive(self.line)
-                lib.vp_bench_wait(self.line, target)
-                lib.vp_lock_hammer(lock._l, n)
+                self.line.arrive()
+                self.line.wait(target)
+                lock.hammer(n)
                 os.write(done_w, b"d")
         finally:
             region.close()
@@ -246,20 +252,20 @@ class LockCrowd:
         for fd in self.go:
             os.write(fd, msg)
         deadline = time.monotonic() + 30
-        while self.line[0] != self.target - 1:
+        while self.line.value != self.target - 1:
             if time.monotonic() > deadline:
                 raise RuntimeError("lock workers did not reach the start line")
             time.sleep(0.0005)
 
     def release(self, timeout=120):
         """Start them all; return when every worker has done its n."""
-        lib.vp_bench_arrive(self.line)
+        self.line.arrive()
         for fd in self.done:
             _read_exact(fd, 1, timeout, "lock worker round")
 
     def close(self):
-        if self.line[0] == self.target - 1:
-            lib.vp_bench_arrive(self.line)   # armed, never released
+        if self.line.value == self.target - 1:
+            self.line.arrive()  # armed, never released
         for fd in self.go:
             try:
                 os.write(fd, struct.pack("qq", -1, 0))

@@ -2,6 +2,7 @@
 its own process, regions for the lock benchmarks, and the guarantee that
 nothing is left in /dev/shm.  Run: python3 -m pytest bench --benchmark-only
 """
+
 import os
 
 import pytest
@@ -43,8 +44,7 @@ def lock_region():
     made = []
 
     def make(kind):
-        region = Region.create(unique_name("lock-" + kind), lock=kind,
-                               data_size=1 << 20)
+        region = Region.create(unique_name("lock-" + kind), lock=kind, data_size=1 << 20)
         made.append(region)
         return region
 
@@ -52,4 +52,3 @@ def lock_region():
     for region in made:
         region.close()
         destroy(region.name)
-

@@ -12,10 +12,12 @@ with open(os.path.join(HERE, "cdef.h")) as f:
 
 ffibuilder.set_source(
     "virtio_py._core",
-    '#include "vp.h"\n#include "guest.h"\n#include "blkdev.h"\n#include <linux/virtio_config.h>\n',
+    '#include "vp.h"\n#include "mem.h"\n#include "guest.h"\n#include "blkdev.h"\n'
+    '#include <linux/virtio_config.h>\n',
     sources=sorted(os.path.relpath(p) for p in glob.glob(os.path.join(HERE, "*.c"))),
     include_dirs=[HERE],
-    extra_compile_args=["-O2", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function"],
+    # -Wshadow: a local once hid the function of the same name.
+    extra_compile_args=["-O2", "-fno-strict-aliasing", "-Wall", "-Wextra", "-Wshadow", "-Werror"],
     libraries=["pthread", "rt"],
 )
 

@@ -110,7 +110,7 @@ struct vp_queue_info {
 	uint64_t data_size;
 	...;
 };
-struct virtio_blk_config {
+struct vp_blk_config {
 	uint64_t capacity;
 	uint32_t size_max;
 	uint32_t seg_max;
@@ -141,7 +141,7 @@ struct vp_region_header {
 	uint64_t data_offset;
 	uint64_t data_size;
 	char name[];
-	struct virtio_blk_config blk;
+	struct vp_blk_config blk;
 	struct vp_queue_info queue[];
 	...;
 };
@@ -218,6 +218,7 @@ struct vp_seg {
 	uint64_t addr;
 	uint32_t len;
 	uint32_t write;
+	uint8_t *host;
 };
 struct vp_chain {
 	uint16_t head;
@@ -247,6 +248,30 @@ int vp_devq_ack_kicks(struct vp_devq *q, int n);
 int vp_devq_broken(struct vp_devq *q);
 void vp_devq_mark_broken(struct vp_devq *q, int code);
 unsigned vp_devq_inflight(struct vp_devq *q);
+unsigned vp_devq_num(struct vp_devq *q);
+unsigned vp_devq_index(struct vp_devq *q);
+struct vp_device_stats *vp_devq_stats(struct vp_devq *q);
+
+/* ---- guest memory tables (mem.h) and queues over them ---- */
+#define VP_MEM_MAX_REGIONS ...
+struct vp_mem;
+struct vp_mem *vp_mem_new(int *err);
+void vp_mem_free(struct vp_mem *m);
+int vp_mem_add_region(struct vp_mem *m, uint64_t guest_phys_addr,
+		      uint64_t size, uint64_t userspace_addr, void *host);
+unsigned vp_mem_nregions(const struct vp_mem *m);
+uint8_t *vp_mem_translate(const struct vp_mem *m, uint64_t gpa, uint64_t len);
+uint8_t *vp_mem_translate_uva(const struct vp_mem *m, uint64_t uva,
+			      uint64_t len);
+struct vp_devq *vp_devq_open_mem(const struct vp_mem *mem, unsigned index,
+				 unsigned num, void *desc, void *avail,
+				 void *used, struct vp_device_stats *stats,
+				 int event_idx, uint32_t exit_mode, int *err);
+int vp_devq_set_mem(struct vp_devq *q, const struct vp_mem *mem);
+int vp_devq_set_base(struct vp_devq *q, uint16_t last_avail_idx,
+		     uint16_t used_idx);
+void vp_devq_get_base(struct vp_devq *q, uint16_t *last_avail_idx,
+		      uint16_t *used_idx);
 
 int64_t vp_echo_serve(struct vp_devq *q, int64_t n, int poll,
 		      volatile int32_t *stop);
@@ -277,6 +302,10 @@ int vring_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old);
 int vp_guest_poke(void *base, uint64_t size, uint64_t gpa, uint64_t value,
 		  unsigned width);
 
+/* ---- processes (proc.c) ---- */
+int vp_pid_gone(int32_t pid);
+int vp_pid_starttime(int32_t pid, uint64_t *start);
+
 /* ---- guest side of virtio-blk (guest.h) ---- */
 #define VP_MAX_SLOTS ...
 #define VP_MAX_TAGS ...
@@ -301,8 +330,9 @@ int vp_guest_wait_any(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
 		      uint8_t *status, uint32_t *len);
 struct vp_acct *vp_guest_irq_acct(struct vp_guest *g);
 
-/* ---- device side of virtio-blk (blkdev.h) ---- */
+/* ---- device side of virtio-blk (store.h, blkdev.h) ---- */
 #define VP_STORE_MAX_STRIPES ...
+#define VP_MAX_IO_THREADS ...
 #define VP_REQ_IN ...
 #define VP_REQ_OUT ...
 #define VP_REQ_FLUSH ...
@@ -320,6 +350,12 @@ int vp_store_rw(struct vp_store *s, int write, uint64_t off, uint8_t *buf,
 		uint64_t len);
 int vp_store_flush(struct vp_store *s);
 int vp_store_zero(struct vp_store *s, uint64_t off, uint64_t len, int punch);
+struct vp_store *vp_store_open_mem(void *buf, uint64_t capacity, int *err);
+uint64_t vp_store_capacity(const struct vp_store *s);
+int vp_store_direct(const struct vp_store *s);
+int64_t vp_blk_handle(struct vp_store *st, struct vp_devq *q,
+		      const struct vp_chain *c, const struct vp_seg *segs,
+		      const char *serial);
 struct vp_server;
 struct vp_server *vp_server_new(struct vp_store *st, int mode,
 				unsigned io_threads, const char *serial,
@@ -327,6 +363,10 @@ struct vp_server *vp_server_new(struct vp_store *st, int mode,
 int vp_server_add_queue(struct vp_server *srv, struct vp_devq *q);
 int vp_server_start(struct vp_server *srv);
 void vp_server_stop(struct vp_server *srv);
+int vp_server_set_queue(struct vp_server *srv, unsigned qi,
+			struct vp_devq *q);
+int vp_server_start_queue(struct vp_server *srv, unsigned qi);
+int vp_server_stop_queue(struct vp_server *srv, unsigned qi);
 void vp_server_free(struct vp_server *srv);
 
 /* csrc/bench.c */

@@ -18,7 +18,7 @@ static int echo_one(struct vp_devq *q, uint32_t *seq)
 		return r;
 	for (unsigned i = 0; i < c.nseg; i++) {
 		if (segs[i].write && segs[i].len >= 4) {
-			memcpy(vp_devq_gpa(q, segs[i].addr), seq, 4);
+			memcpy(segs[i].host, seq, 4);
 			break;
 		}
 	}

@@ -4,15 +4,12 @@
  * whichever process's irq thread takes the call notification; that thread
  * reaps every used buffer (virtblk_done) and delivers each completion to
  * the slot that owns it, waking the owner on a shared futex.  Tokens are
- * gen << 32 | (slot + 1) << 16 | tag, so a completion finds its owner
+ * VP_TOKEN(gen, slot, tag) (region.h), so a completion finds its owner
  * without a search, and one for a slot's previous owner is dropped. */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <fcntl.h>
 #include <limits.h>
-#include <stdio.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -21,8 +18,6 @@
 #include <sys/syscall.h>
 #include "guest.h"
 #include "compiler.h"
-
-#define HDR_AREA 4096   /* header + status before each data buffer */
 
 struct vp_guest {
 	uint8_t *base;
@@ -54,28 +49,7 @@ static void futex_wake_all(uint32_t *w)
 	syscall(SYS_futex, w, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-/* Is the process gone?  A zombie is: an orphaned daemon killed with
- * SIGKILL may never be reaped (PID 1 need not reap), yet kill(pid, 0)
- * still finds it. */
-int vp_pid_gone(int32_t pid)
-{
-	if (pid <= 0 || (kill(pid, 0) && errno == ESRCH))
-		return 1;
-	char path[32], buf[256];
-	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return errno == ENOENT;
-	ssize_t n = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	if (n <= 0)
-		return 0;
-	buf[n] = 0;
-	/* "pid (comm) S ...": comm may hold anything, so the last ')'. */
-	char *p = strrchr(buf, ')');
-	return p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
-}
-
+/* A slot owner that died; 0 is a free slot, not a dead owner. */
 static int pid_dead(int32_t pid)
 {
 	return pid > 0 && vp_pid_gone(pid);
@@ -130,7 +104,7 @@ struct vp_guest *vp_guest_open(void *base, uint64_t size, struct vp_vq *vq,
 	g->slot_idx = claimed;
 	g->slot = &sh->slot[claimed];
 	g->call = call;
-	g->share_size = (qi->data_size / VP_MAX_SLOTS) & ~(VP_PAGE - 1);
+	g->share_size = VP_SLOT_SHARE(qi->data_size);
 	g->share_gpa = qi->data + claimed * g->share_size;
 	/* Under the queue lock: a reaper checks gen and delivers under it, so
 	 * a completion of the slot's last owner lands before the reset (and
@@ -168,8 +142,8 @@ int vp_guest_set_depth(struct vp_guest *g, unsigned depth)
 {
 	if (depth < 1 || depth > VP_MAX_TAGS)
 		return -EINVAL;
-	uint64_t t = (g->share_size / depth) & ~(VP_PAGE - 1);
-	if (t <= HDR_AREA)
+	uint64_t t = VP_TAG_SIZE(g->share_size, depth);
+	if (t <= VP_SLOT_HDR_AREA)
 		return -ENOSPC;
 	g->depth = depth;
 	g->tag_size = t;
@@ -178,13 +152,13 @@ int vp_guest_set_depth(struct vp_guest *g, unsigned depth)
 
 uint64_t vp_guest_max_data(struct vp_guest *g)
 {
-	uint64_t m = g->tag_size - HDR_AREA;
+	uint64_t m = g->tag_size - VP_SLOT_HDR_AREA;
 	return m > UINT32_MAX ? (UINT32_MAX & ~4095U) : m;
 }
 
 uint64_t vp_guest_data_gpa(struct vp_guest *g, unsigned tag)
 {
-	return g->share_gpa + (uint64_t)tag * g->tag_size + HDR_AREA;
+	return g->share_gpa + (uint64_t)tag * g->tag_size + VP_SLOT_HDR_AREA;
 }
 
 uint8_t *vp_guest_data_ptr(struct vp_guest *g, unsigned tag)
@@ -199,11 +173,11 @@ uint8_t *vp_guest_data_ptr(struct vp_guest *g, unsigned tag)
  * just that (holder preemption) and shows up as milliseconds of hold time. */
 static int deliver(struct vp_guest *g, uint64_t token, uint32_t len)
 {
-	uint64_t s = ((token >> 16) & 0xffff) - 1, tag = token & 0xffff;
+	uint64_t s = VP_TOKEN_SLOT(token), tag = VP_TOKEN_TAG(token);
 	if (s >= VP_MAX_SLOTS || tag >= VP_MAX_TAGS)
 		return -1;
 	struct vp_guest_slot *slot = &g->sh->slot[s];
-	if ((uint32_t)(token >> 32) != __atomic_load_n(&slot->gen, __ATOMIC_RELAXED))
+	if (VP_TOKEN_GEN(token) != __atomic_load_n(&slot->gen, __ATOMIC_RELAXED))
 		return -1;
 	slot->comp[tag].len = len;
 	store_release(&slot->comp[tag].done, 1);
@@ -304,7 +278,7 @@ int vp_guest_blk_submit(struct vp_guest *g, unsigned tag, uint32_t type,
 	addr[0] = tag_gpa;
 	len[0] = sizeof(*hdr);
 	if (nbytes) {
-		addr[1] = tag_gpa + HDR_AREA;
+		addr[1] = tag_gpa + VP_SLOT_HDR_AREA;
 		len[1] = nbytes;
 		/* Device writes for IN and GET_ID, reads for the rest. */
 		if (type == VIRTIO_BLK_T_IN || type == VIRTIO_BLK_T_GET_ID)
@@ -316,15 +290,13 @@ int vp_guest_blk_submit(struct vp_guest *g, unsigned tag, uint32_t type,
 	len[out + in] = 1;
 	in++;
 	store_release(&g->slot->comp[tag].done, 0);
-	uint64_t token = (uint64_t)g->gen << 32 |
-			 (uint64_t)(g->slot_idx + 1) << 16 | tag;
+	uint64_t token = VP_TOKEN(g->gen, g->slot_idx, tag);
 	return vp_vq_submit(g->vq, strategy, addr, len, out, in, token);
 }
 
 static int device_gone(struct vp_guest *g)
 {
-	int32_t pid = READ_ONCE(g->h->daemon_pid);
-	return pid <= 0 || pid_dead(pid);
+	return vp_pid_gone(READ_ONCE(g->h->daemon_pid));
 }
 
 static int done_in(struct vp_guest *g, uint64_t mask)

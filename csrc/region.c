@@ -4,15 +4,11 @@
 #include <string.h>
 #include <sys/mman.h>
 #include "vp.h"
+#include "ring.h"
 
 static uint64_t page_up(uint64_t x)
 {
 	return (x + VP_PAGE - 1) & ~(VP_PAGE - 1);
-}
-
-static int is_pow2(uint32_t x)
-{
-	return x && !(x & (x - 1));
 }
 
 /* Where everything goes; shared by size and init so they cannot disagree. */
@@ -123,12 +119,6 @@ int vp_region_init(void *base, uint64_t size, const struct vp_region_params *p)
 	return 0;
 }
 
-/* off..off+len lies inside size, and the sum cannot wrap past 2^64. */
-static int inside(uint64_t off, uint64_t len, uint64_t size)
-{
-	return off <= size && len <= size - off;
-}
-
 /* A driver's check of what the device laid out. */
 int vp_region_check(const void *base, uint64_t size)
 {
@@ -147,12 +137,13 @@ int vp_region_check(const void *base, uint64_t size)
 		uint64_t num = qi->num;
 		if (!is_pow2(qi->num) || num > VP_MAX_QUEUE_SIZE)
 			return -VP_ELAYOUT;
-		if (!inside(qi->desc, 16 * num, h->size) ||
-		    !inside(qi->avail, 6 + 2 * num, h->size) ||
-		    !inside(qi->used, 6 + 8 * num, h->size) ||
-		    !inside(qi->shared, sizeof(struct vp_queue_shared), h->size) ||
-		    !inside(qi->tokens, 8 * num, h->size) ||
-		    !inside(qi->data, qi->data_size, h->size))
+		if (!range_inside(qi->desc, vring_desc_bytes(num), h->size) ||
+		    !range_inside(qi->avail, vring_avail_bytes(num), h->size) ||
+		    !range_inside(qi->used, vring_used_bytes(num), h->size) ||
+		    !range_inside(qi->shared, sizeof(struct vp_queue_shared),
+				  h->size) ||
+		    !range_inside(qi->tokens, 8 * num, h->size) ||
+		    !range_inside(qi->data, qi->data_size, h->size))
 			return -VP_ELAYOUT;
 		/* The driver reaches all of these with aligned atomics. */
 		if (qi->desc % VRING_DESC_ALIGN_SIZE ||

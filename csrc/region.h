@@ -1,17 +1,30 @@
-/* The shared region: one POSIX shared-memory object per device.
+/* virtio_py region: the public contract, layout version 1.
  *
- * Every offset stored in the region is a GPA: a byte offset from the start of
- * the region.  The layout is documented field by field in docs/REGION.md so a
- * program that only has that file and <linux/virtio_ring.h> can attach.
+ * This header is everything a program outside the project needs, beside
+ * the kernel's uapi headers, to attach to a virtio_py device and drive it:
+ * the structures of the shared region, the constants stored in it, and the
+ * token format of the guests that share a queue.  docs/REGION.md explains
+ * every field and the protocols (locking, kick, interrupt, completion
+ * delivery); docs/attach_example.c is a driver built on this header alone.
+ * The project compiles its own C core against this same file, and
+ * tests/test_region_doc.py checks REGION.md's tables against it.
+ *
+ * Needs: a C11 compiler with GNU attributes (gcc, clang), and the kernel's
+ * <linux/virtio_ring.h> and <linux/virtio_blk.h> of any version (the
+ * config space is restated below at its fixed size).  Nothing else of the
+ * project.
  *
  *   page 0            struct vp_region_header (config, queue table)
  *   per queue         struct vp_queue_shared, page aligned (lock, driver
- *                     state, device counters), then the token table
+ *                     state, device counters, guest slots), then the token
+ *                     table
  *   per queue         the vring, page aligned, placed as vring_init(num, p, 4096)
  *   data_offset..size request buffers (the "guest RAM" devices may DMA to)
  *
- * Everything is host-endian (the emulator never crosses machines), which is
- * what a modern (VIRTIO_F_VERSION_1) device on x86/arm64 sees anyway.
+ * Every offset stored in the region is a GPA: a byte offset from the start
+ * of the region.  Everything is host-endian (the region never crosses
+ * machines), which is what a VIRTIO_F_VERSION_1 device on x86/arm64 sees
+ * anyway.  Any change of a size or an offset below is a new layout version.
  */
 #ifndef VIRTIO_PY_REGION_H
 #define VIRTIO_PY_REGION_H
@@ -26,7 +39,12 @@
 #define VP_MAX_QUEUE_SIZE  32768
 #define VP_PAGE            4096UL
 #define VP_RING_ALIGN      4096UL
-#define VP_NAME_MAX        64
+#define VP_NAME_MAX        64    /* bytes of header.name, NUL included */
+
+/* POSIX names of a device's objects: the region, and one notifier per queue
+ * and role ("kick", "call", "ack"), e.g. "/disk0.q0.kick". */
+#define VP_SHM_NAME_FMT    "/%s"
+#define VP_SEM_NAME_FMT    "/%s.q%u.%s"
 
 /* Lock kinds. */
 #define VP_LOCK_SPIN       0   /* ticket spinlock, as the kernel's */
@@ -49,6 +67,39 @@
 #define VP_STATUS_NEEDS_RESET  64
 #define VP_STATUS_FAILED       128
 
+/* Ring validation errors (device side) and layout errors, as -VP_E*.  The
+ * device stores the one that broke a queue in vp_device_stats.broken. */
+#define VP_EBASE        1000
+#define VP_EHEAD        1001  /* available head >= queue size */
+#define VP_ENEXT        1002  /* descriptor next >= queue size */
+#define VP_ELOOP        1003  /* chain longer than the queue: a loop */
+#define VP_EADDR        1004  /* buffer outside the data area */
+#define VP_EZEROLEN     1005  /* zero-length buffer */
+#define VP_EORDER       1006  /* readable buffer after a writable one */
+#define VP_EAVAIL       1007  /* avail index more than the queue size ahead */
+#define VP_EINFLIGHT    1008  /* head already in flight */
+#define VP_EINDIRECT    1009  /* indirect descriptor, not negotiated */
+#define VP_EBROKEN      1010  /* queue already marked broken */
+#define VP_EUSEDID      1011  /* used id the driver never made available */
+#define VP_ENOTINFLIGHT 1012  /* device returns a head that is not in flight */
+#define VP_EMAGIC       1013  /* not a virtio_py region, or another version */
+#define VP_ELAYOUT      1014  /* header describes an impossible layout */
+#define VP_ESEGMAX      1015  /* chain has more segments than the caller takes */
+#define VP_EDEVGONE     1016  /* the device process is gone */
+#define VP_EFRAME       1017  /* virtio-blk request without header or status */
+#define VP_ELAST        1017
+
+/* Request classes of the virtio-blk device, the index into
+ * vp_device_stats.req[].  An IOERR is counted in its class and in IOERR. */
+#define VP_REQ_IN       0
+#define VP_REQ_OUT      1
+#define VP_REQ_FLUSH    2
+#define VP_REQ_GET_ID   3
+#define VP_REQ_DISCARD  4
+#define VP_REQ_WZEROES  5
+#define VP_REQ_UNSUPP   6
+#define VP_REQ_IOERR    7
+
 /* lockstat counters: times in nanoseconds. */
 struct vp_lockstat {
 	uint64_t con_bounces;
@@ -63,7 +114,8 @@ struct vp_lockstat {
 	uint64_t hold_total;
 };
 
-/* The guest's lock (vblk->lock).  Counters are only written by the holder. */
+/* The guest's lock (vblk->lock).  Counters are only written by the holder.
+ * 112 bytes of fields, padded to two whole cache lines. */
 struct vp_lock {
 	uint32_t kind;
 	uint32_t spin_ns;        /* spinyield: spin this long before yielding */
@@ -107,7 +159,7 @@ struct vp_device_stats {
 	uint64_t interrupts;     /* call notifications sent */
 	uint64_t interrupts_suppressed;
 	uint64_t chains;         /* chains popped */
-	uint64_t req[8];         /* per request class, see VP_REQ_* in blkdev.h */
+	uint64_t req[8];         /* per request class, VP_REQ_* */
 	uint64_t bytes_read;
 	uint64_t bytes_written;
 } __attribute__((aligned(64)));
@@ -117,10 +169,34 @@ struct vp_device_stats {
  * ring delivers here and wakes the owner on wake_seq (a shared futex). */
 #define VP_MAX_SLOTS  32
 #define VP_MAX_TAGS   64
+
+/* The token of a slot's request: gen << 32 | (slot + 1) << 16 | tag, never
+ * 0.  A reaper drops a token whose slot or tag is out of range, or whose gen
+ * is not the slot's gen now (a completion for the slot's previous owner). */
+#define VP_TOKEN(gen, slot, tag) \
+	((uint64_t)(uint32_t)(gen) << 32 | ((uint64_t)(slot) + 1) << 16 | (uint64_t)(tag))
+#define VP_TOKEN_GEN(tok)  ((uint32_t)((uint64_t)(tok) >> 32))
+#define VP_TOKEN_SLOT(tok) ((((uint64_t)(tok) >> 16) & 0xffff) - 1)  /* >= VP_MAX_SLOTS: none */
+#define VP_TOKEN_TAG(tok)  ((uint64_t)(tok) & 0xffff)                /* >= VP_MAX_TAGS: none */
+
+/* Buffers of virtio_py guests (a convention between drivers; the device
+ * accepts any buffer in the queue's data share).  Slot s uses
+ * VP_SLOT_SHARE(queue data_size) bytes at queue data + s * share, split
+ * into depth tag buffers of VP_TAG_SIZE(share, depth) bytes; a tag buffer
+ * holds the virtio-blk header at +0, the status byte at +16 and the data
+ * at +VP_SLOT_HDR_AREA.  Both sizes round down to whole pages. */
+#define VP_SLOT_HDR_AREA   4096
+#define VP_SLOT_SHARE(data_size) \
+	(((uint64_t)(data_size) / VP_MAX_SLOTS) & ~(uint64_t)(VP_PAGE - 1))
+#define VP_TAG_SIZE(share, depth) \
+	(((uint64_t)(share) / (depth)) & ~(uint64_t)(VP_PAGE - 1))
+
 struct vp_completion {
 	uint32_t done;
 	uint32_t len;
 };
+/* 536 bytes of fields, padded to nine whole cache lines: a reaper writing
+ * one process's slot does not take the line of another's. */
 struct vp_guest_slot {
 	int32_t  owner_pid;      /* 0 free */
 	uint32_t wake_seq;
@@ -152,6 +228,40 @@ struct vp_queue_info {
 	uint64_t data_size;
 };
 
+/* virtio-blk config space: the kernel's struct virtio_blk_config with the
+ * secure-erase fields and without the zoned ones (72 bytes, packed).
+ * Restated so the layout does not follow the installed headers: older ones
+ * end the struct at 60 bytes, newer ones add the zoned fields (96). */
+struct vp_blk_geometry {
+	__virtio16 cylinders;
+	__u8 heads;
+	__u8 sectors;
+};
+struct vp_blk_config {
+	__virtio64 capacity;
+	__virtio32 size_max;
+	__virtio32 seg_max;
+	struct vp_blk_geometry geometry;
+	__virtio32 blk_size;
+	__u8 physical_block_exp;
+	__u8 alignment_offset;
+	__virtio16 min_io_size;
+	__virtio32 opt_io_size;
+	__u8 wce;
+	__u8 unused;
+	__virtio16 num_queues;
+	__virtio32 max_discard_sectors;
+	__virtio32 max_discard_seg;
+	__virtio32 discard_sector_alignment;
+	__virtio32 max_write_zeroes_sectors;
+	__virtio32 max_write_zeroes_seg;
+	__u8 write_zeroes_may_unmap;
+	__u8 unused1[3];
+	__virtio32 max_secure_erase_sectors;
+	__virtio32 max_secure_erase_seg;
+	__virtio32 secure_erase_sector_alignment;
+} __attribute__((packed));
+
 struct vp_region_header {
 	uint64_t magic;
 	uint32_t version;
@@ -170,9 +280,21 @@ struct vp_region_header {
 	uint64_t data_offset;    /* first byte of the request buffer area */
 	uint64_t data_size;
 	char     name[VP_NAME_MAX];  /* the shared-memory object's name */
-	struct virtio_blk_config blk; /* virtio-blk config space */
-	uint8_t  pad2[4];
+	struct vp_blk_config blk; /* virtio-blk config space */
+	uint8_t  pad2[4];        /* then 4 bytes of padding: queue is 8-aligned */
 	struct vp_queue_info queue[VP_MAX_QUEUES];
 };
+
+/* Layout version 1, pinned: a compiler or an edit that moves anything
+ * fails here instead of attaching to a region it misreads. */
+_Static_assert(sizeof(struct vp_region_header) == 1256, "vp_region_header");
+_Static_assert(sizeof(struct vp_blk_config) == 72, "vp_blk_config");
+_Static_assert(sizeof(struct vp_queue_info) == 64, "vp_queue_info");
+_Static_assert(sizeof(struct vp_queue_shared) == 18752, "vp_queue_shared");
+_Static_assert(sizeof(struct vp_lock) == 128, "vp_lock");
+_Static_assert(sizeof(struct vp_driver_state) == 64, "vp_driver_state");
+_Static_assert(sizeof(struct vp_device_stats) == 128, "vp_device_stats");
+_Static_assert(sizeof(struct vp_guest_slot) == 576, "vp_guest_slot");
+_Static_assert(_Alignof(struct vp_queue_shared) == 64, "vp_queue_shared alignment");
 
 #endif

@@ -1,6 +1,10 @@
 /* The C core's interface: region layout, driver and device virtqueue
  * operations, the shared lock and the notifiers.  Functions return 0 (or a
- * count) on success and a negative errno or -VP_E* code on failure. */
+ * count) on success and a negative errno or -VP_E* code on failure.
+ *
+ * Each section names the file that implements it.  Guest memory tables
+ * (mem.h), block stores (store.h), virtio-blk (blkdev.h) and the guest's
+ * side of it (guest.h) have headers of their own. */
 #ifndef VIRTIO_PY_VP_H
 #define VIRTIO_PY_VP_H
 
@@ -8,30 +12,10 @@
 #include <stddef.h>
 #include "region.h"
 
-/* Ring validation errors (device side) and layout errors, as -VP_E*. */
-#define VP_EBASE        1000
-#define VP_EHEAD        1001  /* available head >= queue size */
-#define VP_ENEXT        1002  /* descriptor next >= queue size */
-#define VP_ELOOP        1003  /* chain longer than the queue: a loop */
-#define VP_EADDR        1004  /* buffer outside the data area */
-#define VP_EZEROLEN     1005  /* zero-length buffer */
-#define VP_EORDER       1006  /* readable buffer after a writable one */
-#define VP_EAVAIL       1007  /* avail index more than the queue size ahead */
-#define VP_EINFLIGHT    1008  /* head already in flight */
-#define VP_EINDIRECT    1009  /* indirect descriptor, not negotiated */
-#define VP_EBROKEN      1010  /* queue already marked broken */
-#define VP_EUSEDID      1011  /* used id the driver never made available */
-#define VP_ENOTINFLIGHT 1012  /* device returns a head that is not in flight */
-#define VP_EMAGIC       1013  /* not a virtio_py region, or another version */
-#define VP_ELAYOUT      1014  /* header describes an impossible layout */
-#define VP_ESEGMAX      1015  /* chain has more segments than the caller takes */
-#define VP_EDEVGONE     1016  /* the device process is gone */
-#define VP_EFRAME       1017  /* virtio-blk request without header or status */
-#define VP_ELAST        1017
-
+/* Text of a VP_E* code (region.h) or an errno, either sign.  error.c */
 const char *vp_strerror(int code);
 
-/* ---- region ---- */
+/* ---- region (region.c) ---- */
 struct vp_region_params {
 	uint32_t num_queues;
 	uint32_t queue_size;
@@ -55,10 +39,16 @@ int vp_map(int fd, uint64_t size, void **base);
 int vp_unmap(void *base, uint64_t size);
 int vp_guest_poke(void *base, uint64_t size, uint64_t gpa, uint64_t value,
 		  unsigned width);
+
+/* ---- processes (proc.c) ---- */
 /* 1 if the process is gone (no such pid, or a zombie), else 0. */
 int vp_pid_gone(int32_t pid);
+/* The process's start time (clock ticks after boot, /proc/PID/stat field
+ * 22): with the pid it names one process, as pids are reused.  0, or
+ * -ESRCH if there is none. */
+int vp_pid_starttime(int32_t pid, uint64_t *start);
 
-/* ---- per-thread accounting: where a guest thread's time goes ---- */
+/* ---- per-thread accounting: where a guest thread's time goes (lock.c) ---- */
 struct vp_acct {
 	uint64_t lock_wait_ns;      /* from asking for the lock to having it */
 	uint64_t lock_hold_ns;
@@ -72,7 +62,7 @@ struct vp_acct {
 extern __thread struct vp_acct *vp_acct_cur;
 void vp_acct_set(struct vp_acct *a);   /* this thread's counters, or NULL */
 
-/* ---- shared lock ---- */
+/* ---- shared lock (lock.c) ---- */
 void vp_lock_init(struct vp_lock *l, uint32_t kind, uint32_t spin_ns);
 void vp_lock_acquire(struct vp_lock *l);
 void vp_lock_release(struct vp_lock *l);
@@ -80,7 +70,7 @@ void vp_lock_read(const struct vp_lock *l, struct vp_lockstat *out);
 void vp_lock_reset(struct vp_lock *l);
 uint64_t vp_now_ns(void);
 
-/* ---- notifiers ---- */
+/* ---- notifiers (notify.c) ---- */
 struct vp_notifier;
 struct vp_notifier *vp_notifier_open_sem(const char *name, int *err);
 struct vp_notifier *vp_notifier_open_eventfd(int fd, int *err);
@@ -93,38 +83,68 @@ int vp_notifier_drain(struct vp_notifier *n);
 /* The same, for a notifier that may be absent (NULL: 0). */
 int vp_notifier_drain_opt(struct vp_notifier *n);
 
-/* ---- driver side ---- */
+/* ---- driver side (virtio_ring.c) ----
+ * Driver state lives in the region and is shared by every guest process on
+ * the queue; "the queue lock" is vp_vq_lock(vq), vblk->lock's counterpart. */
 struct vp_vq;
+/* Attach to queue index of a mapped region.  Any thread, no lock. */
 struct vp_vq *vp_vq_open(void *base, uint64_t size, unsigned index, int *err);
+/* Detach; the caller's threads no longer use vq.  No lock. */
 void vp_vq_close(struct vp_vq *vq);
+/* Set before the queue is used: no other thread of ours uses vq. */
 void vp_vq_set_notify(struct vp_vq *vq, struct vp_notifier *kick,
 		      struct vp_notifier *ack, uint32_t exit_mode,
 		      uint32_t exit_cost_ns);
+/* The queue lock itself.  No lock. */
 struct vp_lock *vp_vq_lock(struct vp_vq *vq);
+/* Free descriptors.  Caller holds the queue lock (unlocked: a hint). */
 unsigned vp_vq_num_free(struct vp_vq *vq);
+/* Queue size.  No lock. */
 unsigned vp_vq_size(struct vp_vq *vq);
 
+/* Expose a chain of out readable then in writable buffers.  Caller holds
+ * the queue lock.  -ENOSPC: not enough free descriptors. */
 int virtqueue_add(struct vp_vq *vq, const uint64_t *addr, const uint32_t *len,
 		  unsigned out, unsigned in, uint64_t token);
+/* 1 if the device wants a kick for what was added since the last call.
+ * Caller holds the queue lock. */
 int virtqueue_kick_prepare(struct vp_vq *vq);
+/* Kick the device (and pay the exit).  Caller need not hold the queue
+ * lock, and should not: that is the point of kick_prepare. */
 int virtqueue_notify(struct vp_vq *vq);
+/* kick_prepare, then notify.  Caller holds the queue lock; with lock
+ * non-NULL (the queue lock) it is dropped around the notify, as the RFC
+ * does, and held again on return.  1 kicked, 0 suppressed, <0 error. */
 int virtqueue_kick(struct vp_vq *vq, struct vp_lock *lock);
+/* Take one used buffer: 1 (token, len), 0 none, <0 bad used id.  Caller
+ * holds the queue lock. */
 int virtqueue_get_buf(struct vp_vq *vq, uint64_t *token, uint32_t *len);
+/* Ask for no interrupts.  Caller holds the queue lock. */
 void virtqueue_disable_cb(struct vp_vq *vq);
+/* Ask for interrupts again: 1 on, nothing pending; 0 used buffers came
+ * meanwhile, reap again.  Caller holds the queue lock. */
 int virtqueue_enable_cb(struct vp_vq *vq);
 
 /* Kick strategies of a whole submission: lock, add, kick, unlock. */
 #define VP_KICK_HOLD     0   /* kick with the lock held (2.6.35) */
 #define VP_KICK_RELEASE  1   /* the RFC: drop the lock around the notify */
 #define VP_KICK_PREPARE  2   /* kick_prepare under the lock, notify after */
+/* A whole submission.  Takes and drops the queue lock itself: the caller
+ * must not hold it. */
 int vp_vq_submit(struct vp_vq *vq, int strategy, const uint64_t *addr,
 		 const uint32_t *len, unsigned out, unsigned in, uint64_t token);
 
-/* ---- device side ---- */
+/* ---- device side (vringh.c) ----
+ * One device queue is served by the device process's threads.  pop, push,
+ * interrupt and notify suppression take the queue's own mutex: any thread
+ * may call them, concurrently.  open/close, set_notify, set_mem and
+ * set_base are for the thread that owns the queue, while no other thread
+ * uses it (the server's threads for it stopped). */
 struct vp_seg {
-	uint64_t addr;
+	uint64_t addr;           /* GPA, as the descriptor says */
 	uint32_t len;
 	uint32_t write;
+	uint8_t *host;           /* addr translated: where the device reads or writes */
 };
 struct vp_chain {
 	uint16_t head;
@@ -134,33 +154,67 @@ struct vp_chain {
 	uint32_t out_len;
 	uint32_t in_len;
 };
+struct vp_mem;
 struct vp_devq;
-/* The device passes what it laid out itself, never what the region says. */
+/* Native transport: the queue of a region this process laid out.  The
+ * device passes what it laid out itself, never what the region says: ring
+ * parts as GPAs, and the queue's data share [data_lo, data_hi), the only
+ * guest memory its buffers may use.  Counters go to the region's stats
+ * block of the queue, NEEDS_RESET to its header. */
 struct vp_devq *vp_devq_open(void *base, uint64_t size, uint64_t data_lo,
 			     uint64_t data_hi, unsigned index, unsigned num,
 			     uint64_t desc, uint64_t avail, uint64_t used,
 			     int event_idx, uint32_t exit_mode, int *err);
+/* Any transport: rings at host addresses the caller translated and checked
+ * (desc 16*num bytes, avail 6+2*num, used 6+8*num, each naturally
+ * aligned), buffers checked against a copy of mem.  Counters go to stats
+ * (private memory, at least 8-byte aligned, kept by the caller for the
+ * queue's life) or, with NULL, to the queue's own block. */
+struct vp_devq *vp_devq_open_mem(const struct vp_mem *mem, unsigned index,
+				 unsigned num, void *desc, void *avail,
+				 void *used, struct vp_device_stats *stats,
+				 int event_idx, uint32_t exit_mode, int *err);
 void vp_devq_close(struct vp_devq *q);
+/* A new guest memory table (vhost-user SET_MEM_TABLE), copied.  Only while
+ * no thread serves q. */
+int vp_devq_set_mem(struct vp_devq *q, const struct vp_mem *mem);
+/* Where the queue starts (vhost-user SET_VRING_BASE) and where it is
+ * (GET_VRING_BASE).  set: only while no thread serves q, with nothing in
+ * flight (-EBUSY).  get: any thread. */
+int vp_devq_set_base(struct vp_devq *q, uint16_t last_avail_idx,
+		     uint16_t used_idx);
+void vp_devq_get_base(struct vp_devq *q, uint16_t *last_avail_idx,
+		      uint16_t *used_idx);
 void vp_devq_set_notify(struct vp_devq *q, struct vp_notifier *kick,
 			struct vp_notifier *call, struct vp_notifier *ack);
+/* Next available chain, every rule checked: 1 taken, 0 none, <0 the rule
+ * broken (the queue is then broken).  Any thread. */
 int vp_devq_pop(struct vp_devq *q, struct vp_chain *c, struct vp_seg *segs,
 		unsigned max_segs);
+/* Return a popped head with its used length.  Any thread. */
 int vp_devq_push(struct vp_devq *q, unsigned head, uint32_t len);
+/* Would vp_devq_interrupt send one now?  Only asks.  Any thread. */
 int vp_devq_need_interrupt(struct vp_devq *q);
+/* Interrupt the driver if it wants one: 1 sent, 0 not.  Any thread. */
 int vp_devq_interrupt(struct vp_devq *q);
+/* Kick suppression.  enable: 1 if work came meanwhile.  Any thread. */
 void vp_devq_disable_notify(struct vp_devq *q);
 int vp_devq_enable_notify(struct vp_devq *q);
+/* Sleep on the kick; take every pending one: how many.  Any thread. */
 int vp_devq_wait_kick(struct vp_devq *q, int64_t timeout_ns);
+/* Let n sync exits return.  Any thread. */
 int vp_devq_ack_kicks(struct vp_devq *q, int n);
+/* 0, or the VP_E* code that broke the queue.  Any thread. */
 int vp_devq_broken(struct vp_devq *q);
 void vp_devq_mark_broken(struct vp_devq *q, int code);
+/* Accessors.  Any thread. */
 unsigned vp_devq_inflight(struct vp_devq *q);
-uint8_t *vp_devq_gpa(struct vp_devq *q, uint64_t gpa);
 unsigned vp_devq_num(struct vp_devq *q);
+unsigned vp_devq_index(struct vp_devq *q);
 struct vp_device_stats *vp_devq_stats(struct vp_devq *q);
 struct vp_notifier *vp_devq_kick(struct vp_devq *q);
 
-/* ---- loops in C, for tests and benchmarks ---- */
+/* ---- loops in C, for tests and benchmarks (echo.c); no lock held ---- */
 /* Device: serve n chains (n<0: until *stop), writing a 32-bit sequence into
  * the first writable buffer and returning the writable length as used.
  * poll: spin on the avail ring instead of sleeping on the kick. */

@@ -1,19 +1,22 @@
-/* Attach to a virtio_py device region with nothing but docs/REGION.md and
- * <linux/virtio_ring.h>: map it, check it, print its queue table, place
- * every ring with vring_init, and optionally act as a driver for one
- * request (lock, add a chain, kick, wait for the used ring).
+/* A driver of a virtio_py device, written from docs/REGION.md and the
+ * public header region.h alone, with the kernel's uapi headers: map the
+ * region, check it, print its queue table, place every ring with
+ * vring_init, and optionally drive requests on queue 0.
  *
- *   cc -O2 -o attach_example docs/attach_example.c -pthread   (glibc >= 2.34;
- *                                                  older: add -lrt)
+ *   cc -O2 -I csrc -o attach_example docs/attach_example.c -pthread
+ *      (installed package: -I "$(python3 -m virtio_py include-dir)";
+ *       glibc older than 2.34: add -lrt)
+ *
  *   ./attach_example NAME            print the layout
- *   ./attach_example NAME --submit   also send one request on queue 0
+ *   ./attach_example NAME --submit   one request, alone on queue 0, through a
+ *                                    device that echoes (the tests' echo device)
+ *   ./attach_example NAME --slot     the same from a claimed guest slot, beside
+ *                                    virtio_py guest processes (REGION.md §11)
+ *   ./attach_example NAME --blk      virtio-blk requests of every type against
+ *                                    the host daemon, alone on queue 0 (§10)
  *
  * NAME is the device name (the region is /dev/shm/NAME).  Output lines are
  * "key value ..." pairs; tests/test_region_doc.py checks them.
- *
- * The submit path assumes this program is the only driver reaping queue 0
- * (see "Sharing a queue" in REGION.md for the token and slot rules that
- * apply when virtio_py guest processes use it too).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -21,7 +24,7 @@
 #include <limits.h>
 #include <sched.h>
 #include <semaphore.h>
-#include <stddef.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,77 +32,13 @@
 #include <time.h>
 #include <unistd.h>
 #include <linux/futex.h>
-#include <linux/virtio_ring.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include "region.h"
 
-/* ---- the layout, as REGION.md gives it ---- */
-#define VP_MAGIC          0x4f49545249565056ULL   /* "VPVIRTIO" */
-#define VP_LAYOUT_VERSION 1
-#define VP_HEADER_SIZE    1256
-#define VP_MAX_QUEUES     16
-#define VP_LOCK_SPIN      0
-#define VP_LOCK_SPINYIELD 1
-#define VP_LOCK_MUTEX     2
-#define VP_EXIT_SYNC      1
-#define F_EVENT_IDX       29    /* VIRTIO_RING_F_EVENT_IDX */
-
-struct queue_info {                 /* header + 232 + 64 * q */
-	uint16_t num, pad0;
-	uint32_t pad1;
-	uint64_t desc, avail, used, shared, tokens, data, data_size;
-};
-
-struct header {
-	uint64_t magic;             /*   0 */
-	uint32_t version;           /*   8 */
-	uint32_t header_size;       /*  12 */
-	uint64_t size;              /*  16 */
-	uint64_t device_features;   /*  24 */
-	uint64_t driver_features;   /*  32 */
-	uint32_t status;            /*  40 */
-	int32_t  daemon_pid;        /*  44 */
-	uint32_t num_queues;        /*  48 */
-	uint32_t exit_mode;         /*  52 */
-	uint32_t exit_cost_ns;      /*  56 */
-	uint32_t serve_mode;        /*  60 */
-	uint32_t lock_kind;         /*  64 */
-	uint32_t pad;               /*  68 */
-	uint64_t data_offset;       /*  72 */
-	uint64_t data_size;         /*  80 */
-	char     name[64];          /*  88 */
-	uint8_t  blk[72];           /* 152: struct virtio_blk_config (packed) */
-	uint8_t  pad2[8];           /* 224 */
-	struct queue_info queue[VP_MAX_QUEUES];   /* 232 */
-};
-
-struct lock {                       /* struct vp_queue_shared + 0 */
-	uint32_t kind, spin_ns, next, owner, futex;
-	int32_t  last_cpu;
-	uint64_t t_acquired;
-	uint64_t con_bounces, contentions, wait_min, wait_max, wait_total,
-		 acq_bounces, acquisitions, hold_min, hold_max, hold_total;
-};
-
-struct driver_state {               /* struct vp_queue_shared + 128 */
-	uint16_t free_head, num_free, num_added, avail_idx_shadow,
-		 last_used_idx, avail_flags_shadow;
-	uint32_t pad;
-	uint64_t kicks, kicks_suppressed, added, completed;
-};
-
-/* If any of these fail, this file and REGION.md disagree. */
-_Static_assert(sizeof(struct header) == VP_HEADER_SIZE, "header size");
-_Static_assert(offsetof(struct header, data_offset) == 72, "data_offset");
-_Static_assert(offsetof(struct header, queue) == 232, "queue table");
-_Static_assert(sizeof(struct queue_info) == 64, "queue_info size");
-_Static_assert(offsetof(struct lock, futex) == 16, "lock futex");
-_Static_assert(offsetof(struct lock, acquisitions) == 80, "lockstat acquisitions");
-_Static_assert(offsetof(struct driver_state, kicks) == 16, "drv kicks");
-_Static_assert(sizeof(struct driver_state) == 48, "drv size");
-#define SHARED_LOCK 0
-#define SHARED_DRV  128
+#define WAIT_NS      5000000000ULL   /* give up on a request after 5 s */
+#define QUIET_NS     20000000ULL     /* reap on our own after 20 ms without a call */
 
 static uint8_t *base;
 
@@ -112,11 +51,53 @@ static uint64_t now_ns(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
-/* ---- the queue lock (REGION.md, "The lock") ---- */
-static void lock_acquire(struct lock *l)
+/* REGION.md §2: gone if no such process, or a zombie. */
+static int pid_gone(int32_t pid)
+{
+	if (pid <= 0 || (kill(pid, 0) && errno == ESRCH))
+		return 1;
+	char path[32], buf[512];
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT;
+	ssize_t n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	buf[n] = 0;
+	char *p = strrchr(buf, ')');      /* the command name may hold ')' */
+	return p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
+}
+
+static long futex(uint32_t *word, int op, uint32_t val)
+{
+	/* Shared, never FUTEX_*_PRIVATE: the others are other processes. */
+	return syscall(SYS_futex, word, op, val, NULL, NULL, 0);
+}
+
+/* 0 taken, -ETIMEDOUT, or another -errno. */
+static int sem_wait_ns(sem_t *s, uint64_t ns)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	ts.tv_sec += ns / 1000000000ULL;
+	ts.tv_nsec += ns % 1000000000ULL;
+	if (ts.tv_nsec >= 1000000000L) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000L;
+	}
+	while (sem_timedwait(s, &ts))
+		if (errno != EINTR)
+			return -errno;
+	return 0;
+}
+
+/* ---- the queue lock (REGION.md §7) ---- */
+static void lock_acquire(struct vp_lock *l)
 {
 	if (l->kind == VP_LOCK_MUTEX) {
 		uint32_t c = 0;
@@ -125,9 +106,7 @@ static void lock_acquire(struct lock *l)
 			if (c != 2)
 				c = __atomic_exchange_n(&l->futex, 2, __ATOMIC_ACQUIRE);
 			while (c != 0) {
-				/* FUTEX_WAIT, not FUTEX_WAIT_PRIVATE: the
-				 * other waiters are other processes. */
-				syscall(SYS_futex, &l->futex, FUTEX_WAIT, 2, NULL, NULL, 0);
+				futex(&l->futex, FUTEX_WAIT, 2);
 				c = __atomic_exchange_n(&l->futex, 2, __ATOMIC_ACQUIRE);
 			}
 		}
@@ -139,184 +118,454 @@ static void lock_acquire(struct lock *l)
 				sched_yield();
 	}
 	/* The holder keeps the lockstat counters; count ours. */
-	l->acquisitions++;
+	l->stat.acquisitions++;
 	l->t_acquired = now_ns();
 }
 
-static void lock_release(struct lock *l)
+static void lock_release(struct vp_lock *l)
 {
 	if (l->kind == VP_LOCK_MUTEX) {
 		if (__atomic_fetch_sub(&l->futex, 1, __ATOMIC_RELEASE) != 1) {
 			__atomic_store_n(&l->futex, 0, __ATOMIC_RELEASE);
-			syscall(SYS_futex, &l->futex, FUTEX_WAKE, 1, NULL, NULL, 0);
+			futex(&l->futex, FUTEX_WAKE, 1);
 		}
 	} else {
 		__atomic_store_n(&l->owner, l->owner + 1, __ATOMIC_RELEASE);
 	}
 }
 
-static int sem_wait_ms(sem_t *s, long ms)
+/* ---- one virtqueue, driver side (REGION.md §8, §9) ---- */
+struct queue {
+	struct vp_region_header *h;
+	struct vp_queue_info *qi;
+	struct vp_queue_shared *sh;
+	struct vp_driver_state *st;
+	uint64_t *tokens;
+	struct vring vr;
+	int event_idx;
+	sem_t *kick, *call, *ack;
+	unsigned delivered;       /* completions we delivered to others' slots */
+};
+
+static sem_t *open_sem(const char *name, unsigned q, const char *role)
 {
-	struct timespec ts;
-	clock_gettime(CLOCK_REALTIME, &ts);
-	ts.tv_sec += ms / 1000;
-	ts.tv_nsec += (ms % 1000) * 1000000L;
-	if (ts.tv_nsec >= 1000000000L) {
-		ts.tv_sec++;
-		ts.tv_nsec -= 1000000000L;
-	}
-	while (sem_timedwait(s, &ts))
-		if (errno != EINTR)
-			return -errno;
-	return 0;
+	char path[128];
+	snprintf(path, sizeof(path), VP_SEM_NAME_FMT, name, q, role);
+	sem_t *s = sem_open(path, 0);
+	if (s == SEM_FAILED)
+		perror(path);
+	return s;
 }
 
-/* One request on queue 0: a 16-byte readable buffer and a 64-byte writable
- * one in the queue's data share, as virtqueue_add + kick + get_buf do. */
-static int submit_one(struct header *h, const char *name)
+static int queue_open(struct queue *q, struct vp_region_header *h,
+		      const char *name, unsigned index)
 {
-	struct queue_info *qi = &h->queue[0];
-	struct lock *lk = gpa(qi->shared + SHARED_LOCK);
-	struct driver_state *st = gpa(qi->shared + SHARED_DRV);
-	uint64_t *tokens = gpa(qi->tokens);
-	struct vring vr;
-	int event_idx = !!(h->driver_features & (1ULL << F_EVENT_IDX));
-	vring_init(&vr, qi->num, gpa(qi->desc), 4096);
+	memset(q, 0, sizeof(*q));
+	q->h = h;
+	q->qi = &h->queue[index];
+	q->sh = gpa(q->qi->shared);
+	q->st = &q->sh->drv;
+	q->tokens = gpa(q->qi->tokens);
+	q->event_idx = !!(h->driver_features & (1ULL << VIRTIO_RING_F_EVENT_IDX));
+	vring_init(&q->vr, q->qi->num, gpa(q->qi->desc), VP_RING_ALIGN);
+	q->kick = open_sem(name, index, "kick");
+	q->call = open_sem(name, index, "call");
+	q->ack = open_sem(name, index, "ack");
+	return q->kick == SEM_FAILED || q->call == SEM_FAILED ||
+	       q->ack == SEM_FAILED ? -1 : 0;
+}
 
-	uint64_t out_gpa = qi->data, in_gpa = qi->data + 4096;
-	memcpy(gpa(out_gpa), "attach_example\n", 16);
-	memset(gpa(in_gpa), 0xff, 64);
-	uint64_t addr[2] = { out_gpa, in_gpa };
-	uint32_t len[2] = { 16, 64 };
-	uint64_t token = 0xc0ffee;          /* any non-zero value */
+static void queue_close(struct queue *q)
+{
+	sem_t *s[3] = { q->kick, q->call, q->ack };
+	for (unsigned i = 0; i < 3; i++)
+		if (s[i] && s[i] != SEM_FAILED)
+			sem_close(s[i]);
+}
 
-	lock_acquire(lk);
-	if (st->num_free < 2) {
-		lock_release(lk);
-		fprintf(stderr, "queue full\n");
-		return 1;
-	}
-	/* virtqueue_add: take descriptors off the free list (linked by next). */
+/* virtqueue_add, lock held: out readable buffers, then in writable ones. */
+static int add(struct queue *q, const uint64_t *addr, const uint32_t *len,
+	       unsigned out, unsigned in, uint64_t token)
+{
+	struct vp_driver_state *st = q->st;
+	unsigned n = out + in;
+	if (n == 0 || token == 0 || st->num_free < n)
+		return -1;
 	uint16_t head = st->free_head, i = head, prev = head;
-	for (unsigned n = 0; n < 2; n++) {
-		struct vring_desc *d = &vr.desc[i];
-		d->addr = addr[n];
-		d->len = len[n];
-		d->flags = VRING_DESC_F_NEXT | (n >= 1 ? VRING_DESC_F_WRITE : 0);
+	for (unsigned k = 0; k < n; k++) {
+		struct vring_desc *d = &q->vr.desc[i];
+		d->addr = addr[k];
+		d->len = len[k];
+		d->flags = VRING_DESC_F_NEXT | (k >= out ? VRING_DESC_F_WRITE : 0);
 		prev = i;
 		i = d->next;
 	}
-	vr.desc[prev].flags &= ~VRING_DESC_F_NEXT;
-	st->num_free -= 2;
+	q->vr.desc[prev].flags &= ~VRING_DESC_F_NEXT;
+	st->num_free -= n;
 	st->free_head = i;
-	tokens[head] = token;
-	__atomic_store_n(&vr.avail->ring[st->avail_idx_shadow & (qi->num - 1)],
+	q->tokens[head] = token;
+	__atomic_store_n(&q->vr.avail->ring[st->avail_idx_shadow & (q->qi->num - 1)],
 			 head, __ATOMIC_RELAXED);
 	st->avail_idx_shadow++;
-	__atomic_store_n(&vr.avail->idx, st->avail_idx_shadow, __ATOMIC_RELEASE);
+	__atomic_store_n(&q->vr.avail->idx, st->avail_idx_shadow, __ATOMIC_RELEASE);
 	st->num_added++;
 	__atomic_fetch_add(&st->added, 1, __ATOMIC_RELAXED);
+	return 0;
+}
 
-	/* virtqueue_kick_prepare. */
+/* virtqueue_kick_prepare, lock held: does the device want a kick? */
+static int kick_prepare(struct queue *q)
+{
+	struct vp_driver_state *st = q->st;
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
-	uint16_t new = st->avail_idx_shadow, old = new - st->num_added;
+	uint16_t new = st->avail_idx_shadow, old = (uint16_t)(new - st->num_added);
 	st->num_added = 0;
-	int kick = event_idx
-		? vring_need_event(__atomic_load_n(&vring_avail_event(&vr),
+	int kick = q->event_idx
+		? vring_need_event(__atomic_load_n(&vring_avail_event(&q->vr),
 						   __ATOMIC_RELAXED), new, old)
-		: !(__atomic_load_n(&vr.used->flags, __ATOMIC_RELAXED) &
+		: !(__atomic_load_n(&q->vr.used->flags, __ATOMIC_RELAXED) &
 		    VRING_USED_F_NO_NOTIFY);
 	if (!kick)
 		__atomic_fetch_add(&st->kicks_suppressed, 1, __ATOMIC_RELAXED);
-	lock_release(lk);
+	return kick;
+}
 
-	/* virtqueue_notify, outside the lock. */
-	if (kick) {
-		char sem[128];
-		__atomic_fetch_add(&st->kicks, 1, __ATOMIC_RELAXED);
-		snprintf(sem, sizeof(sem), "/%s.q0.kick", name);
-		sem_t *k = sem_open(sem, 0);
-		if (k == SEM_FAILED) {
-			perror(sem);
-			return 1;
-		}
-		sem_post(k);
-		sem_close(k);
-		if (h->exit_mode == VP_EXIT_SYNC) {
-			/* A trapping exit: resume once the device took it. */
-			snprintf(sem, sizeof(sem), "/%s.q0.ack", name);
-			sem_t *a = sem_open(sem, 0);
-			if (a == SEM_FAILED || sem_wait_ms(a, 5000)) {
-				fprintf(stderr, "no ack from the device\n");
-				return 1;
-			}
-			sem_close(a);
-		}
-	}
-
-	/* virtqueue_get_buf, polling (a driver could wait on q0.call). */
-	uint64_t t0 = now_ns();
+/* virtqueue_notify, outside the lock; under the sync exit, wait for the ack
+ * in 200 ms slices while the device process lives. */
+static int notify(struct queue *q)
+{
+	__atomic_fetch_add(&q->st->kicks, 1, __ATOMIC_RELAXED);
+	uint64_t end = now_ns() + q->h->exit_cost_ns;
+	while (now_ns() < end)
+		;                        /* the emulated cost of an exit */
+	sem_post(q->kick);
+	if (q->h->exit_mode != VP_EXIT_SYNC)
+		return 0;
 	for (;;) {
-		lock_acquire(lk);
-		if (st->last_used_idx != __atomic_load_n(&vr.used->idx, __ATOMIC_ACQUIRE))
-			break;
-		lock_release(lk);
-		if (now_ns() - t0 > 5000000000ULL) {
-			fprintf(stderr, "no used buffer within 5 s\n");
-			return 1;
+		int r = sem_wait_ns(q->ack, 200000000ULL);
+		if (r != -ETIMEDOUT)
+			return r;
+		if (pid_gone(__atomic_load_n(&q->h->daemon_pid, __ATOMIC_RELAXED))) {
+			fprintf(stderr, "the device process is gone\n");
+			return -1;
 		}
-		usleep(100);
 	}
-	struct vring_used_elem *e = &vr.used->ring[st->last_used_idx & (qi->num - 1)];
+}
+
+/* virtqueue_get_buf, lock held: 1 and the token, 0 if nothing is used, -1
+ * for a used id we never made available. */
+static int get_buf(struct queue *q, uint64_t *token, uint32_t *len)
+{
+	struct vp_driver_state *st = q->st;
+	uint16_t num = q->qi->num;
+	if (st->last_used_idx == __atomic_load_n(&q->vr.used->idx, __ATOMIC_ACQUIRE))
+		return 0;
+	struct vring_used_elem *e = &q->vr.used->ring[st->last_used_idx & (num - 1)];
 	uint32_t id = __atomic_load_n(&e->id, __ATOMIC_RELAXED);
-	uint32_t ulen = __atomic_load_n(&e->len, __ATOMIC_RELAXED);
-	if (id >= qi->num || tokens[id] != token) {
-		lock_release(lk);
-		fprintf(stderr, "used id %u is not ours\n", id);
-		return 1;
-	}
+	uint32_t l = __atomic_load_n(&e->len, __ATOMIC_RELAXED);
+	if (id >= num || q->tokens[id] == 0)
+		return -1;
+	*token = q->tokens[id];
+	*len = l;
 	/* detach_buf: the chain goes back on the free list. */
 	uint16_t j = (uint16_t)id;
 	unsigned n = 1;
-	tokens[id] = 0;
-	while (vr.desc[j].flags & VRING_DESC_F_NEXT) {
-		j = vr.desc[j].next;
+	q->tokens[id] = 0;
+	while (q->vr.desc[j].flags & VRING_DESC_F_NEXT) {
+		j = q->vr.desc[j].next;
 		n++;
 	}
-	vr.desc[j].next = st->free_head;
+	q->vr.desc[j].next = st->free_head;
 	st->free_head = (uint16_t)id;
 	st->num_free += n;
 	st->last_used_idx++;
 	__atomic_fetch_add(&st->completed, 1, __ATOMIC_RELAXED);
 	if (!(st->avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT)) {
-		__atomic_store_n(&vring_used_event(&vr), st->last_used_idx,
+		__atomic_store_n(&vring_used_event(&q->vr), st->last_used_idx,
 				 __ATOMIC_RELAXED);
 		__atomic_thread_fence(__ATOMIC_SEQ_CST);
 	}
-	lock_release(lk);
+	return 1;
+}
 
+/* Lock held: put a slot token's completion in its slot (REGION.md §11).
+ * Returns the slot to wake, or -1 for a token that is no live slot's. */
+static int deliver(struct queue *q, uint64_t token, uint32_t len)
+{
+	uint64_t s = VP_TOKEN_SLOT(token), tag = VP_TOKEN_TAG(token);
+	if (s >= VP_MAX_SLOTS || tag >= VP_MAX_TAGS)
+		return -1;
+	struct vp_guest_slot *slot = &q->sh->slot[s];
+	if (VP_TOKEN_GEN(token) != __atomic_load_n(&slot->gen, __ATOMIC_RELAXED))
+		return -1;               /* the slot's previous owner's */
+	slot->comp[tag].len = len;
+	__atomic_store_n(&slot->comp[tag].done, 1, __ATOMIC_RELEASE);
+	__atomic_fetch_add(&slot->delivered, 1, __ATOMIC_RELAXED);
+	__atomic_fetch_add(&slot->wake_seq, 1, __ATOMIC_SEQ_CST);
+	return (int)s;
+}
+
+/* The completion path, for everybody on the queue: take every used buffer
+ * under the lock, keep the one whose token is mine, deliver slot tokens
+ * (my_slot's too), and wake every slot that got one once the lock is
+ * dropped.  No callback flags: get_buf with callbacks on keeps used_event
+ * where the device needs it.  1 if mine was there (its length in *len). */
+static int reap(struct queue *q, uint64_t mine, int my_slot, uint32_t *len)
+{
+	uint64_t token, wake = 0;
+	uint32_t l;
+	int found = 0, r;
+	lock_acquire(&q->sh->lock);
+	while ((r = get_buf(q, &token, &l)) == 1) {
+		if (token == mine) {
+			*len = l;
+			found = 1;
+			continue;
+		}
+		int s = deliver(q, token, l);
+		if (s >= 0) {
+			wake |= 1ULL << s;
+			q->delivered += s != my_slot;
+		}
+	}
+	lock_release(&q->sh->lock);
+	for (; wake; wake &= wake - 1)
+		syscall(SYS_futex, &q->sh->slot[__builtin_ctzll(wake)].wake_seq,
+			FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+	if (r < 0) {
+		fprintf(stderr, "a used id the driver never made available\n");
+		return -1;
+	}
+	return found;
+}
+
+/* Add one chain, kick if the device wants it (outside the lock).  Returns
+ * whether it kicked, or -1. */
+static int submit(struct queue *q, const uint64_t *addr, const uint32_t *len,
+		  unsigned out, unsigned in, uint64_t token)
+{
+	lock_acquire(&q->sh->lock);
+	if (add(q, addr, len, out, in, token)) {
+		lock_release(&q->sh->lock);
+		fprintf(stderr, "queue full\n");
+		return -1;
+	}
+	int kick = kick_prepare(q);
+	lock_release(&q->sh->lock);
+	if (kick && notify(q))
+		return -1;
+	return kick;
+}
+
+/* Wait for a request: by its token (alone on the queue), or by its slot's
+ * completion record (slot != NULL; another process may have reaped it).
+ * Reap on every call we take, and on our own after a quiet spell. */
+static int wait_done(struct queue *q, uint64_t token, int my_slot,
+		     struct vp_guest_slot *slot, unsigned tag, uint32_t *len)
+{
+	uint64_t t0 = now_ns();
+	for (;;) {
+		int r = reap(q, slot ? 0 : token, my_slot, len);
+		if (r < 0)
+			return -1;
+		if (r > 0)
+			return 0;
+		if (slot && __atomic_load_n(&slot->comp[tag].done, __ATOMIC_ACQUIRE)) {
+			*len = slot->comp[tag].len;
+			__atomic_store_n(&slot->comp[tag].done, 0, __ATOMIC_RELAXED);
+			return 0;
+		}
+		if (now_ns() - t0 > WAIT_NS) {
+			fprintf(stderr, "no completion within 5 s\n");
+			return -1;
+		}
+		sem_wait_ns(q->call, QUIET_NS);
+	}
+}
+
+/* ---- --submit and --slot: one request through the echo device ---- */
+
+/* Claim a slot as REGION.md §11 says: a free one, else one whose owner is
+ * gone; then a new generation and clean records, under the lock. */
+static int slot_claim(struct queue *q, uint32_t *gen)
+{
+	int32_t me = getpid();
+	int got = -1;
+	for (int i = 0; i < VP_MAX_SLOTS && got < 0; i++) {
+		int32_t cur = 0;
+		if (__atomic_compare_exchange_n(&q->sh->slot[i].owner_pid, &cur, me, 0,
+						__ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+			got = i;
+	}
+	for (int i = 0; i < VP_MAX_SLOTS && got < 0; i++) {
+		int32_t cur = __atomic_load_n(&q->sh->slot[i].owner_pid, __ATOMIC_RELAXED);
+		if (cur > 0 && pid_gone(cur) &&
+		    __atomic_compare_exchange_n(&q->sh->slot[i].owner_pid, &cur, me, 0,
+						__ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+			got = i;
+	}
+	if (got < 0)
+		return -1;
+	struct vp_guest_slot *s = &q->sh->slot[got];
+	lock_acquire(&q->sh->lock);
+	*gen = __atomic_add_fetch(&s->gen, 1, __ATOMIC_RELAXED);
+	memset(s->comp, 0, sizeof(s->comp));
+	lock_release(&q->sh->lock);
+	return got;
+}
+
+static int echo_request(struct queue *q, int use_slot)
+{
+	int s = -1;
+	uint32_t gen = 0;
+	uint64_t buf = q->qi->data, token = 0xc0ffee;   /* alone: any non-zero token */
+	if (use_slot) {
+		s = slot_claim(q, &gen);
+		if (s < 0) {
+			fprintf(stderr, "no free slot\n");
+			return 1;
+		}
+		uint64_t share = VP_SLOT_SHARE(q->qi->data_size);
+		if (VP_TAG_SIZE(share, 1) <= VP_SLOT_HDR_AREA) {
+			fprintf(stderr, "data share too small for a slot\n");
+			__atomic_store_n(&q->sh->slot[s].owner_pid, 0, __ATOMIC_RELEASE);
+			return 1;
+		}
+		buf = q->qi->data + (uint64_t)s * share;   /* tag 0's buffer */
+		token = VP_TOKEN(gen, s, 0);
+		__atomic_store_n(&q->sh->slot[s].comp[0].done, 0, __ATOMIC_RELEASE);
+	}
+	/* 16 readable bytes, then 64 writable ones a page further. */
+	uint64_t addr[2] = { buf, buf + VP_SLOT_HDR_AREA };
+	uint32_t len[2] = { 16, 64 };
+	memcpy(gpa(addr[0]), "attach_example\n", 16);
+	memset(gpa(addr[1]), 0xff, 64);
+	int kicked = submit(q, addr, len, 1, 1, token);
+	uint32_t used = 0;
+	int r = kicked < 0 ? -1
+		: wait_done(q, token, s, s >= 0 ? &q->sh->slot[s] : NULL, 0, &used);
+	if (s >= 0)   /* nothing of ours in flight any more: release */
+		__atomic_store_n(&q->sh->slot[s].owner_pid, 0, __ATOMIC_RELEASE);
+	if (r)
+		return 1;
 	uint32_t first;
-	memcpy(&first, gpa(in_gpa), 4);
-	printf("submit head %u token %#llx used_len %u first_word %u kicked %d\n",
-	       (unsigned)head, (unsigned long long)token, ulen, first, kick);
+	memcpy(&first, gpa(addr[1]), 4);
+	if (s >= 0)
+		printf("slot %d gen %u token %#llx used_len %u first_word %u kicked %d "
+		       "delivered_to_others %u\n", s, gen, (unsigned long long)token,
+		       used, first, kicked, q->delivered);
+	else
+		printf("submit token %#llx used_len %u first_word %u kicked %d\n",
+		       (unsigned long long)token, used, first, kicked);
+	return 0;
+}
+
+/* ---- --blk: virtio-blk requests (REGION.md §10) ---- */
+
+/* Header at the start of the queue's data share, status byte right after
+ * it, data a page further; one request at a time. */
+static int blk_request(struct queue *q, uint32_t type, uint64_t sector,
+		       const void *out, uint32_t out_len, uint32_t in_len,
+		       uint8_t *status, uint32_t *used)
+{
+	static uint64_t next_token = 1;
+	uint64_t hdr = q->qi->data, st = hdr + sizeof(struct virtio_blk_outhdr);
+	uint64_t data = hdr + VP_PAGE;
+	struct virtio_blk_outhdr *oh = gpa(hdr);
+	oh->type = type;
+	oh->ioprio = 0;
+	oh->sector = sector;
+	*(uint8_t *)gpa(st) = 0xff;
+	if (out_len)
+		memcpy(gpa(data), out, out_len);
+	uint64_t addr[3];
+	uint32_t len[3];
+	unsigned n_out = 0, n_in = 0;
+	addr[n_out] = hdr;
+	len[n_out++] = sizeof(*oh);
+	if (out_len) {
+		addr[n_out] = data;
+		len[n_out++] = out_len;
+	}
+	if (in_len) {
+		addr[n_out + n_in] = data;
+		len[n_out + n_in++] = in_len;
+	}
+	addr[n_out + n_in] = st;
+	len[n_out + n_in++] = 1;
+	uint64_t token = next_token++;   /* alone on the queue: any non-zero token */
+	if (submit(q, addr, len, n_out, n_in, token) < 0 ||
+	    wait_done(q, token, -1, NULL, 0, used))
+		return -1;
+	*status = *(volatile uint8_t *)gpa(st);
+	return 0;
+}
+
+static int blk_run(struct queue *q)
+{
+	enum { BYTES = 8192, SECTOR = 8 };
+	static uint8_t pattern[BYTES], zeros[BYTES];
+	uint64_t capacity = q->h->blk.capacity;
+	uint8_t status;
+	uint32_t used;
+	uint8_t *data = gpa(q->qi->data + VP_PAGE);
+	struct virtio_blk_discard_write_zeroes range = { .sector = SECTOR,
+							 .num_sectors = BYTES / 512 };
+	if (q->qi->data_size < VP_PAGE + BYTES || capacity < SECTOR + BYTES / 512) {
+		fprintf(stderr, "device too small\n");
+		return 1;
+	}
+	for (unsigned i = 0; i < BYTES; i++)
+		pattern[i] = (uint8_t)(i * 7 + 1);
+#define REQ(what, ...) do { \
+		if (blk_request(q, __VA_ARGS__, &status, &used)) \
+			return 1; \
+		printf("blk %s status %u used %u", what, status, used); \
+	} while (0)
+	REQ("out", VIRTIO_BLK_T_OUT, SECTOR, pattern, BYTES, 0);
+	printf("\n");
+	memset(data, 0, BYTES);
+	REQ("in", VIRTIO_BLK_T_IN, SECTOR, NULL, 0, BYTES);
+	printf(" match %d\n", !memcmp(data, pattern, BYTES));
+	REQ("flush", VIRTIO_BLK_T_FLUSH, 0, NULL, 0, 0);
+	printf("\n");
+	REQ("get_id", VIRTIO_BLK_T_GET_ID, 0, NULL, 0, VIRTIO_BLK_ID_BYTES);
+	printf(" id %.*s\n", VIRTIO_BLK_ID_BYTES, (char *)data);
+	REQ("write_zeroes", VIRTIO_BLK_T_WRITE_ZEROES, 0, &range, sizeof(range), 0);
+	printf("\n");
+	memset(data, 0xff, BYTES);
+	REQ("in_zeroed", VIRTIO_BLK_T_IN, SECTOR, NULL, 0, BYTES);
+	printf(" zero %d\n", !memcmp(data, zeros, BYTES));
+	REQ("discard", VIRTIO_BLK_T_DISCARD, 0, &range, sizeof(range), 0);
+	printf("\n");
+	range.flags = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+	REQ("discard_flags", VIRTIO_BLK_T_DISCARD, 0, &range, sizeof(range), 0);
+	printf("\n");
+	REQ("in_past_end", VIRTIO_BLK_T_IN, capacity, NULL, 0, 512);
+	printf("\n");
+	REQ("out_partial_sector", VIRTIO_BLK_T_OUT, SECTOR, pattern, 100, 0);
+	printf("\n");
+	REQ("unknown_type", 99, 0, NULL, 0, 0);
+	printf("\n");
+#undef REQ
 	return 0;
 }
 
 int main(int argc, char **argv)
 {
 	if (argc < 2) {
-		fprintf(stderr, "usage: %s NAME [--submit]\n", argv[0]);
+		fprintf(stderr, "usage: %s NAME [--submit | --slot | --blk]\n", argv[0]);
 		return 2;
 	}
 	char path[128];
-	snprintf(path, sizeof(path), "/%s", argv[1]);
+	snprintf(path, sizeof(path), VP_SHM_NAME_FMT, argv[1]);
 	int fd = shm_open(path, O_RDWR, 0);
 	if (fd < 0) {
 		perror(path);
 		return 1;
 	}
 	struct stat sb;
-	if (fstat(fd, &sb) || (size_t)sb.st_size < sizeof(struct header)) {
+	if (fstat(fd, &sb) || (size_t)sb.st_size < sizeof(struct vp_region_header)) {
 		fprintf(stderr, "%s: too small to be a region\n", path);
 		return 1;
 	}
@@ -326,7 +575,7 @@ int main(int argc, char **argv)
 		perror("mmap");
 		return 1;
 	}
-	struct header *h = (void *)base;
+	struct vp_region_header *h = (void *)base;
 	if (h->magic != VP_MAGIC || h->version != VP_LAYOUT_VERSION ||
 	    h->header_size != sizeof(*h)) {
 		fprintf(stderr, "not a virtio_py region of layout %d\n", VP_LAYOUT_VERSION);
@@ -342,37 +591,52 @@ int main(int argc, char **argv)
 	printf("name %.64s\n", h->name);
 	printf("features %#llx event_idx %d lock_kind %u exit_mode %u serve_mode %u\n",
 	       (unsigned long long)h->driver_features,
-	       !!(h->driver_features & (1ULL << F_EVENT_IDX)), h->lock_kind,
+	       !!(h->driver_features & (1ULL << VIRTIO_RING_F_EVENT_IDX)), h->lock_kind,
 	       h->exit_mode, h->serve_mode);
 	printf("data_offset %llu data_size %llu\n",
 	       (unsigned long long)h->data_offset, (unsigned long long)h->data_size);
 	printf("num_queues %u\n", h->num_queues);
 	for (unsigned q = 0; q < h->num_queues; q++) {
-		struct queue_info *qi = &h->queue[q];
+		struct vp_queue_info *qi = &h->queue[q];
 		if (!qi->num || (qi->num & (qi->num - 1)) ||
-		    qi->desc + vring_size(qi->num, 4096) > h->size) {
+		    qi->desc > h->size || vring_size(qi->num, VP_RING_ALIGN) > h->size - qi->desc ||
+		    qi->shared > h->size || sizeof(struct vp_queue_shared) > h->size - qi->shared) {
 			fprintf(stderr, "queue %u: bad ring\n", q);
 			return 1;
 		}
 		/* The ring starts at desc and is laid out by vring_init. */
 		struct vring vr;
-		vring_init(&vr, qi->num, gpa(qi->desc), 4096);
+		vring_init(&vr, qi->num, gpa(qi->desc), VP_RING_ALIGN);
 		if ((uint8_t *)vr.avail != gpa(qi->avail) ||
 		    (uint8_t *)vr.used != gpa(qi->used)) {
 			fprintf(stderr, "queue %u: rings not where vring_init puts them\n", q);
 			return 1;
 		}
-		struct lock *lk = gpa(qi->shared + SHARED_LOCK);
+		struct vp_queue_shared *sh = gpa(qi->shared);
 		printf("queue %u num %u desc %llu avail %llu used %llu shared %llu "
 		       "tokens %llu data %llu data_size %llu lock %u\n", q, qi->num,
 		       (unsigned long long)qi->desc, (unsigned long long)qi->avail,
 		       (unsigned long long)qi->used, (unsigned long long)qi->shared,
 		       (unsigned long long)qi->tokens, (unsigned long long)qi->data,
-		       (unsigned long long)qi->data_size, lk->kind);
+		       (unsigned long long)qi->data_size, sh->lock.kind);
 	}
 	int rc = 0;
-	if (argc > 2 && !strcmp(argv[2], "--submit"))
-		rc = submit_one(h, argv[1]);
+	if (argc > 2) {
+		struct queue q;
+		if (queue_open(&q, h, argv[1], 0)) {
+			rc = 1;
+		} else if (!strcmp(argv[2], "--submit")) {
+			rc = echo_request(&q, 0);
+		} else if (!strcmp(argv[2], "--slot")) {
+			rc = echo_request(&q, 1);
+		} else if (!strcmp(argv[2], "--blk")) {
+			rc = blk_run(&q);
+		} else {
+			fprintf(stderr, "unknown option %s\n", argv[2]);
+			rc = 2;
+		}
+		queue_close(&q);
+	}
 	fflush(stdout);
 	munmap(base, sb.st_size);
 	return rc;

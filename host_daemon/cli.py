@@ -1,19 +1,31 @@
 """virtio-hostd: start, stop and inspect the virtio-blk host daemon."""
+
 import json
 import os
 import signal
 import sys
 import time
 
-from virtio_py._lowlevel import lib
-from virtio_py.cliutil import (CliError, OneLineParser, error_text, int_range, name_arg,
-                               positive_float, run_main, size_arg)
+from virtio_py import limits
+from virtio_py.cliutil import (
+    CliError,
+    OneLineParser,
+    choice_arg,
+    error_text,
+    limit_arg,
+    name_arg,
+    parse_float,
+    positive_float,
+    run_main,
+)
 from virtio_py.errors import VirtioError
-from virtio_py.region import EXIT_MODES, LOCK_KINDS, SERVE_MODES, destroy, exists
+from virtio_py.proc import pid_alive
+from virtio_py.region import destroy, exists
+from virtio_py.store import assemble
+from virtio_py.units import parse_size
 
-from .daemon import HostDaemon, pid_alive, stale_or_live
+from .daemon import HostDaemon, stale_or_live
 from .status import device_status, format_status
-from .store import assemble
 
 PROG = "virtio-hostd"
 
@@ -22,94 +34,191 @@ def build_parser():
     p = OneLineParser(
         prog=PROG,
         description="The host side of the virtio_py block device: a daemon that serves "
-                    "virtio-blk requests from a shared-memory virtqueue out of a striped, "
-                    "file-backed store.")
+        "virtio-blk requests from a shared-memory virtqueue out of a striped, "
+        "file-backed store.",
+    )
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
 
-    s = sub.add_parser("start", help="create the device and serve it",
-                       description="Create the shared region, notifiers and store of device "
-                                   "NAME and serve it.  Detaches once ready unless --foreground.")
+    s = sub.add_parser(
+        "start",
+        help="create the device and serve it",
+        description="Create the shared region, notifiers and store of device "
+        "NAME and serve it.  Detaches once ready unless --foreground.",
+    )
     s.add_argument("--name", required=True, type=name_arg, help="device name (/dev/shm/NAME)")
-    s.add_argument("--store", required=True, metavar="DIR",
-                   help="directory of the stripe files (created, sparse, if missing)")
-    s.add_argument("--size", type=size_arg, default="1G", help="capacity (default 1G)")
-    s.add_argument("--stripes", type=int_range(1, lib.VP_STORE_MAX_STRIPES), default=12,
-                   help="stripe files (default 12)")
-    s.add_argument("--chunk", type=size_arg, default="64K", help="chunk size (default 64K)")
-    s.add_argument("--queues", type=int_range(1, lib.VP_MAX_QUEUES), default=1,
-                   help="virtqueues (default 1)")
-    s.add_argument("--queue-size", type=int, default=128, help="entries per queue (default 128)")
-    s.add_argument("--mode", choices=tuple(SERVE_MODES), default="notify",
-                   help="sleep on kicks, or busy-poll with back-off (default notify)")
-    s.add_argument("--exit", choices=tuple(EXIT_MODES), default="async",
-                   help="async: a kick only posts (ioeventfd); sync: the kick returns once "
-                        "the daemon took it (a trapping PIO write). Default async")
-    s.add_argument("--exit-cost", type=float, default=0.0, metavar="US",
-                   help="extra microseconds spent inside every kick (default 0)")
-    s.add_argument("--lock", choices=tuple(LOCK_KINDS), default="spin",
-                   help="kind of the guest's queue lock (default spin)")
-    s.add_argument("--event-idx", dest="event_idx", action="store_true", default=True,
-                   help="offer VIRTIO_RING_F_EVENT_IDX (default)")
-    s.add_argument("--no-event-idx", dest="event_idx", action="store_false",
-                   help="use the NO_NOTIFY / NO_INTERRUPT flags instead")
-    s.add_argument("--direct", dest="direct", action="store_true", default=True,
-                   help="O_DIRECT on the stripe files where supported (default)")
+    s.add_argument(
+        "--store",
+        required=True,
+        metavar="DIR",
+        help="directory of the stripe files (created, sparse, if missing)",
+    )
+    s.add_argument(
+        "--size",
+        type=limit_arg(limits.CAPACITY, parse_size),
+        default="1G",
+        help="capacity (default 1G)",
+    )
+    s.add_argument(
+        "--stripes", type=limit_arg(limits.STRIPES), default=12, help="stripe files (default 12)"
+    )
+    s.add_argument(
+        "--chunk",
+        type=limit_arg(limits.CHUNK, parse_size),
+        default="64K",
+        help="chunk size (default 64K)",
+    )
+    s.add_argument(
+        "--queues", type=limit_arg(limits.QUEUES), default=1, help="virtqueues (default 1)"
+    )
+    s.add_argument(
+        "--queue-size",
+        type=limit_arg(limits.BLK_QUEUE_SIZE),
+        default=128,
+        help="entries per queue (default 128)",
+    )
+    s.add_argument(
+        "--mode",
+        **choice_arg(limits.MODE),
+        default="notify",
+        help="sleep on kicks, or busy-poll with back-off (default notify)",
+    )
+    s.add_argument(
+        "--exit",
+        **choice_arg(limits.EXIT),
+        default="async",
+        help="async: a kick only posts (ioeventfd); sync: the kick returns once "
+        "the daemon took it (a trapping PIO write). Default async",
+    )
+    s.add_argument(
+        "--exit-cost",
+        type=limit_arg(limits.EXIT_COST_US, parse_float),
+        default=0.0,
+        metavar="US",
+        help="extra microseconds spent inside every kick (default 0)",
+    )
+    s.add_argument(
+        "--lock",
+        **choice_arg(limits.LOCK),
+        default="spin",
+        help="kind of the guest's queue lock (default spin)",
+    )
+    s.add_argument(
+        "--event-idx",
+        dest="event_idx",
+        action="store_true",
+        default=True,
+        help="offer VIRTIO_RING_F_EVENT_IDX (default)",
+    )
+    s.add_argument(
+        "--no-event-idx",
+        dest="event_idx",
+        action="store_false",
+        help="use the NO_NOTIFY / NO_INTERRUPT flags instead",
+    )
+    s.add_argument(
+        "--direct",
+        dest="direct",
+        action="store_true",
+        default=True,
+        help="O_DIRECT on the stripe files where supported (default)",
+    )
     s.add_argument("--no-direct", dest="direct", action="store_false", help="buffered I/O")
-    s.add_argument("--io-threads", type=int_range(0, 1024), default=None,
-                   help="I/O threads per queue (default 16; 0, served inline by the queue's "
-                        "loop, on a memory store such as tmpfs)")
-    s.add_argument("--buffers", type=size_arg, default="64M",
-                   help="request buffer area per queue in the region (default 64M)")
-    s.add_argument("--serial", default=None, help="GET_ID serial, 20 bytes at most")
+    s.add_argument(
+        "--io-threads",
+        type=limit_arg(limits.IO_THREADS),
+        default=None,
+        help="I/O threads per queue (default 16; 0, served inline by the queue's "
+        "loop, on a memory store such as tmpfs)",
+    )
+    s.add_argument(
+        "--buffers",
+        type=limit_arg(limits.BUFFERS, parse_size),
+        default="64M",
+        help="request buffer area per queue in the region (default 64M)",
+    )
+    s.add_argument(
+        "--serial",
+        type=limit_arg(limits.SERIAL, str),
+        default=None,
+        help="GET_ID serial, 20 bytes at most",
+    )
     s.add_argument("--foreground", action="store_true", help="do not detach")
 
-    for cmd, text in (("stop", "finish in-flight requests, unlink everything, exit"),
-                      ("status", "show configuration, queues, counters and lock statistics")):
+    for cmd, text in (
+        ("stop", "finish in-flight requests, unlink everything, exit"),
+        ("status", "show configuration, queues, counters and lock statistics"),
+    ):
         c = sub.add_parser(cmd, help=text, description=text)
         c.add_argument("--name", required=True, type=name_arg, help="device name")
         if cmd == "status":
             c.add_argument("--json", action="store_true", help="print JSON")
         else:
-            c.add_argument("--timeout", type=positive_float, default=30.0,
-                           help="seconds to wait for the daemon to finish (default 30)")
+            c.add_argument(
+                "--timeout",
+                type=positive_float,
+                default=30.0,
+                help="seconds to wait for the daemon to finish (default 30)",
+            )
 
-    a = sub.add_parser("assemble", help="write the striped store as one raw image",
-                       description="Write the logical disk of a store as one raw image "
-                                   "(compare it with cmp or qemu-img compare).")
-    a.add_argument("--store", required=True, metavar="DIR",
-                   help="directory of the stripe files (and store.json)")
-    a.add_argument("--out", required=True, metavar="FILE",
-                   help="raw image to write, sparse where the disk reads as zeros")
-    a.add_argument("--stripes", type=int_range(1, lib.VP_STORE_MAX_STRIPES), default=None,
-                   help="default: from DIR/store.json")
-    a.add_argument("--chunk", type=size_arg, default=None, help="default: from DIR/store.json")
-    a.add_argument("--size", type=size_arg, default=None, help="default: from DIR/store.json")
+    a = sub.add_parser(
+        "assemble",
+        help="write the striped store as one raw image",
+        description="Write the logical disk of a store as one raw image "
+        "(compare it with cmp or qemu-img compare).",
+    )
+    a.add_argument(
+        "--store",
+        required=True,
+        metavar="DIR",
+        help="directory of the stripe files (and store.json)",
+    )
+    a.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="raw image to write, sparse where the disk reads as zeros",
+    )
+    a.add_argument(
+        "--stripes",
+        type=limit_arg(limits.STRIPES),
+        default=None,
+        help="default: from DIR/store.json",
+    )
+    a.add_argument(
+        "--chunk",
+        type=limit_arg(limits.CHUNK, parse_size),
+        default=None,
+        help="default: from DIR/store.json",
+    )
+    a.add_argument(
+        "--size",
+        type=limit_arg(limits.CAPACITY, parse_size),
+        default=None,
+        help="default: from DIR/store.json",
+    )
     return p
 
 
-def _check_start_args(a):
-    if a.chunk < 512 or a.chunk % 512:
-        raise CliError(f"--chunk must be a multiple of 512, not {a.chunk}")
-    if a.size < 512 or a.size % 512:
-        raise CliError(f"--size must be a positive multiple of 512, not {a.size}")
-    qs = a.queue_size
-    if qs < 2 or qs > 32768 or qs & (qs - 1):
-        raise CliError(f"--queue-size must be a power of two from 2 to 32768, not {qs}")
-    if not 0 <= a.exit_cost <= 1_000_000:
-        raise CliError(f"--exit-cost must be 0 to 1000000 us, not {a.exit_cost}")
-    if a.serial is not None and len(a.serial.encode()) > 20:
-        raise CliError("--serial is 20 bytes at most")
-    if a.buffers < (1 << 20):
-        raise CliError("--buffers must be at least 1M")
-
-
 def _daemon_from(a):
-    return HostDaemon(a.name, a.store, a.size, stripes=a.stripes, chunk=a.chunk,
-                      queues=a.queues, queue_size=a.queue_size, mode=a.mode, exit=a.exit,
-                      lock=a.lock, event_idx=a.event_idx, direct=a.direct,
-                      io_threads=a.io_threads, exit_cost_us=a.exit_cost, buffers=a.buffers,
-                      serial=a.serial)
+    return HostDaemon(
+        a.name,
+        a.store,
+        a.size,
+        stripes=a.stripes,
+        chunk=a.chunk,
+        queues=a.queues,
+        queue_size=a.queue_size,
+        mode=a.mode,
+        exit=a.exit,
+        lock=a.lock,
+        event_idx=a.event_idx,
+        direct=a.direct,
+        io_threads=a.io_threads,
+        exit_cost_us=a.exit_cost,
+        buffers=a.buffers,
+        serial=a.serial,
+    )
 
 
 def _serve(d, report):
@@ -126,12 +235,11 @@ def _serve(d, report):
         report(f"ready: serving {d.name} (pid {os.getpid()})")
         d.wait()
     finally:
-        d.shutdown()      # also when nobody is left to hear "ready"
+        d.shutdown()  # also when nobody is left to hear "ready"
     return 0
 
 
 def cmd_start(a):
-    _check_start_args(a)
     state = stale_or_live(a.name)
     if state and state[1]:
         raise CliError(f"a daemon already serves {a.name!r} (pid {state[0]})")
@@ -163,8 +271,9 @@ def cmd_start(a):
                     ok = True
                     break
                 seen_error |= line.startswith("error")
-                print(f"{PROG}: {line}",
-                      file=sys.stderr if line.startswith("error") else sys.stdout)
+                print(
+                    f"{PROG}: {line}", file=sys.stderr if line.startswith("error") else sys.stdout
+                )
     except KeyboardInterrupt:
         # Given up on: the daemon must not come up behind the user's back.
         os.kill(pid, signal.SIGTERM)
@@ -173,8 +282,10 @@ def cmd_start(a):
     if not ok:
         _, status = os.waitpid(pid, 0)
         if not seen_error:
-            print(f"{PROG}: error: the daemon exited before it was ready "
-                  f"(wait status {status})", file=sys.stderr)
+            print(
+                f"{PROG}: error: the daemon exited before it was ready (wait status {status})",
+                file=sys.stderr,
+            )
         return 1
     return 0
 
@@ -186,22 +297,26 @@ def cmd_stop(a):
     pid, alive = state
     if not alive:
         removed = destroy(a.name)
-        print(f"{PROG}: daemon of {a.name!r} was not running (pid {pid}); "
-              f"removed {len(removed)} leftover objects")
+        print(
+            f"{PROG}: daemon of {a.name!r} was not running (pid {pid}); "
+            f"removed {len(removed)} leftover objects"
+        )
         return 0
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + a.timeout
     while time.monotonic() < deadline:
         gone = not pid_alive(pid)
         if gone or not exists(a.name):
-            left = destroy(a.name) if gone else []   # it died on the way out
+            left = destroy(a.name) if gone else []  # it died on the way out
             # Unlinking comes last but one: give it a moment to close the
             # store and exit (a daemon run in-process by a program may stay).
             end = min(deadline, time.monotonic() + 2)
             while pid_alive(pid) and time.monotonic() < end:
                 time.sleep(0.01)
-            print(f"{PROG}: stopped {a.name} (pid {pid})"
-                  + (f"; removed {len(left)} leftover objects" if left else ""))
+            print(
+                f"{PROG}: stopped {a.name} (pid {pid})"
+                + (f"; removed {len(left)} leftover objects" if left else "")
+            )
             return 0
         time.sleep(0.02)
     raise CliError(f"daemon of {a.name!r} (pid {pid}) did not stop within {a.timeout:g} s")
@@ -225,9 +340,13 @@ def cmd_assemble(a):
 
 
 def main(argv=None):
-    return run_main(PROG, build_parser(),
-                    {"start": cmd_start, "stop": cmd_stop, "status": cmd_status,
-                     "assemble": cmd_assemble}, argv, interrupted="interrupted")
+    return run_main(
+        PROG,
+        build_parser(),
+        {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "assemble": cmd_assemble},
+        argv,
+        interrupted="interrupted",
+    )
 
 
 if __name__ == "__main__":

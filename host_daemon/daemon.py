@@ -1,38 +1,30 @@
 """The device process: sets up the region, notifiers and store, serves the
 queues from C threads, and tears everything down on stop or signal."""
+
+from __future__ import annotations
+
 import os
 import signal
 import threading
+from typing import Any
 
-from virtio_py._lowlevel import check, lib, opened
+from virtio_py import limits
+from virtio_py.device import BlockServer
 from virtio_py.errors import RegionError
-from virtio_py.region import Region, destroy, exists, feature_bits
+from virtio_py.proc import pid_alive
+from virtio_py.region import Region, check_name, destroy, exists, feature_bits
+from virtio_py.store import StripedStore
 from virtio_py.virtqueue import DeviceQueue
-
-from .store import StripedStore
 
 DEFAULT_FEATURES = ("VERSION_1", "SEG_MAX", "BLK_SIZE", "FLUSH", "DISCARD", "WRITE_ZEROES")
 
 
-def pid_alive(pid):
-    """True if pid runs.  A zombie does not: nobody may reap an orphaned
-    daemon (PID 1 here does not), and a zombie serves nothing."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+def default_serial(name: str) -> str:
+    """vpy-NAME, cut to the 20 bytes of a virtio-blk serial."""
+    return f"vpy-{name}".encode()[: limits.SERIAL_BYTES].decode(errors="ignore")
 
 
-def is_daemon_of(pid, name):
+def is_daemon_of(pid: int, name: str) -> bool:
     """True if pid is alive and maps this device's region (guards against pid
     reuse and a guest scribbling a pid into the header).  Mapping, not the
     command line, so a daemon run in-process by any program counts."""
@@ -44,8 +36,7 @@ def is_daemon_of(pid, name):
         with open(f"/proc/{pid}/maps") as f:
             for line in f:
                 fields = line.split(None, 5)
-                if len(fields) == 6 and fields[5].rstrip("\n") == shm \
-                        and int(fields[4]) == ino:
+                if len(fields) == 6 and fields[5].rstrip("\n") == shm and int(fields[4]) == ino:
                     return True
     except FileNotFoundError:
         return False
@@ -63,7 +54,7 @@ def is_daemon_of(pid, name):
     return False
 
 
-def stale_or_live(name):
+def stale_or_live(name: str) -> tuple[int, bool] | None:
     """None if no device of that name exists; else (pid, alive)."""
     if not exists(name):
         return None
@@ -78,7 +69,7 @@ def stale_or_live(name):
     return (pid, is_daemon_of(pid, name))
 
 
-def clear_stale(name):
+def clear_stale(name: str) -> str | None:
     """Remove leftovers of a dead daemon; a one-line report, or None if clean.
 
     Raises RegionError if a live daemon serves the name."""
@@ -95,24 +86,72 @@ def clear_stale(name):
 
 
 class HostDaemon:
-    def __init__(self, name, store, size, *, stripes=12, chunk=64 << 10, queues=1,
-                 queue_size=128, mode="notify", exit="async", lock="spin", event_idx=True,
-                 direct=True, io_threads=None, exit_cost_us=0, buffers=64 << 20,
-                 serial=None):
-        self.name = name
-        self.cfg = dict(store=store, size=size, stripes=stripes, chunk=chunk, queues=queues,
-                        queue_size=queue_size, mode=mode, exit=exit, lock=lock,
-                        event_idx=event_idx, direct=direct, io_threads=io_threads,
-                        exit_cost_us=exit_cost_us, buffers=buffers)
-        self.serial = (serial or f"vpy-{name}")[:20]
-        self.region = None
-        self.store = None
-        self.queues = []
-        self._srv = None
-        self._stop = threading.Event()
-        self.notices = []
+    """A virtio-blk device served from this process: ``setup`` creates the
+    region, notifiers and store and starts the C serve loops; ``shutdown``
+    finishes what is in flight and unlinks everything.  Every parameter is
+    checked here, before anything is created."""
 
-    def setup(self):
+    def __init__(
+        self,
+        name: str,
+        store: str,
+        size: int,
+        *,
+        stripes: int = 12,
+        chunk: int = 64 << 10,
+        queues: int = 1,
+        queue_size: int = 128,
+        mode: str = "notify",
+        exit: str = "async",
+        lock: str = "spin",
+        event_idx: bool = True,
+        direct: bool = True,
+        io_threads: int | None = None,
+        exit_cost_us: float = 0,
+        buffers: int = 64 << 20,
+        serial: str | None = None,
+    ) -> None:
+        check_name(name)
+        limits.BLK_QUEUE_SIZE.check(queue_size)  # before the ring's own, wider limit
+        limits.check_geometry(stripes, chunk, size)
+        limits.check_region(
+            queues=queues,
+            queue_size=queue_size,
+            lock=lock,
+            exit=exit,
+            exit_cost_us=exit_cost_us,
+            mode=mode,
+        )
+        limits.BUFFERS.check(buffers)
+        if io_threads is not None:
+            limits.IO_THREADS.check(io_threads)
+        self.serial = limits.SERIAL.check(serial) if serial else default_serial(name)
+        self.name = name
+        self.cfg: dict[str, Any] = dict(
+            store=store,
+            size=size,
+            stripes=stripes,
+            chunk=chunk,
+            queues=queues,
+            queue_size=queue_size,
+            mode=mode,
+            exit=exit,
+            lock=lock,
+            event_idx=event_idx,
+            direct=direct,
+            io_threads=io_threads,
+            exit_cost_us=exit_cost_us,
+            buffers=buffers,
+        )
+        self.region: Region | None = None
+        self.store: StripedStore | None = None
+        self.queues: list[DeviceQueue] = []
+        self.server: BlockServer | None = None
+        self.io_threads: int | None = None
+        self._stop = threading.Event()
+        self.notices: list[str] = []
+
+    def setup(self) -> None:
         """Create everything and start serving.  On error, nothing is left."""
         c = self.cfg
         try:
@@ -124,10 +163,19 @@ class HostDaemon:
                 self.notices.append(self.store.notice)
             features = feature_bits(DEFAULT_FEATURES, c["queues"])
             self.region = Region.create(
-                self.name, queues=c["queues"], queue_size=c["queue_size"],
-                data_size=c["buffers"] * c["queues"], capacity=c["size"] // 512,
-                blk_size=512, lock=c["lock"], exit=c["exit"], exit_cost_us=c["exit_cost_us"],
-                mode=c["mode"], event_idx=c["event_idx"], features=features)
+                self.name,
+                queues=c["queues"],
+                queue_size=c["queue_size"],
+                data_size=c["buffers"] * c["queues"],
+                capacity=c["size"] // 512,
+                blk_size=512,
+                lock=c["lock"],
+                exit=c["exit"],
+                exit_cost_us=c["exit_cost_us"],
+                mode=c["mode"],
+                event_idx=c["event_idx"],
+                features=features,
+            )
             # At once: a region without a live pid is a dead daemon's to a
             # second start, which would remove it.
             self.region.set_daemon_pid(os.getpid())
@@ -139,33 +187,31 @@ class HostDaemon:
                 # has nothing to wait for and is served inline.
                 io_threads = 0 if self.store.memory else 16
             self.io_threads = io_threads
-            mode = lib.VP_MODE_POLL if c["mode"] == "poll" else lib.VP_MODE_NOTIFY
-            self._srv = opened(lib.vp_server_new, self.store.handle, mode, io_threads,
-                               self.serial.encode(), what="server")
-            for q in self.queues:
-                check(lib.vp_server_add_queue(self._srv, q.handle), "server")
-            check(lib.vp_server_start(self._srv), "server start")
+            self.server = BlockServer(
+                self.store, self.queues, mode=c["mode"], io_threads=io_threads, serial=self.serial
+            )
+            self.server.start()
         except BaseException:
             self.shutdown()
             raise
 
-    def request_stop(self, *_):
+    def request_stop(self, *_: object) -> None:
         self._stop.set()
 
-    def wait(self):
+    def wait(self) -> None:
         """Block until SIGTERM/SIGINT/SIGHUP or request_stop()."""
         while not self._stop.wait(0.2):
             pass
 
-    def install_signals(self):
+    def install_signals(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.request_stop)
 
-    def shutdown(self):
+    def shutdown(self) -> None:
         """Finish what is in flight, then unlink everything."""
-        if self._srv is not None:
-            lib.vp_server_free(self._srv)  # stops, drains in-flight, joins
-            self._srv = None
+        if self.server is not None:
+            self.server.close()  # stops, drains in-flight, joins
+            self.server = None
         for q in self.queues:
             q.close()
         self.queues = []
@@ -176,9 +222,9 @@ class HostDaemon:
             self.store.close()
             self.store = None
 
-    def __enter__(self):
+    def __enter__(self) -> HostDaemon:
         self.setup()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()

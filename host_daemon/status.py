@@ -1,8 +1,9 @@
 """What `virtio-hostd status` reports, read from a live region."""
-from virtio_py._lowlevel import code_name, lib, strerror
+
 from virtio_py.lock import SharedLock
 from virtio_py.region import FEATURE_BITS, Region
 from virtio_py.views import avail_ring, used_ring
+from virtio_py.virtqueue import broken_reason
 
 from .daemon import is_daemon_of
 
@@ -21,7 +22,7 @@ def device_status(name):
             "daemon_pid": pid,
             "running": is_daemon_of(pid, name),
             "status": h.status,
-            "needs_reset": bool(h.status & lib.VP_STATUS_NEEDS_RESET),
+            "needs_reset": r.needs_reset,
             "config": {
                 "capacity_sectors": h.blk.capacity,
                 "capacity_bytes": h.blk.capacity * 512,
@@ -42,25 +43,27 @@ def device_status(name):
             sh = r.queue_shared(q)
             dev, drv = sh.dev, sh.drv
             broken = dev.broken
-            out["queues"].append({
-                "index": q,
-                "size": h.queue[q].num,
-                "avail_idx": int(avail_ring(r, q)["idx"]),
-                "used_idx": int(used_ring(r, q)["idx"]),
-                "last_avail_idx": dev.last_avail_idx,
-                "inflight": dev.inflight,
-                "broken": bool(broken),
-                "broken_reason": f"{code_name(broken)}: {strerror(broken)}" if broken else None,
-                "kicks_taken": dev.kicks_taken,
-                "interrupts": dev.interrupts,
-                "interrupts_suppressed": dev.interrupts_suppressed,
-                "guest_kicks": drv.kicks,
-                "guest_kicks_suppressed": drv.kicks_suppressed,
-                "requests": {n: dev.req[i] for i, n in enumerate(REQ_NAMES)},
-                "bytes_read": dev.bytes_read,
-                "bytes_written": dev.bytes_written,
-                "lock": SharedLock.of_queue(r, q).stats(),
-            })
+            out["queues"].append(
+                {
+                    "index": q,
+                    "size": h.queue[q].num,
+                    "avail_idx": int(avail_ring(r, q)["idx"]),
+                    "used_idx": int(used_ring(r, q)["idx"]),
+                    "last_avail_idx": dev.last_avail_idx,
+                    "inflight": dev.inflight,
+                    "broken": bool(broken),
+                    "broken_reason": broken_reason(broken),
+                    "kicks_taken": dev.kicks_taken,
+                    "interrupts": dev.interrupts,
+                    "interrupts_suppressed": dev.interrupts_suppressed,
+                    "guest_kicks": drv.kicks,
+                    "guest_kicks_suppressed": drv.kicks_suppressed,
+                    "requests": {n: dev.req[i] for i, n in enumerate(REQ_NAMES)},
+                    "bytes_read": dev.bytes_read,
+                    "bytes_written": dev.bytes_written,
+                    "lock": SharedLock.of_queue(r, q).stats(),
+                }
+            )
         return out
     finally:
         r.close()
@@ -80,14 +83,18 @@ def format_status(st):
     ]
     for q in st["queues"]:
         state = f"BROKEN ({q['broken_reason']})" if q["broken"] else "ok"
-        lines.append(f"  queue {q['index']}: size {q['size']} avail {q['avail_idx']} "
-                     f"used {q['used_idx']} last_avail {q['last_avail_idx']} "
-                     f"inflight {q['inflight']} {state}")
+        lines.append(
+            f"  queue {q['index']}: size {q['size']} avail {q['avail_idx']} "
+            f"used {q['used_idx']} last_avail {q['last_avail_idx']} "
+            f"inflight {q['inflight']} {state}"
+        )
         req = " ".join(f"{k}={v}" for k, v in q["requests"].items())
         lines.append(f"    requests {req}")
-        lines.append(f"    kicks {q['guest_kicks']} (suppressed {q['guest_kicks_suppressed']}), "
-                     f"taken {q['kicks_taken']}; interrupts {q['interrupts']} "
-                     f"(suppressed {q['interrupts_suppressed']})")
+        lines.append(
+            f"    kicks {q['guest_kicks']} (suppressed {q['guest_kicks_suppressed']}), "
+            f"taken {q['kicks_taken']}; interrupts {q['interrupts']} "
+            f"(suppressed {q['interrupts_suppressed']})"
+        )
         lk = q["lock"]
         lines.append("    lock " + " ".join(f"{k}={v}" for k, v in lk.items()))
     return "\n".join(lines)

@@ -1,35 +1,65 @@
-"""Helpers of the host daemon tests: run virtio-hostd as a user would, look
-at its status, and build the reference image a striped store must equal.
+"""Helpers of the tests that drive the two command lines: run virtio-hostd
+and virtio-emu as a user would, check their one-line errors, look at a
+daemon's status and processes, and build the reference image a striped
+store must equal.
 
-Every daemon a test starts is stopped by the ``hostd`` fixture's teardown,
-also when the test failed; one that does not stop is killed and its
-objects are unlinked, so nothing is left in /dev/shm.
+Every daemon a test starts through Daemons is stopped by the ``daemons``
+fixture's teardown (conftest.py), also when the test failed; one that does
+not stop is killed and its objects are unlinked, so nothing is left in
+/dev/shm.
 """
+
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 
 import pytest
 
+from virtio_py.proc import pid_alive
 from virtio_py.region import Region, destroy
 
 HOSTD = [sys.executable, "-m", "host_daemon"]
+EMU = [sys.executable, "-m", "virtio_py"]
 O_DIRECT = os.O_DIRECT
 
 
 def hostd(*args, timeout=60, check=False):
     """Run ``python3 -m host_daemon ARGS``; the CompletedProcess (text)."""
-    p = subprocess.run(HOSTD + [str(a) for a in args], capture_output=True, text=True,
-                       timeout=timeout, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        HOSTD + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     if check and p.returncode != 0:
-        pytest.fail(f"virtio-hostd {' '.join(map(str, args))} failed ({p.returncode}):\n"
-                    f"{p.stdout}{p.stderr}")
+        pytest.fail(
+            f"virtio-hostd {' '.join(map(str, args))} failed ({p.returncode}):\n"
+            f"{p.stdout}{p.stderr}"
+        )
     return p
+
+
+def emu(*args, timeout=120):
+    """Run ``python3 -m virtio_py ARGS``; the CompletedProcess (text)."""
+    return subprocess.run(
+        EMU + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def one_line_error(p, prog, word):
+    """p failed with one line on stderr, from prog, saying error and word."""
+    assert p.returncode not in (0, None), p.stdout + p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith(prog) and "error" in lines[0] and word in lines[0], lines[0]
+    assert "Traceback" not in p.stderr
 
 
 def daemon_pid(name):
@@ -40,34 +70,29 @@ def daemon_pid(name):
         r.close()
 
 
-def pid_running(pid):
-    """Alive and not a zombie (an orphaned daemon is not reaped here)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+def processes_with(text):
+    """pids of live processes, other than this one, whose command line
+    contains text."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if text.encode() in f.read() and pid_alive(int(pid)):
+                        found.append(int(pid))
+            except OSError:
+                pass
+    return found
 
 
 def shm_objects(name):
     """What /dev/shm holds of device name."""
-    return sorted(e for e in os.listdir("/dev/shm")
-                  if e == name or e.startswith(f"sem.{name}."))
+    return sorted(e for e in os.listdir("/dev/shm") if e == name or e.startswith(f"sem.{name}."))
 
 
 def status(name):
     p = hostd("status", "--name", name, "--json", check=True)
     return json.loads(p.stdout)
-
-
-def wait_for(pred, timeout=20, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 class Daemons:
@@ -88,10 +113,15 @@ class Daemons:
     def foreground(self, name, store, *opts, size="8M"):
         """``start --foreground`` as a child; returns (Popen, lines before ready)."""
         self.names.append(name)
-        p = subprocess.Popen(HOSTD + ["start", "--foreground", "--name", name, "--store",
-                                      str(store), "--size", size] + [str(o) for o in opts],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             stdin=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            HOSTD
+            + ["start", "--foreground", "--name", name, "--store", str(store), "--size", size]
+            + [str(o) for o in opts],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
         self.popens.append(p)
         lines = []
         for line in p.stdout:
@@ -113,36 +143,16 @@ class Daemons:
             p.stdout.close()
         for name in self.names:
             if not os.path.exists(f"/dev/shm/{name}"):
-                destroy(name)        # semaphores a killed daemon left
+                destroy(name)  # semaphores a killed daemon left
                 continue
             try:
                 pid = daemon_pid(name)
             except Exception:
                 pid = 0
             p = hostd("stop", "--name", name, "--timeout", 20)
-            if p.returncode != 0 and pid > 0 and pid_running(pid):
+            if p.returncode != 0 and pid > 0 and pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
             destroy(name)
-
-
-@pytest.fixture
-def daemons():
-    d = Daemons()
-    try:
-        yield d
-    finally:
-        d.cleanup()
-
-
-@pytest.fixture
-def shm_store():
-    """A store directory in /dev/shm (tmpfs: memory speed), removed after."""
-    session = os.environ.get("VIRTIO_PY_TEST_SESSION", f"vpt{os.getpid()}")
-    d = tempfile.mkdtemp(prefix=f"{session}-store-", dir="/dev/shm")
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def raid0_stripes(image, stripes, chunk):
@@ -152,9 +162,9 @@ def raid0_stripes(image, stripes, chunk):
     per = -(-nchunks // stripes) * chunk
     files = [bytearray(per) for _ in range(stripes)]
     for k in range(nchunks):
-        piece = image[k * chunk:(k + 1) * chunk]
+        piece = image[k * chunk : (k + 1) * chunk]
         at = (k // stripes) * chunk
-        files[k % stripes][at:at + len(piece)] = piece
+        files[k % stripes][at : at + len(piece)] = piece
     return files
 
 

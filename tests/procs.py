@@ -1,10 +1,12 @@
-"""Run test code in forked processes and get its result back.
+"""Run test code in forked processes and get its result back; wait for
+concurrent test code to reach a point without guessing a delay.
 
 A child reports through a pipe (pickled) and always leaves with os._exit, so
 it never runs pytest's teardown or a Region's finaliser (which would unlink
 the parent's objects).  A child that dies by a signal, e.g. SIGSEGV on a
 guard page, is a test failure of its own.
 """
+
 import os
 import pickle
 import select
@@ -13,6 +15,8 @@ import time
 import traceback
 
 import pytest
+
+from virtio_py._lowlevel import ffi
 
 
 class Child:
@@ -23,9 +27,14 @@ class Child:
             os.close(r)
             try:
                 res = ("ok", fn(*args, **kwargs))
-            except BaseException as e:   # report everything, never unwind into pytest
-                res = ("exc", f"{type(e).__name__}: {e}", traceback.format_exc(),
-                       type(e).__name__, getattr(e, "code", None))
+            except BaseException as e:  # report everything, never unwind into pytest
+                res = (
+                    "exc",
+                    f"{type(e).__name__}: {e}",
+                    traceback.format_exc(),
+                    type(e).__name__,
+                    getattr(e, "code", None),
+                )
             try:
                 data = pickle.dumps(res)
             except Exception as e:
@@ -33,7 +42,7 @@ class Child:
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(w, view):]
+                    view = view[os.write(w, view) :]
             finally:
                 os._exit(0)
         os.close(w)
@@ -122,9 +131,36 @@ class Children:
 
 
 def wait_for(cond, what, timeout=30):
-    """Poll cond until true; fail (not hang) if it never gets there."""
+    """Poll cond until it returns something true, and return that; fail (not
+    hang) if it never does.  what names the awaited event in the failure."""
     end = time.monotonic() + timeout
-    while not cond():
+    pause = 0.001
+    while True:
+        got = cond()
+        if got:
+            return got
         if time.monotonic() > end:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.001)
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+
+
+# The ticket and futex words of struct vp_lock, at the offsets region.h gives
+# them.  They are not part of the Python interface; tests read them to know,
+# without guessing a delay, that a waiter is queued on the lock.
+LOCK_NEXT, LOCK_OWNER, LOCK_FUTEX = 8, 12, 16
+
+
+def lock_waiter_queued(region, q=0):
+    """True once some thread or process waits for queue q's lock (held by
+    someone else): the futex word says "contended", or a ticket is out
+    beyond the holder's."""
+    gpa = region.queue_info(q)["shared"] + ffi.offsetof("struct vp_queue_shared", "lock")
+    raw = region.read(gpa, 20)
+
+    def word(off):
+        return int.from_bytes(raw[off : off + 4], "little")
+
+    if region.lock_kind == "mutex":
+        return word(LOCK_FUTEX) == 2
+    return (word(LOCK_NEXT) - word(LOCK_OWNER)) & 0xFFFFFFFF >= 2

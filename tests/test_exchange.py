@@ -1,31 +1,41 @@
 """Requests moving between a driver and a device: 16-bit index wraparound,
-and 100,000-request exchanges between two processes under every kick
-strategy, notification scheme, device mode and exit kind."""
+notification suppression, and 100,000-request exchanges between two
+processes under every kick strategy, notification scheme, device mode and
+exit kind."""
+
 import math
 import os
-import time
 
 import pytest
 
 import procs
 from procs import wait_for
-from virtio_py import (ConfigError, DeviceQueue, QueueFullError, Region, RegionError,
-                       Virtqueue, avail_ring, used_ring)
+from virtio_py import (
+    ConfigError,
+    DeviceQueue,
+    QueueFullError,
+    Region,
+    RegionError,
+    Virtqueue,
+    avail_ring,
+    used_ring,
+)
 from virtio_py import region as region_mod
 from virtio_py._lowlevel import ffi
 
-NO_NOTIFY = 1          # VRING_USED_F_NO_NOTIFY
-NO_INTERRUPT = 1       # VRING_AVAIL_F_NO_INTERRUPT
+NO_NOTIFY = 1  # VRING_USED_F_NO_NOTIFY
+NO_INTERRUPT = 1  # VRING_AVAIL_F_NO_INTERRUPT
 
 
 # ---- wraparound, both ends in this process ---------------------------------
+
 
 @pytest.mark.parametrize("num", [1, 2, 4, 16, 256])
 def test_indices_wrap(name, num):
     """More than 65536 chains through one queue, a batch of up to num at a
     time, completed in reverse order; every token and length comes back and
     both ring indices wrap, as do the event indices."""
-    total = 70_000 + num // 2 + 1           # not a multiple of any batch
+    total = 70_000 + num // 2 + 1  # not a multiple of any batch
     with Region.create(name, queue_size=num, data_size=1 << 20, event_idx=True) as r:
         vq = Virtqueue(r, 0, notifiers=False)
         dq = DeviceQueue(r, 0, notifiers=False)
@@ -61,8 +71,10 @@ def test_indices_wrap(name, num):
                 ndesc += len(segs)
                 t = completed + j + 1
                 if two:
-                    assert segs == [(lo + 64 * j, 16, False),
-                                    (lo + 8192 + 64 * j, 1 + t % 61, True)]
+                    assert segs == [
+                        (lo + 64 * j, 16, False),
+                        (lo + 8192 + 64 * j, 1 + t % 61, True),
+                    ]
                 else:
                     assert segs == [(lo + 64 * j, 1 + t % 61, True)]
                 heads.append((head, segs[-1][1]))
@@ -142,8 +154,8 @@ def test_suppression_in_process(name, event_idx):
         assert vq.get_buf() == (1, 8)
         head, _ = dq.pop()
         dq.push(head, 8)
-        assert dq.interrupt() is False      # callbacks off, used_event left behind
-        assert dq.interrupt() is False      # and nothing new since
+        assert dq.interrupt() is False  # callbacks off, used_event left behind
+        assert dq.interrupt() is False  # and nothing new since
         # enable_cb with buffers pending says "poll again".
         assert vq.enable_cb() is False
         assert vq.get_buf() == (2, 8)
@@ -162,16 +174,37 @@ def test_suppression_in_process(name, event_idx):
         dq.close()
 
 
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_asking_for_an_interrupt_does_not_consume_it(name, event_idx):
+    """need_interrupt only asks: the interrupt that follows is sent."""
+    with Region.create(name, queue_size=8, event_idx=event_idx) as region:
+        dq = DeviceQueue(region, 0)
+        vq = Virtqueue(Region.attach(name), 0)
+        try:
+            data = region.queue_info(0)["data"]
+            vq.submit([(data, 16)], [(data + 4096, 64)], token=1)
+            head, _ = dq.pop()
+            dq.push(head, 64)
+            assert dq.need_interrupt()
+            assert dq.interrupt()  # asking did not eat it
+            assert vq.wait_interrupt(1.0)
+            assert not dq.need_interrupt()  # told once, nothing new since
+        finally:
+            vq.close()
+            vq.region.close()
+            dq.close()
+
+
 def test_driver_api_errors(name):
     with Region.create(name, queue_size=4, data_size=1 << 16) as r:
         vq = Virtqueue(r, 0, notifiers=False)
         lo = r.queue_info(0)["data"]
         with pytest.raises(ConfigError):
-            vq.add([(lo, 8)], [], token=0)              # tokens are non-zero
+            vq.add([(lo, 8)], [], token=0)  # tokens are non-zero
         with pytest.raises(ConfigError):
-            vq.add([], [], token=1)                     # an empty chain
+            vq.add([], [], token=1)  # an empty chain
         with pytest.raises(ConfigError):
-            vq.add([(lo, 8)] * 5, [], token=1)          # longer than the queue
+            vq.add([(lo, 8)] * 5, [], token=1)  # longer than the queue
         with pytest.raises(ConfigError):
             vq.submit([(lo, 8)], [], 1, strategy="yield")
         vq.add([(lo, 8)] * 3, [], token=1)
@@ -185,7 +218,7 @@ def test_driver_api_errors(name):
         assert avail_ring(r)["idx"] == 2
         with Region.attach(name) as guest:
             with pytest.raises(ConfigError):
-                DeviceQueue(guest, 0)                   # only the creator serves
+                DeviceQueue(guest, 0)  # only the creator serves
             with pytest.raises(ConfigError):
                 Virtqueue(guest, 1)
         vq.close()
@@ -195,7 +228,7 @@ def test_driver_api_errors(name):
 
 N = 100_000
 QSIZE = 128
-BATCH = 48          # does not divide N: the last batch is short
+BATCH = 48  # does not divide N: the last batch is short
 
 
 def device_main(region, n, poll, stop_gpa, event_idx):
@@ -205,10 +238,15 @@ def device_main(region, n, poll, stop_gpa, event_idx):
     stop = ffi.NULL if stop_gpa is None else ffi.cast("int32_t *", region.base + stop_gpa)
     done = dq.echo_serve(n if stop_gpa is None else -1, poll=poll, stop=stop)
     dev = region.queue_shared(0).dev
-    return {"done": done, "broken": dq.broken, "inflight": dq.inflight,
-            "chains": dev.chains, "kicks_taken": dev.kicks_taken,
-            "interrupts": dev.interrupts,
-            "interrupts_suppressed": dev.interrupts_suppressed}
+    return {
+        "done": done,
+        "broken": dq.broken,
+        "inflight": dq.inflight,
+        "chains": dev.chains,
+        "kicks_taken": dev.kicks_taken,
+        "interrupts": dev.interrupts,
+        "interrupts_suppressed": dev.interrupts_suppressed,
+    }
 
 
 def driver_main(name, n, batch, strategy):
@@ -220,10 +258,27 @@ def driver_main(name, n, batch, strategy):
     return {"got": got, "state": vq.state(), "lock": vq.lock.stats()}
 
 
-def exchange(name, *, strategy, event_idx, poll, exit="async", lock="spinyield",
-             use_stop=False, n=N, batch=BATCH):
-    with Region.create(name, queue_size=QSIZE, data_size=1 << 20, event_idx=event_idx,
-                       exit=exit, lock=lock, mode="poll" if poll else "notify") as r:
+def exchange(
+    name,
+    *,
+    strategy,
+    event_idx,
+    poll,
+    exit="async",
+    lock="spinyield",
+    use_stop=False,
+    n=N,
+    batch=BATCH,
+):
+    with Region.create(
+        name,
+        queue_size=QSIZE,
+        data_size=1 << 20,
+        event_idx=event_idx,
+        exit=exit,
+        lock=lock,
+        mode="poll" if poll else "notify",
+    ) as r:
         stop_gpa = r.queue_info(0)["data"] + 4096 if use_stop else None
         with procs.Children() as kids:
             dev = kids.start(device_main, r, n, poll, stop_gpa, event_idx)
@@ -231,8 +286,10 @@ def exchange(name, *, strategy, event_idx, poll, exit="async", lock="spinyield",
             # below then do not depend on who started first.
             wait_for(lambda: r.daemon_pid == dev.pid, "the device process")
             if poll and not event_idx:
-                wait_for(lambda: used_ring(r)["flags"] & NO_NOTIFY,
-                         "the polling device to turn kicks off")
+                wait_for(
+                    lambda: used_ring(r)["flags"] & NO_NOTIFY,
+                    "the polling device to turn kicks off",
+                )
             drv = kids.start(driver_main, name, n, batch, strategy)
             d = drv.join(timeout=150, watch=[dev])
             if use_stop:
@@ -252,7 +309,8 @@ STRATEGIES = ["hold", "release", "prepare"]
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_exchange(name, strategy, event_idx, poll):
     d, v, avail_idx, used_idx, last_avail = exchange(
-        name, strategy=strategy, event_idx=event_idx, poll=poll)
+        name, strategy=strategy, event_idx=event_idx, poll=poll
+    )
     batches = math.ceil(N / BATCH)
     # Every request came back with its own token and length (checked in C).
     assert d["got"] == N
@@ -270,7 +328,7 @@ def test_exchange(name, strategy, event_idx, poll):
         # kicks when its index passes 0, at the start and at the wrap.
         assert st["kicks"] == 2
     elif poll:
-        assert st["kicks"] == 0      # VRING_USED_F_NO_NOTIFY all along
+        assert st["kicks"] == 0  # VRING_USED_F_NO_NOTIFY all along
     else:
         assert 1 <= v["kicks_taken"]
         assert 1 <= st["kicks"] <= batches
@@ -293,8 +351,16 @@ def test_exchange(name, strategy, event_idx, poll):
 def test_exchange_sync_exit(name, strategy, poll):
     """A trapping kick: the driver resumes only after the device took it.
     The device serves until told to stop, as a real one would."""
-    d, v, *_ = exchange(name, strategy=strategy, event_idx=not poll, poll=poll,
-                        exit="sync", lock="mutex", use_stop=True, n=N // 2)
+    d, v, *_ = exchange(
+        name,
+        strategy=strategy,
+        event_idx=not poll,
+        poll=poll,
+        exit="sync",
+        lock="mutex",
+        use_stop=True,
+        n=N // 2,
+    )
     assert d["got"] == N // 2 and v["done"] == N // 2
     assert v["broken"] == 0 and v["inflight"] == 0
     st = d["state"]
@@ -305,8 +371,7 @@ def test_exchange_sync_exit(name, strategy, poll):
 
 def test_exchange_full_batches_spin_lock(name):
     """The batch driver's default (half the queue) with the spin lock."""
-    d, v, *_ = exchange(name, strategy="prepare", event_idx=True, poll=False,
-                        lock="spin", batch=0)
+    d, v, *_ = exchange(name, strategy="prepare", event_idx=True, poll=False, lock="spin", batch=0)
     assert d["got"] == N and v["done"] == N
     assert d["state"]["kicks"] + d["state"]["kicks_suppressed"] == math.ceil(N / (QSIZE // 2))
 
@@ -314,32 +379,41 @@ def test_exchange_full_batches_spin_lock(name):
 def device_owner(name, n, poll):
     """A device process as the daemon is one: it creates the region, serves,
     and unlinks everything when done."""
-    r = Region.create(name, queue_size=16, data_size=1 << 20, event_idx=False,
-                      lock="mutex", mode="poll" if poll else "notify")
+    r = Region.create(
+        name,
+        queue_size=16,
+        data_size=1 << 20,
+        event_idx=False,
+        lock="mutex",
+        mode="poll" if poll else "notify",
+    )
     try:
         with DeviceQueue(r, 0) as dq:
-            r.set_daemon_pid(os.getpid())     # serving from now on
+            r.set_daemon_pid(os.getpid())  # serving from now on
             done = dq.echo_serve(n, poll=poll)
             dev = r.queue_shared(0).dev
-            return {"done": done, "broken": dq.broken, "chains": dev.chains,
-                    "interrupts": dev.interrupts}
+            return {
+                "done": done,
+                "broken": dq.broken,
+                "chains": dev.chains,
+                "interrupts": dev.interrupts,
+            }
     finally:
         r.close()
 
 
 def attach_when_served(name, timeout=30):
-    end = time.monotonic() + timeout
-    while True:
+    def served():
         try:
             r = Region.attach(name)
-            if r.daemon_pid:
-                return r
-            r.close()
         except RegionError:
-            pass            # not there yet, or not set up yet
-        if time.monotonic() > end:
-            raise AssertionError(f"device {name} never came up")
-        time.sleep(0.001)
+            return None  # not there yet, or not set up yet
+        if r.daemon_pid:
+            return r
+        r.close()
+        return None
+
+    return wait_for(served, f"device {name} to come up", timeout)
 
 
 def python_driver(name, n, strategy, wait_irq):
@@ -374,18 +448,19 @@ def python_driver(name, n, strategy, wait_irq):
     return {"state": vq.state(), "irqs": irqs}
 
 
-@pytest.mark.parametrize("poll,wait_irq,strategy",
-                         [(True, False, "prepare"), (False, True, "hold"),
-                          (False, True, "release")],
-                         ids=["poll-device-polling-driver", "sleeping-both-hold",
-                              "sleeping-both-release"])
+@pytest.mark.parametrize(
+    "poll,wait_irq,strategy",
+    [(True, False, "prepare"), (False, True, "hold"), (False, True, "release")],
+    ids=["poll-device-polling-driver", "sleeping-both-hold", "sleeping-both-release"],
+)
 def test_python_one_at_a_time(name, poll, wait_irq, strategy):
     n = 20_000 if poll else 5_000
     try:
         with procs.Children() as kids:
             dev = kids.start(device_owner, name, n, poll)
             res = kids.start(python_driver, name, n, strategy, wait_irq).join(
-                timeout=150, watch=[dev])
+                timeout=150, watch=[dev]
+            )
             v = dev.join(timeout=30)
     finally:
         left = region_mod.destroy(name)

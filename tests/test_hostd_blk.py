@@ -1,7 +1,8 @@
 """The host daemon's data path, through the guest driver (BlockDevice):
 random I/O reads back, lands in the stripe files where RAID-0 puts it,
-assembles to the reference image; every request type and status; the
-config space; O_DIRECT and its fallback."""
+assembles to the reference image (with holes where the disk is empty);
+every request type and status; the config space; O_DIRECT and its fallback."""
+
 import errno
 import json
 import os
@@ -11,11 +12,10 @@ import struct
 import pytest
 
 import procs
-from hostd_util import (O_DIRECT, daemon_pid, daemons, direct_works, fd_flags,  # noqa: F401
-                        hostd, raid0_stripes, shm_store, status)
+from hostd_util import O_DIRECT, daemon_pid, direct_works, fd_flags, hostd, raid0_stripes, status
 from virtio_py import BlockIOError, Region
 from virtio_py._lowlevel import lib
-from virtio_py.blk import BlockDevice, T_DISCARD, T_IN, T_WRITE_ZEROES
+from virtio_py.blk import T_DISCARD, T_IN, T_WRITE_ZEROES, BlockDevice
 
 SECTOR = 512
 OK, IOERR, UNSUPP = lib.VIRTIO_BLK_S_OK, lib.VIRTIO_BLK_S_IOERR, lib.VIRTIO_BLK_S_UNSUPP
@@ -26,11 +26,10 @@ def _stripe_path(store, i):
 
 
 @pytest.mark.parametrize("where", ["disk", "shm"])
-def test_random_io_reads_back_lands_raid0_and_assembles(where, name, tmp_path, daemons,
-                                                        shm_store):
+def test_random_io_reads_back_lands_raid0_and_assembles(where, name, tmp_path, daemons, shm_store):
     store = str(tmp_path / "store") if where == "disk" else shm_store
     stripes, chunk = 12, 16 << 10
-    size = 12 * chunk * 24 + 5 * chunk + 3 * SECTOR    # no whole stripe row at the end
+    size = 12 * chunk * 24 + 5 * chunk + 3 * SECTOR  # no whole stripe row at the end
     p = daemons.start(name, store, "--stripes", stripes, "--chunk", "16K", size=str(size))
     pid = daemon_pid(name)
 
@@ -58,16 +57,16 @@ def test_random_io_reads_back_lands_raid0_and_assembles(where, name, tmp_path, d
             crossings += off // chunk != (off + n - 1) // chunk
             data = rnd.randbytes(n)
             dev.write(off, data)
-            ref[off:off + n] = data
+            ref[off : off + n] = data
             writes.append((off, n))
         # Big ones: across every stripe, and past one request's buffer.
         for off, n in ((chunk - SECTOR, 12 * chunk + 2 * SECTOR), (SECTOR, 3 << 20)):
             data = rnd.randbytes(n)
             dev.write(off, data)
-            ref[off:off + n] = data
+            ref[off : off + n] = data
         assert crossings > 50
         for off, n in writes:
-            assert dev.read(off, n) == bytes(ref[off:off + n]), f"{n} bytes at {off}"
+            assert dev.read(off, n) == bytes(ref[off : off + n]), f"{n} bytes at {off}"
         assert dev.read(0, size) == bytes(ref)
         dev.flush()
 
@@ -94,12 +93,14 @@ def _counts(name, q=0):
 
 
 def test_request_types_and_statuses(name, tmp_path, daemons):
-    serial = "ABCDEFGHIJKLMNOPQRST"                  # exactly 20 bytes: no NUL
+    serial = "ABCDEFGHIJKLMNOPQRST"  # exactly 20 bytes: no NUL
     size = 4 << 20
-    daemons.start(name, tmp_path / "s", "--stripes", 3, "--chunk", "4K", "--serial", serial,
-                  size="4M")
-    want = dict.fromkeys(("in", "out", "flush", "get_id", "discard", "write_zeroes",
-                          "unsupp", "ioerr"), 0)
+    daemons.start(
+        name, tmp_path / "s", "--stripes", 3, "--chunk", "4K", "--serial", serial, size="4M"
+    )
+    want = dict.fromkeys(
+        ("in", "out", "flush", "get_id", "discard", "write_zeroes", "unsupp", "ioerr"), 0
+    )
     rnd = random.Random(5)
     with BlockDevice.attach(name) as dev:
         base = rnd.randbytes(256 << 10)
@@ -114,16 +115,18 @@ def test_request_types_and_statuses(name, tmp_path, daemons):
 
         # DISCARD and WRITE_ZEROES (with and without UNMAP) read back as
         # zeros, across chunk and stripe boundaries, and nothing around them.
-        for op, off, n in (("discard", 4096 - 1024, 9 * 4096 + 512),
-                           ("wz", 100 << 10, 50 << 10),
-                           ("wz_unmap", 200 << 10, 13 * 4096)):
+        for op, off, n in (
+            ("discard", 4096 - 1024, 9 * 4096 + 512),
+            ("wz", 100 << 10, 50 << 10),
+            ("wz_unmap", 200 << 10, 13 * 4096),
+        ):
             if op == "discard":
                 dev.discard(off, n)
                 want["discard"] += 1
             else:
                 dev.write_zeroes(off, n, unmap=op == "wz_unmap")
                 want["write_zeroes"] += 1
-            img[off:off + n] = bytes(n)
+            img[off : off + n] = bytes(n)
         assert dev.read(0, len(img)) == bytes(img)
         want["in"] += 1
 
@@ -139,13 +142,15 @@ def test_request_types_and_statuses(name, tmp_path, daemons):
 
         # Past the capacity: IOERR, as a BlockIOError carrying the status.
         last = size - SECTOR
-        assert dev.read(last, SECTOR) is not None      # the last sector is fine
+        assert dev.read(last, SECTOR) == bytes(SECTOR)  # the last sector: never written
         want["in"] += 1
-        for what, call in (("read at end", lambda: dev.read(size, SECTOR)),
-                           ("read across end", lambda: dev.read(last, 2 * SECTOR)),
-                           ("write across end", lambda: dev.write(last, bytes(1024))),
-                           ("discard across end", lambda: dev.discard(last, 1024)),
-                           ("write_zeroes past end", lambda: dev.write_zeroes(size, SECTOR))):
+        for what, call in (
+            ("read at end", lambda: dev.read(size, SECTOR)),
+            ("read across end", lambda: dev.read(last, 2 * SECTOR)),
+            ("write across end", lambda: dev.write(last, bytes(1024))),
+            ("discard across end", lambda: dev.discard(last, 1024)),
+            ("write_zeroes past end", lambda: dev.write_zeroes(size, SECTOR)),
+        ):
             with pytest.raises(BlockIOError) as ei:
                 call()
             assert ei.value.status == IOERR, what
@@ -156,14 +161,14 @@ def test_request_types_and_statuses(name, tmp_path, daemons):
         want["write_zeroes"] += 1
         want["ioerr"] += 5
         # Sector numbers that overflow a byte offset, odd lengths, bad flags.
-        for t, sector, payload, nbytes in ((T_IN, 1 << 63, b"", 512),
-                                           (T_IN, (1 << 64) - 1, b"", 512),
-                                           (T_IN, 0, b"", 100),
-                                           (T_WRITE_ZEROES, 0,
-                                            struct.pack("<QII", 0, 1, 2), None),
-                                           (T_DISCARD, 0,
-                                            struct.pack("<QII", 1 << 60, 1, 0), None),
-                                           (T_DISCARD, 0, bytes(8), None)):
+        for t, sector, payload, nbytes in (
+            (T_IN, 1 << 63, b"", 512),
+            (T_IN, (1 << 64) - 1, b"", 512),
+            (T_IN, 0, b"", 100),
+            (T_WRITE_ZEROES, 0, struct.pack("<QII", 0, 1, 2), None),
+            (T_DISCARD, 0, struct.pack("<QII", 1 << 60, 1, 0), None),
+            (T_DISCARD, 0, bytes(8), None),
+        ):
             st, used, _ = dev.raw_request(t, sector, payload, nbytes)
             assert st == IOERR, (t, sector, payload, nbytes)
             key = {T_IN: "in", T_WRITE_ZEROES: "write_zeroes", T_DISCARD: "discard"}[t]
@@ -180,8 +185,16 @@ def test_request_types_and_statuses(name, tmp_path, daemons):
 
 @pytest.mark.parametrize("queues,event_idx", [(1, True), (2, False)])
 def test_config_space_and_features(queues, event_idx, name, tmp_path, daemons):
-    daemons.start(name, tmp_path / "s", "--queues", queues, "--queue-size", 64,
-                  "--event-idx" if event_idx else "--no-event-idx", size="6M")
+    daemons.start(
+        name,
+        tmp_path / "s",
+        "--queues",
+        queues,
+        "--queue-size",
+        64,
+        "--event-idx" if event_idx else "--no-event-idx",
+        size="6M",
+    )
     r = Region.attach(name)
     try:
         h = r.header
@@ -190,9 +203,13 @@ def test_config_space_and_features(queues, event_idx, name, tmp_path, daemons):
         assert h.blk.seg_max == 64 - 2
         assert h.blk.num_queues == queues == h.num_queues
         f = h.device_features
-        for bit in (lib.VIRTIO_BLK_F_FLUSH, lib.VIRTIO_BLK_F_DISCARD,
-                    lib.VIRTIO_BLK_F_WRITE_ZEROES, lib.VIRTIO_BLK_F_BLK_SIZE,
-                    lib.VIRTIO_BLK_F_SEG_MAX):
+        for bit in (
+            lib.VIRTIO_BLK_F_FLUSH,
+            lib.VIRTIO_BLK_F_DISCARD,
+            lib.VIRTIO_BLK_F_WRITE_ZEROES,
+            lib.VIRTIO_BLK_F_BLK_SIZE,
+            lib.VIRTIO_BLK_F_SEG_MAX,
+        ):
             assert f >> bit & 1, bit
         assert bool(f >> lib.VIRTIO_BLK_F_MQ & 1) == (queues > 1)
         assert bool(f >> lib.VIRTIO_RING_F_EVENT_IDX & 1) == event_idx
@@ -213,7 +230,7 @@ def test_config_space_and_features(queues, event_idx, name, tmp_path, daemons):
 def _in_process_daemon_without_o_direct(name, store):
     """A HostDaemon in this (forked) process on a filesystem that refuses
     O_DIRECT: it falls back with one notice, serves, and status finds it."""
-    import host_daemon.store as st
+    import virtio_py.store as st
     from host_daemon import HostDaemon
     from host_daemon.status import device_status
 
@@ -239,8 +256,9 @@ def _in_process_daemon_without_o_direct(name, store):
 
 
 def test_o_direct_fallback_notice(name, tmp_path):
-    notices, direct, data, running = procs.run(_in_process_daemon_without_o_direct, name,
-                                               str(tmp_path / "s"), timeout=60)
+    notices, direct, data, running = procs.run(
+        _in_process_daemon_without_o_direct, name, str(tmp_path / "s"), timeout=60
+    )
     assert not direct
     assert len(notices) == 1 and "O_DIRECT" in notices[0] and "\n" not in notices[0]
     assert data == b"x" * 1024
@@ -263,3 +281,25 @@ def test_store_geometry_is_kept(name, tmp_path, daemons):
     p = daemons.start(name, store, "--stripes", 4, "--chunk", "8K", size="6M", check=False)
     assert p.returncode != 0
     assert len(p.stderr.strip().splitlines()) == 1 and "stripes" in p.stderr
+
+
+def test_assembled_image_keeps_holes(tmp_path):
+    """The image of a mostly empty disk is sparse (a 100T store must not
+    fill the disk), and reads the same."""
+    from virtio_py.store import assemble
+
+    store = tmp_path / "s"
+    store.mkdir()
+    chunk, size = 64 << 10, 64 << 20
+    with open(store / "stripe-00.img", "wb") as f:
+        f.truncate(size // 2)
+        f.seek(chunk)
+        f.write(b"hello")
+    (store / "stripe-01.img").write_bytes(b"")  # all holes, and short
+    out = tmp_path / "out.img"
+    assert assemble(str(store), str(out), 2, chunk, size) == size
+    data = out.read_bytes()
+    assert len(data) == size
+    assert data[2 * chunk : 2 * chunk + 5] == b"hello"  # chunk 2 is stripe 0's second
+    assert data.count(0) == size - 5
+    assert os.stat(out).st_blocks * 512 <= 4 * chunk

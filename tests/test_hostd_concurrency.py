@@ -1,17 +1,18 @@
 """Both serving modes and both exit modes, with several guest processes
 sharing the daemon's queues at once: every byte reads back, the store
 assembles to the reference, and the counters add up."""
+
 import random
 
 import pytest
 
 import procs
-from hostd_util import daemons, hostd, shm_store, status  # noqa: F401
+from hostd_util import hostd, status
 from virtio_py.blk import BlockDevice
 
 WORKERS = 4
-AREA = 512 << 10                 # each worker's own part of the disk
-SHARED = 256 << 10               # written first, then read by everyone
+AREA = 512 << 10  # each worker's own part of the disk
+SHARED = 256 << 10  # written first, then read by everyone
 CHUNK = 8 << 10
 SECTOR = 512
 
@@ -31,11 +32,11 @@ def _guest(name, queue, idx, shared_seed, rounds):
             off = rnd.randrange(0, (AREA - n) // SECTOR + 1) * SECTOR
             data = rnd.randbytes(n)
             dev.write(base + off, data)
-            img[off:off + n] = data
+            img[off : off + n] = data
             counts["out"] += 1
             n = rnd.randint(1, 16) * SECTOR
             off = rnd.randrange(0, (SHARED - n) // SECTOR + 1) * SECTOR
-            assert dev.read(off, n) == shared[off:off + n], f"shared read at {off}"
+            assert dev.read(off, n) == shared[off : off + n], f"shared read at {off}"
             counts["in"] += 1
         got = dev.read(base, AREA)
         counts["in"] += 1
@@ -52,16 +53,36 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode,exit,lock,event_idx,queues,where", CASES,
-                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{'evidx' if c[3] else 'flags'}-q{c[4]}-{c[5]}"
-                              for c in CASES])
-def test_guests_at_once(mode, exit, lock, event_idx, queues, where, name, tmp_path, daemons,
-                        shm_store):
+@pytest.mark.parametrize(
+    "mode,exit,lock,event_idx,queues,where",
+    CASES,
+    ids=[f"{c[0]}-{c[1]}-{c[2]}-{'evidx' if c[3] else 'flags'}-q{c[4]}-{c[5]}" for c in CASES],
+)
+def test_guests_at_once(
+    mode, exit, lock, event_idx, queues, where, name, tmp_path, daemons, shm_store
+):
     store = shm_store if where == "shm" else str(tmp_path / "s")
     size = SHARED + WORKERS * AREA
-    daemons.start(name, store, "--mode", mode, "--exit", exit, "--lock", lock,
-                  "--event-idx" if event_idx else "--no-event-idx", "--queues", queues,
-                  "--stripes", 5, "--chunk", "8K", "--queue-size", 32, size=str(size))
+    daemons.start(
+        name,
+        store,
+        "--mode",
+        mode,
+        "--exit",
+        exit,
+        "--lock",
+        lock,
+        "--event-idx" if event_idx else "--no-event-idx",
+        "--queues",
+        queues,
+        "--stripes",
+        5,
+        "--chunk",
+        "8K",
+        "--queue-size",
+        32,
+        size=str(size),
+    )
     shared = random.Random(7).randbytes(SHARED)
     with BlockDevice.attach(name) as dev:
         dev.write(0, shared)
@@ -91,19 +112,43 @@ def test_guests_at_once(mode, exit, lock, event_idx, queues, where, name, tmp_pa
     assert st["config"]["mode"] == mode and st["config"]["exit"] == exit
 
 
-@pytest.mark.parametrize("mode,exit,where", [("notify", "sync", "disk"), ("poll", "async", "shm"),
-                                             ("notify", "async", "disk")])
+@pytest.mark.parametrize(
+    "mode,exit,where",
+    [("notify", "sync", "disk"), ("poll", "async", "shm"), ("notify", "async", "disk")],
+)
 def test_deep_queues_verified(mode, exit, where, name, tmp_path, daemons, shm_store):
     """4 workers with 8 requests in flight each (the workload's C loop):
     a stamped write pass, then random reads that check every stamp."""
     from virtio_py.workload import JobSpec, run_job
+
     store = shm_store if where == "shm" else str(tmp_path / "s")
     area = 1536 << 10
-    daemons.start(name, store, "--mode", mode, "--exit", exit, "--lock", "spinyield",
-                  "--stripes", 5, "--chunk", "8K", "--queue-size", 128,
-                  size=str(WORKERS * area))
-    common = dict(workers=WORKERS, bs=12 << 10, iodepth=8, size=area, verify=True,
-                  strategy="prepare", timeout=30.0)
+    daemons.start(
+        name,
+        store,
+        "--mode",
+        mode,
+        "--exit",
+        exit,
+        "--lock",
+        "spinyield",
+        "--stripes",
+        5,
+        "--chunk",
+        "8K",
+        "--queue-size",
+        128,
+        size=str(WORKERS * area),
+    )
+    common = dict(
+        workers=WORKERS,
+        bs=12 << 10,
+        iodepth=8,
+        size=area,
+        verify=True,
+        strategy="prepare",
+        timeout=30.0,
+    )
     w = run_job(JobSpec(name, rw="write", **common))
     r = run_job(JobSpec(name, rw="randread", **common))
     for res in (w, r):

@@ -1,11 +1,11 @@
 """VIRTIO_F_VERSION_1 lets a driver lay a virtio-blk request over descriptors
 any way it likes: the device finds the header in the first 16 readable bytes
 and the status in the last writable byte, whatever the descriptor borders."""
+
 import os
 import struct
-import time
 
-from hostd_util import daemons, hostd  # noqa: F401
+from procs import wait_for
 from virtio_py import Region, Virtqueue
 from virtio_py._lowlevel import lib
 from virtio_py.blk import BlockDevice
@@ -16,14 +16,12 @@ SECTOR = 512
 def _run(region, vq, out, in_, token):
     """Submit one chain by hand and poll the used ring for it."""
     vq.submit(out, in_, token, strategy="prepare")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+
+    def reaped():
         with vq.lock:
-            got = vq.get_buf()
-        if got:
-            return got
-        time.sleep(0.001)
-    raise AssertionError("the device never answered")
+            return vq.get_buf()
+
+    return wait_for(reaped, "the device to answer", 20)
 
 
 def test_header_data_and_status_split_any_way(name, tmp_path, daemons):
@@ -45,8 +43,7 @@ def test_header_data_and_status_split_any_way(name, tmp_path, daemons):
         region.write_data(hdr, blob[:10])
         region.write_data(hdr + 512, blob[10:])
         region.write_data(data + len(payload), b"\xff")
-        tok, used = _run(region, vq, [(hdr, 10), (hdr + 512, 6)],
-                         [(data, len(payload) + 1)], 1)
+        tok, used = _run(region, vq, [(hdr, 10), (hdr + 512, 6)], [(data, len(payload) + 1)], 1)
         assert (tok, used) == (1, len(payload) + 1)
         assert region.read(data, len(payload)) == payload
         assert region.read(data + len(payload), 1) == bytes([lib.VIRTIO_BLK_S_OK])
@@ -57,8 +54,9 @@ def test_header_data_and_status_split_any_way(name, tmp_path, daemons):
         region.write_data(hdr, struct.pack("<IIQ", lib.VIRTIO_BLK_T_OUT, 0, 20) + new[:100])
         region.write_data(tail, new[100:])
         region.write_data(tail + 8192, b"\xff")
-        tok, used = _run(region, vq, [(hdr, 16 + 100), (tail, len(new) - 100)],
-                         [(tail + 8192, 1)], 2)
+        tok, used = _run(
+            region, vq, [(hdr, 16 + 100), (tail, len(new) - 100)], [(tail + 8192, 1)], 2
+        )
         assert (tok, used) == (2, 1)
         assert region.read(tail + 8192, 1) == bytes([lib.VIRTIO_BLK_S_OK])
 

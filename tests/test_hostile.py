@@ -1,66 +1,47 @@
 """The device against a hostile driver: hand-made malformed rings, written
-with raw stores (Region.poke), must each give their own error, mark the
+with raw stores (tests/mockring.py), must each give their own error, mark the
 queue broken and touch nothing outside the region.
 
 The region is mapped between PROT_NONE guard pages, so the device runs in a
 forked child: a stray access would kill it with SIGSEGV instead of the test
 session, and procs.Child reports that as a failure.
 """
+
 import errno
 
 import numpy as np
 import pytest
 
 import procs
-from virtio_py import (ConfigError, DeviceQueue, Region, RingError, Virtqueue,
-                       used_ring)
+from mockring import F_INDIRECT, F_NEXT, F_WRITE, MockRing
+from virtio_py import ConfigError, DeviceQueue, Region, RingError, Virtqueue, used_ring
 from virtio_py._lowlevel import ffi, lib
-from ringpoke import poke_desc
 
 NUM = 8
-F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
+BUF = 256
 NEEDS_RESET = 64
 
 
-class HostileGuest:
-    """Raw stores into one queue's ring, as a malicious driver would make them."""
+def good(m, i, k=None, flags=0, next=0):
+    """Descriptor i on a good buffer: the k-th (default i-th) 256 bytes of
+    the data area."""
+    m.desc(i, m.buf(i if k is None else k, BUF), BUF, flags, next)
 
-    def __init__(self, region, q=0):
-        self.r = region
-        self.qi = region.queue_info(q)
-        self.lo = self.qi["data"]
-        self.hi = self.qi["data"] + self.qi["data_size"]
-        self.published = False
 
-    def desc(self, i, addr, length, flags=0, next=0):
-        poke_desc(self.r, self.qi["desc"], i, addr, length, flags, next)
-
-    def make_available(self, *heads, idx=None):
-        for slot, head in enumerate(heads):
-            self.r.poke(self.qi["avail"] + 4 + 2 * slot, head, 2)
-        self.r.poke(self.qi["avail"] + 2, len(heads) if idx is None else idx, 2)
-        self.published = True
-
-    def build(self, builder):
-        """Run a ring builder; chains it does not publish itself start at head 0."""
-        builder(self)
-        if not self.published:
-            self.make_available(0)
-
-    def buf(self, k):
-        """A good buffer: the k-th 256 bytes of the data area."""
-        return self.lo + 256 * k, 256
-
-    def good(self, i, k=None, flags=0, next=0):
-        addr, length = self.buf(i if k is None else k)
-        self.desc(i, addr, length, flags, next)
+def hostile_ring(region, builder):
+    """Make queue 0's ring hostile with builder; a chain it does not publish
+    itself is published from head 0."""
+    m = MockRing.of_queue(region, 0)
+    builder(m)
+    if m.avail_idx == 0:
+        m.publish(0)
+    return m
 
 
 @pytest.fixture
 def region(name):
     # Two queues: the second must keep serving once the first broke.
-    r = Region.create(name, queues=2, queue_size=NUM, data_size=2 * 64 * 1024,
-                      event_idx=False)
+    r = Region.create(name, queues=2, queue_size=NUM, data_size=2 * 64 * 1024, event_idx=False)
     try:
         yield r
     finally:
@@ -71,152 +52,167 @@ def region(name):
 # Each builder makes queue 0's ring hostile; its chain starts at descriptor 0
 # unless it publishes heads itself.
 
-def head_out_of_range(g):
-    g.good(0)
-    g.make_available(NUM)
+
+def head_out_of_range(m):
+    good(m, 0)
+    m.publish(NUM)
 
 
-def head_0xffff(g):
-    g.make_available(0xFFFF)
+def head_0xffff(m):
+    m.publish(0xFFFF)
 
 
-def next_out_of_range(g):
-    g.good(0, flags=F_NEXT, next=NUM)
+def next_out_of_range(m):
+    good(m, 0, flags=F_NEXT, next=NUM)
 
 
-def next_0xffff(g):
-    g.good(0, flags=F_NEXT, next=1)
-    g.good(1, flags=F_NEXT, next=0xFFFF)
+def next_0xffff(m):
+    good(m, 0, flags=F_NEXT, next=1)
+    good(m, 1, flags=F_NEXT, next=0xFFFF)
 
 
-def self_loop(g):
-    g.good(0, flags=F_NEXT, next=0)
+def self_loop(m):
+    good(m, 0, flags=F_NEXT, next=0)
 
 
-def two_cycle(g):
-    g.good(0, flags=F_NEXT, next=1)
-    g.good(1, flags=F_NEXT, next=0)
+def two_cycle(m):
+    good(m, 0, flags=F_NEXT, next=1)
+    good(m, 1, flags=F_NEXT, next=0)
 
 
-def long_loop(g):
+def long_loop(m):
     # 0 -> 1 -> ... -> 7 -> 3: a chain that never ends, entered from the side.
     for i in range(NUM):
-        g.good(i, flags=F_NEXT, next=i + 1 if i + 1 < NUM else 3)
+        good(m, i, flags=F_NEXT, next=i + 1 if i + 1 < NUM else 3)
 
 
-def addr_overflow(g):
+def addr_overflow(m):
     # addr + len wraps around 2^64 to a small, "valid-looking" end.
-    g.desc(0, 2 ** 64 - 16, 32)
+    m.desc(0, 2**64 - 16, 32)
 
 
-def addr_last_byte(g):
-    g.desc(0, 2 ** 64 - 1, 1)
+def addr_last_byte(m):
+    m.desc(0, 2**64 - 1, 1)
 
 
-def addr_header(g):
-    g.desc(0, 0, 64)
+def addr_header(m):
+    m.desc(0, 0, 64)
 
 
-def addr_ring(g):
-    g.desc(0, g.qi["desc"], 16, F_WRITE)
+def addr_ring(m):
+    m.desc(0, m.desc_gpa, 16, F_WRITE)
 
 
-def addr_before_data(g):
-    g.desc(0, g.lo - 8, 16)
+def addr_before_data(m):
+    m.desc(0, m.data[0] - 8, 16)
 
 
-def addr_straddles_end(g):
-    g.desc(0, g.hi - 8, 16, F_WRITE)
+def addr_straddles_end(m):
+    m.desc(0, m.data[1] - 8, 16, F_WRITE)
 
 
-def addr_at_end(g):
-    g.desc(0, g.hi, 1, F_WRITE)
+def addr_at_end(m):
+    m.desc(0, m.data[1], 1, F_WRITE)
 
 
-def addr_past_region(g):
-    g.desc(0, g.r.size + 4096, 16, F_WRITE)
+def addr_past_region(m):
+    m.desc(0, m.mem.size + 4096, 16, F_WRITE)
 
 
-def len_too_long(g):
-    g.desc(0, g.lo, 0xFFFFFFFF, F_WRITE)
+def len_too_long(m):
+    m.desc(0, m.data[0], 0xFFFFFFFF, F_WRITE)
 
 
-def addr_in_second_desc(g):
-    g.good(0, flags=F_NEXT, next=1)
-    g.desc(1, 2 ** 64 - 16, 32, F_WRITE)
+def addr_in_second_desc(m):
+    good(m, 0, flags=F_NEXT, next=1)
+    m.desc(1, 2**64 - 16, 32, F_WRITE)
 
 
-def zero_len_head(g):
-    g.desc(0, g.lo, 0)
+def zero_len_head(m):
+    m.desc(0, m.data[0], 0)
 
 
-def zero_len_second(g):
-    g.good(0, flags=F_NEXT, next=1)
-    g.desc(1, g.lo + 512, 0, F_WRITE)
+def zero_len_second(m):
+    good(m, 0, flags=F_NEXT, next=1)
+    m.desc(1, m.data[0] + 512, 0, F_WRITE)
 
 
-def readable_after_writable(g):
-    g.good(0, flags=F_WRITE | F_NEXT, next=1)
-    g.good(1)
+def readable_after_writable(m):
+    good(m, 0, flags=F_WRITE | F_NEXT, next=1)
+    good(m, 1)
 
 
-def read_write_read(g):
-    g.good(0, flags=F_NEXT, next=1)
-    g.good(1, flags=F_WRITE | F_NEXT, next=2)
-    g.good(2)
+def read_write_read(m):
+    good(m, 0, flags=F_NEXT, next=1)
+    good(m, 1, flags=F_WRITE | F_NEXT, next=2)
+    good(m, 2)
 
 
-def indirect_head(g):
-    g.good(0, flags=F_INDIRECT)
+def indirect_head(m):
+    good(m, 0, flags=F_INDIRECT)
 
 
-def indirect_second(g):
-    g.good(0, flags=F_NEXT, next=1)
-    g.good(1, flags=F_INDIRECT | F_WRITE)
+def indirect_second(m):
+    good(m, 0, flags=F_NEXT, next=1)
+    good(m, 1, flags=F_INDIRECT | F_WRITE)
 
 
-def avail_too_far(g):
-    g.good(0)
-    g.make_available(0, idx=NUM + 1)
+def avail_too_far(m):
+    good(m, 0)
+    m.publish(0, idx=NUM + 1)
 
 
-def avail_backwards(g):
-    g.good(0)
-    g.make_available(0, idx=0xFFFF)
+def avail_backwards(m):
+    good(m, 0)
+    m.publish(0, idx=0xFFFF)
 
 
-def avail_half_way(g):
-    g.good(0)
-    g.make_available(0, idx=0x8000)
+def avail_half_way(m):
+    good(m, 0)
+    m.publish(0, idx=0x8000)
 
 
-def head_twice(g):
-    g.good(0)
-    g.make_available(0, 0)
+def head_twice(m):
+    good(m, 0)
+    m.publish(0, 0)
 
 
-def head_twice_later(g):
-    g.good(0)
-    g.good(1, flags=F_NEXT, next=2)
-    g.good(2, flags=F_WRITE)
-    g.make_available(0, 1, 0)
+def head_twice_later(m):
+    good(m, 0)
+    good(m, 1, flags=F_NEXT, next=2)
+    good(m, 2, flags=F_WRITE)
+    m.publish(0, 1, 0)
 
 
 RULES = [
-    ("EHEAD", head_out_of_range, 0), ("EHEAD", head_0xffff, 0),
-    ("ENEXT", next_out_of_range, 0), ("ENEXT", next_0xffff, 0),
-    ("ELOOP", self_loop, 0), ("ELOOP", two_cycle, 0), ("ELOOP", long_loop, 0),
-    ("EADDR", addr_overflow, 0), ("EADDR", addr_last_byte, 0),
-    ("EADDR", addr_header, 0), ("EADDR", addr_ring, 0),
-    ("EADDR", addr_before_data, 0), ("EADDR", addr_straddles_end, 0),
-    ("EADDR", addr_at_end, 0), ("EADDR", addr_past_region, 0),
-    ("EADDR", len_too_long, 0), ("EADDR", addr_in_second_desc, 0),
-    ("EZEROLEN", zero_len_head, 0), ("EZEROLEN", zero_len_second, 0),
-    ("EORDER", readable_after_writable, 0), ("EORDER", read_write_read, 0),
-    ("EINDIRECT", indirect_head, 0), ("EINDIRECT", indirect_second, 0),
-    ("EAVAIL", avail_too_far, 0), ("EAVAIL", avail_backwards, 0),
+    ("EHEAD", head_out_of_range, 0),
+    ("EHEAD", head_0xffff, 0),
+    ("ENEXT", next_out_of_range, 0),
+    ("ENEXT", next_0xffff, 0),
+    ("ELOOP", self_loop, 0),
+    ("ELOOP", two_cycle, 0),
+    ("ELOOP", long_loop, 0),
+    ("EADDR", addr_overflow, 0),
+    ("EADDR", addr_last_byte, 0),
+    ("EADDR", addr_header, 0),
+    ("EADDR", addr_ring, 0),
+    ("EADDR", addr_before_data, 0),
+    ("EADDR", addr_straddles_end, 0),
+    ("EADDR", addr_at_end, 0),
+    ("EADDR", addr_past_region, 0),
+    ("EADDR", len_too_long, 0),
+    ("EADDR", addr_in_second_desc, 0),
+    ("EZEROLEN", zero_len_head, 0),
+    ("EZEROLEN", zero_len_second, 0),
+    ("EORDER", readable_after_writable, 0),
+    ("EORDER", read_write_read, 0),
+    ("EINDIRECT", indirect_head, 0),
+    ("EINDIRECT", indirect_second, 0),
+    ("EAVAIL", avail_too_far, 0),
+    ("EAVAIL", avail_backwards, 0),
     ("EAVAIL", avail_half_way, 0),
-    ("EINFLIGHT", head_twice, 1), ("EINFLIGHT", head_twice_later, 2),
+    ("EINFLIGHT", head_twice, 1),
+    ("EINFLIGHT", head_twice_later, 2),
 ]
 
 
@@ -268,10 +264,15 @@ def device_pops(region, good_pops, max_segs=None):
     except RingError as e:
         err = (type(e).__name__, e.code)
     after = region.read(0, region.size)
-    res = {"error": err, "heads": heads, "broken": dq.broken,
-           "status_before": status_before, "status_after": region.header.status,
-           "stats_broken": region.queue_shared(0).dev.broken,
-           "outside": changed_outside(before, after, allowed_changes(region, 0))}
+    res = {
+        "error": err,
+        "heads": heads,
+        "broken": dq.broken,
+        "status_before": status_before,
+        "status_after": region.header.status,
+        "stats_broken": region.queue_shared(0).dev.broken,
+        "outside": changed_outside(before, after, allowed_changes(region, 0)),
+    }
     again = []
     for _ in range(2):
         try:
@@ -293,10 +294,11 @@ def device_pops(region, good_pops, max_segs=None):
     return res
 
 
-@pytest.mark.parametrize("rule,build,good_pops", RULES,
-                         ids=[f"{r[0]}-{r[1].__name__}" for r in RULES])
+@pytest.mark.parametrize(
+    "rule,build,good_pops", RULES, ids=[f"{r[0]}-{r[1].__name__}" for r in RULES]
+)
 def test_hostile_ring_breaks_queue(region, rule, build, good_pops):
-    HostileGuest(region, 0).build(build)
+    hostile_ring(region, build)
     code = getattr(lib, "VP_" + rule)
     res = procs.run(device_pops, region, good_pops, timeout=60)
     assert res["error"] == ("RingError", code), res
@@ -318,10 +320,10 @@ def test_hostile_ring_breaks_queue(region, rule, build, good_pops):
 
 
 def test_too_many_segments(region):
-    g = HostileGuest(region, 0)
+    m = MockRing.of_queue(region, 0)
     for i in range(3):
-        g.good(i, flags=(F_NEXT if i < 2 else 0) | (F_WRITE if i else 0), next=i + 1)
-    g.make_available(0)
+        good(m, i, flags=(F_NEXT if i < 2 else 0) | (F_WRITE if i else 0), next=i + 1)
+    m.publish(0)
     res = procs.run(device_pops, region, 0, max_segs=2)
     assert res["error"] == ("RingError", lib.VP_ESEGMAX)
     assert res["broken"] == lib.VP_ESEGMAX
@@ -344,10 +346,11 @@ def echo_device(region):
         return (type(e).__name__, e.code, dq.broken)
 
 
-@pytest.mark.parametrize("rule,build,good_pops", ECHO_RULES,
-                         ids=[f"{r[0]}-{r[1].__name__}" for r in ECHO_RULES])
+@pytest.mark.parametrize(
+    "rule,build,good_pops", ECHO_RULES, ids=[f"{r[0]}-{r[1].__name__}" for r in ECHO_RULES]
+)
 def test_hostile_ring_echo_device(region, rule, build, good_pops):
-    HostileGuest(region, 0).build(build)
+    hostile_ring(region, build)
     before = region.read(0, region.size)
     code = getattr(lib, "VP_" + rule)
     assert procs.run(echo_device, region, timeout=30) == ("RingError", code, code)
@@ -361,14 +364,20 @@ def test_hostile_ring_echo_device(region, rule, build, good_pops):
 def test_edges_of_the_data_area_are_accepted(region):
     """The checks are not off by one: buffers that touch the first and the
     last byte of the data area, and a chain of exactly the queue size."""
-    g = HostileGuest(region, 0)
-    g.desc(0, g.lo, 1, F_NEXT, next=1)
-    g.desc(1, g.hi - 1, 1, F_WRITE)
-    for i in range(2, NUM):                   # one chain using all descriptors
-        g.desc(i, g.lo + 16 * i, 16, (F_NEXT if i < NUM - 1 else 0)
-               | (F_WRITE if i >= 5 else 0), next=i + 1)
-    g.desc(NUM - 1, g.hi - 16, 16, F_WRITE)
-    g.make_available(0, 2)
+    m = MockRing.of_queue(region, 0)
+    lo, hi = m.data
+    m.desc(0, lo, 1, F_NEXT, next=1)
+    m.desc(1, hi - 1, 1, F_WRITE)
+    for i in range(2, NUM):  # one chain using all descriptors
+        m.desc(
+            i,
+            lo + 16 * i,
+            16,
+            (F_NEXT if i < NUM - 1 else 0) | (F_WRITE if i >= 5 else 0),
+            next=i + 1,
+        )
+    m.desc(NUM - 1, hi - 16, 16, F_WRITE)
+    m.publish(0, 2)
 
     def device(region):
         dq = DeviceQueue(region, 0, notifiers=False)
@@ -378,10 +387,10 @@ def test_edges_of_the_data_area_are_accepted(region):
         return a, b, c, dq.broken, dq.inflight
 
     a, b, c, broken, inflight = procs.run(device, region)
-    assert a == (0, [(g.lo, 1, False), (g.hi - 1, 1, True)])
+    assert a == (0, [(lo, 1, False), (hi - 1, 1, True)])
     assert b[0] == 2 and len(b[1]) == NUM - 2
     assert [s[2] for s in b[1]] == [False] * 3 + [True] * 3
-    assert b[1][-1] == (g.hi - 16, 16, True)
+    assert b[1][-1] == (hi - 16, 16, True)
     assert c is None
     assert broken == 0 and inflight == 2
 
@@ -400,7 +409,7 @@ def test_push_of_a_head_not_in_flight(region):
 
     out, broken = procs.run(device, region)
     assert out == [lib.VP_ENOTINFLIGHT] * 3
-    assert broken == 0      # a device bug, not the guest's: the queue lives
+    assert broken == 0  # a device bug, not the guest's: the queue lives
     assert used_ring(region, 0)["idx"] == 0
 
 
@@ -409,10 +418,15 @@ def test_device_refuses_stats_block_outside_region(region, where):
     """The device takes its rings from its own layout; the one place it
     reads from the guest-writable queue table is where its stats go, and
     that must be inside the region and aligned."""
-    gpa = (ffi.offsetof("struct vp_region_header", "queue")
-           + ffi.offsetof("struct vp_queue_info", "shared"))
-    bad = {"end": region.size - 8, "top": 2 ** 64 - 64, "wraps": 2 ** 64 - 8,
-           "misaligned": region.device_layout[0]["shared"] + 8}[where]
+    gpa = ffi.offsetof("struct vp_region_header", "queue") + ffi.offsetof(
+        "struct vp_queue_info", "shared"
+    )
+    bad = {
+        "end": region.size - 8,
+        "top": 2**64 - 64,
+        "wraps": 2**64 - 8,
+        "misaligned": region.device_layout[0]["shared"] + 8,
+    }[where]
     region.poke(gpa, bad, 8)
 
     def device(region):
@@ -425,20 +439,34 @@ def test_device_refuses_stats_block_outside_region(region, where):
     assert procs.run(device, region) == errno.EINVAL
 
 
+@pytest.mark.parametrize("part", ["desc", "avail", "used"])
+def test_device_refuses_ring_addresses_that_wrap(name, part):
+    """A ring part whose end wraps past 2^64 is not "inside the region"."""
+    with Region.create(name, queue_size=8) as r:
+        qi = r.queue_info(0)
+        addr = {k: qi[k] for k in ("desc", "avail", "used")}
+        addr[part] = 2**64 - 8
+        err = ffi.new("int *")
+        q = lib.vp_devq_open(
+            r.base,
+            r.size,
+            qi["data"],
+            qi["data"] + qi["data_size"],
+            0,
+            8,
+            addr["desc"],
+            addr["avail"],
+            addr["used"],
+            0,
+            0,
+            err,
+        )
+        if q != ffi.NULL:
+            lib.vp_devq_close(q)
+        assert q == ffi.NULL and err[0] == -errno.EINVAL
+
+
 # ---- the driver against a hostile device -----------------------------------
-
-class HostileDevice:
-    def __init__(self, region, q=0):
-        self.r = region
-        self.qi = region.queue_info(q)
-
-    def used(self, slot, id_, length):
-        e = self.qi["used"] + 4 + 8 * slot
-        self.r.poke(e, id_, 4)
-        self.r.poke(e + 4, length, 4)
-
-    def used_idx(self, idx):
-        self.r.poke(self.qi["used"] + 2, idx, 2)
 
 
 def driver_get_buf(region, prepare):
@@ -454,43 +482,51 @@ def driver_get_buf(region, prepare):
     return res, state, after
 
 
+# Each prepare adds what it needs, then stores used entries as a hostile
+# device would.
+
+
 def _never_added(vq):
-    HostileDevice(vq.region).used(0, 0, 16)
-    HostileDevice(vq.region).used_idx(1)
+    m = MockRing.of_queue(vq.region, 0)
+    m.set_used_elem(0, 0, 16)
+    m.set_used_idx(1)
 
 
 def _out_of_range(id_):
     def prepare(vq):
         lo = vq.region.queue_info(0)["data"]
         vq.add([(lo, 16)], [], token=7)
-        HostileDevice(vq.region).used(0, id_, 0)
-        HostileDevice(vq.region).used_idx(1)
+        m = MockRing.of_queue(vq.region, 0)
+        m.set_used_elem(0, id_, 0)
+        m.set_used_idx(1)
+
     return prepare
 
 
 def _not_a_head(vq):
     lo = vq.region.queue_info(0)["data"]
-    vq.add([(lo, 16)], [(lo + 256, 16)], token=7)   # descriptors 0 -> 1
-    HostileDevice(vq.region).used(0, 1, 16)
-    HostileDevice(vq.region).used_idx(1)
+    vq.add([(lo, 16)], [(lo + 256, 16)], token=7)  # descriptors 0 -> 1
+    m = MockRing.of_queue(vq.region, 0)
+    m.set_used_elem(0, 1, 16)
+    m.set_used_idx(1)
 
 
 def _used_twice(vq):
     lo = vq.region.queue_info(0)["data"]
     vq.add([(lo, 16)], [(lo + 256, 16)], token=7)
-    d = HostileDevice(vq.region)
-    d.used(0, 0, 16)
-    d.used(1, 0, 16)
-    d.used_idx(1)
+    m = MockRing.of_queue(vq.region, 0)
+    m.set_used_elem(0, 0, 16)
+    m.set_used_elem(1, 0, 16)
+    m.set_used_idx(1)
     assert vq.get_buf() == (7, 16)
-    d.used_idx(2)
+    m.set_used_idx(2)
 
 
-@pytest.mark.parametrize("prepare", [_never_added, _out_of_range(NUM),
-                                     _out_of_range(0xFFFFFFFF), _not_a_head,
-                                     _used_twice],
-                         ids=["never-added", "id-num", "id-max", "not-a-head",
-                              "used-twice"])
+@pytest.mark.parametrize(
+    "prepare",
+    [_never_added, _out_of_range(NUM), _out_of_range(0xFFFFFFFF), _not_a_head, _used_twice],
+    ids=["never-added", "id-num", "id-max", "not-a-head", "used-twice"],
+)
 def test_driver_rejects_bogus_used_id(region, prepare):
     res, before, after = procs.run(driver_get_buf, region, prepare)
     assert res == ("RingError", lib.VP_EUSEDID)

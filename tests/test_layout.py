@@ -1,5 +1,6 @@
 """Ring arithmetic against the kernel's own <linux/virtio_ring.h>, compiled
 here with gcc, independently of the C core."""
+
 import shutil
 import subprocess
 
@@ -7,7 +8,7 @@ import pytest
 
 from virtio_py import vring_layout, vring_need_event, vring_size
 
-SIZES = [1 << k for k in range(16)]          # 1 .. 32768
+SIZES = [1 << k for k in range(16)]  # 1 .. 32768
 ALIGNS = [4096, 64, 2]
 
 HEADER_PROBE = r"""
@@ -97,22 +98,22 @@ def test_bad_align(align):
 # (event_idx, new_idx, old, expected): "did moving from old to new pass
 # event_idx", i.e. event_idx in [old, new) modulo 2^16.
 NEED_EVENT_ROWS = [
-    (0, 1, 0, True),             # the first buffer after event 0
-    (0, 0, 0, False),            # nothing moved
+    (0, 1, 0, True),  # the first buffer after event 0
+    (0, 0, 0, False),  # nothing moved
     (5, 5, 5, False),
-    (4, 5, 4, True),             # exactly the event entry
-    (5, 5, 4, False),            # stopped just before the event entry
-    (3, 10, 4, False),           # event already behind old
-    (4, 10, 4, True),            # event is old
-    (9, 10, 4, True),            # event is new - 1
-    (10, 10, 4, False),          # event is new: not passed yet
-    (11, 10, 4, False),          # event ahead
+    (4, 5, 4, True),  # exactly the event entry
+    (5, 5, 4, False),  # stopped just before the event entry
+    (3, 10, 4, False),  # event already behind old
+    (4, 10, 4, True),  # event is old
+    (9, 10, 4, True),  # event is new - 1
+    (10, 10, 4, False),  # event is new: not passed yet
+    (11, 10, 4, False),  # event ahead
     (100, 200, 0, True),
     (200, 200, 0, False),
     # wraparound of the 16-bit indices
-    (0xFFFF, 0, 0xFFFF, True),   # new wrapped to 0, event was 65535
+    (0xFFFF, 0, 0xFFFF, True),  # new wrapped to 0, event was 65535
     (0xFFFF, 2, 0xFFFE, True),
-    (0, 2, 0xFFFE, True),        # event 0 passed while wrapping
+    (0, 2, 0xFFFE, True),  # event 0 passed while wrapping
     (1, 2, 0xFFFE, True),
     (2, 2, 0xFFFE, False),
     (0xFFFD, 2, 0xFFFE, False),  # event just behind old
@@ -125,7 +126,7 @@ NEED_EVENT_ROWS = [
     (0, 0x8000, 0, True),
     (0x7FFF, 0x8000, 0, True),
     (0x8000, 0x8000, 0, False),
-    (0xC000, 0x4000, 0xC000, True),   # half the index space across the wrap
+    (0xC000, 0x4000, 0xC000, True),  # half the index space across the wrap
     (0x3FFF, 0x4000, 0xC000, True),
     (0x4000, 0x4000, 0xC000, False),
     (0xBFFF, 0x4000, 0xC000, False),

@@ -1,11 +1,12 @@
 """The shared lock: mutual exclusion between processes and the lockstat
 counters, for every lock kind."""
+
 import os
 
 import pytest
 
 import procs
-from procs import wait_for
+from procs import lock_waiter_queued, wait_for
 from virtio_py import LOCKSTAT_COLUMNS, Region, SharedLock
 from virtio_py._lowlevel import ffi
 
@@ -86,21 +87,6 @@ def _cpus():
     return sorted(os.sched_getaffinity(0))
 
 
-# The ticket and futex words, at the offsets region.h gives them.  They are
-# not part of the Python interface; the test reads them to know, without
-# guessing a delay, that a waiter is queued.
-LOCK_NEXT, LOCK_OWNER, LOCK_FUTEX = 8, 12, 16
-
-
-def waiter_queued(r, kind):
-    gpa = r.queue_info(0)["shared"] + ffi.offsetof("struct vp_queue_shared", "lock")
-    raw = r.read(gpa, 20)
-    word = lambda off: int.from_bytes(raw[off:off + 4], "little")
-    if kind == "mutex":
-        return word(LOCK_FUTEX) == 2
-    return (word(LOCK_NEXT) - word(LOCK_OWNER)) & 0xFFFFFFFF >= 2
-
-
 def contender(name, cpu):
     os.sched_setaffinity(0, {cpu})
     r = Region.attach(name)
@@ -127,9 +113,9 @@ def test_one_contention_and_bounce(name, kind):
             with procs.Children() as kids:
                 lock.acquire()
                 try:
-                    assert not waiter_queued(r, kind)
+                    assert not lock_waiter_queued(r)
                     kid = kids.start(contender, name, cpus[1])
-                    wait_for(lambda: waiter_queued(r, kind), "the waiter to queue")
+                    wait_for(lambda: lock_waiter_queued(r), "the waiter to queue")
                 finally:
                     lock.release()
                 assert kid.join(timeout=60) == {cpus[1]}

@@ -1,5 +1,8 @@
 """The shared region's lifetime: create, attach, close, unlink, and what is
-left in /dev/shm afterwards."""
+left in /dev/shm afterwards; the parameters and layouts it refuses."""
+
+import errno
+import math
 import os
 import stat
 
@@ -7,8 +10,18 @@ import numpy as np
 import posix_ipc
 import pytest
 
-from virtio_py import (ConfigError, Region, RegionError, VirtioError, avail_ring,
-                       desc_table, used_ring, vring_layout, vring_size)
+from mockring import MockRing
+from virtio_py import (
+    ConfigError,
+    Region,
+    RegionError,
+    VirtioError,
+    avail_ring,
+    desc_table,
+    used_ring,
+    vring_layout,
+    vring_size,
+)
 from virtio_py import region as region_mod
 from virtio_py._lowlevel import ffi, lib
 
@@ -19,8 +32,11 @@ def present(name, queues=None):
 
 def expected_paths(name, queues):
     shm = f"/dev/shm/{name}"
-    sems = [f"/dev/shm/sem.{name}.q{q}.{role}" for q in range(queues)
-            for role in ("kick", "call", "ack")]
+    sems = [
+        f"/dev/shm/sem.{name}.q{q}.{role}"
+        for q in range(queues)
+        for role in ("kick", "call", "ack")
+    ]
     return [shm] + sems
 
 
@@ -39,9 +55,18 @@ def test_ipc_paths_are_the_objects_created(name):
 
 
 def test_create_attach_share_memory(name):
-    with Region.create(name, queues=2, queue_size=16, data_size=1 << 20,
-                       lock="mutex", exit="sync", mode="poll", event_idx=False,
-                       capacity=2048, blk_size=4096) as owner:
+    with Region.create(
+        name,
+        queues=2,
+        queue_size=16,
+        data_size=1 << 20,
+        lock="mutex",
+        exit="sync",
+        mode="poll",
+        event_idx=False,
+        capacity=2048,
+        blk_size=4096,
+    ) as owner:
         assert owner.owner and not owner.closed
         with Region.attach(name) as guest:
             assert not guest.owner
@@ -104,7 +129,7 @@ def test_rings_placed_as_vring_init(name, num):
             assert qi["data"] + qi["data_size"] <= hdr.data_offset + hdr.data_size
             # A fresh ring: free list 0 -> 1 -> ... and every index zero.
             desc = desc_table(r, q)
-            assert list(desc["next"][:num - 1]) == list(range(1, num))
+            assert list(desc["next"][: num - 1]) == list(range(1, num))
             assert avail_ring(r, q)["idx"] == 0 and used_ring(r, q)["idx"] == 0
             st = r.queue_shared(q).drv
             assert st.num_free == num and st.free_head == 0
@@ -135,8 +160,10 @@ def test_create_cleans_up_after_a_stale_semaphore(name):
     assert present(name) == []
 
 
-@pytest.mark.parametrize("bad", ["", "/x", "a/b", "x" * 49, ".hidden", "-dash",
-                                 "sp ace", "uni\u00e9", 123, None, b"bytes"])
+@pytest.mark.parametrize(
+    "bad",
+    ["", "/x", "a/b", "x" * 49, ".hidden", "-dash", "sp ace", "uni\u00e9", 123, None, b"bytes"],
+)
 def test_bad_names(bad):
     with pytest.raises(ConfigError):
         Region.create(bad, queue_size=8, data_size=1 << 16)
@@ -153,18 +180,36 @@ def test_longest_name_is_accepted(name):
     assert present(long_name) == []
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(queue_size=3), dict(queue_size=0), dict(queue_size=65536),
-    dict(queues=0), dict(queues=17), dict(lock="ticket"), dict(exit="trap"),
-    dict(mode="busy"), dict(exit_cost_us=-1), dict(data_size=0),
-    dict(queues=4, data_size=4096),   # less than a page per queue
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(queue_size=3),
+        dict(queue_size=0),
+        dict(queue_size=65536),
+        dict(queues=0),
+        dict(queues=17),
+        dict(lock="ticket"),
+        dict(exit="trap"),
+        dict(mode="busy"),
+        dict(exit_cost_us=-1),
+        dict(exit_cost_us=math.nan),
+        dict(data_size=0),
+        dict(queues=4, data_size=4096),  # less than a page per queue
+    ],
+)
 def test_bad_parameters_leave_nothing(name, kwargs):
     args = dict(queue_size=8, data_size=1 << 16)
     args.update(kwargs)
     with pytest.raises(ConfigError):
         Region.create(name, **args)
     assert present(name) == []
+
+
+def test_region_size_that_wraps_is_refused():
+    p = ffi.new("struct vp_region_params *")
+    p.num_queues, p.queue_size, p.data_size = 1, 8, 2**64 - 4096
+    size = ffi.new("uint64_t *")
+    assert lib.vp_region_size(p, size) == -errno.EINVAL
 
 
 def test_attach_missing(name):
@@ -191,9 +236,11 @@ def test_attach_checks_magic_and_layout(name):
         assert e.value.code == lib.VP_EMAGIC
         r.poke(magic, lib.VP_MAGIC, 8)
         # A queue table row pointing past the end of the region.
-        used = (ffi.offsetof("struct vp_region_header", "queue")
-                + ffi.sizeof("struct vp_queue_info")
-                + ffi.offsetof("struct vp_queue_info", "used"))
+        used = (
+            ffi.offsetof("struct vp_region_header", "queue")
+            + ffi.sizeof("struct vp_queue_info")
+            + ffi.offsetof("struct vp_queue_info", "used")
+        )
         r.poke(used, r.size - 8, 8)
         with pytest.raises(RegionError) as e:
             Region.attach(name)
@@ -206,9 +253,11 @@ QUEUE_FIELDS = ["desc", "avail", "used", "shared", "tokens", "data"]
 
 
 def _queue_field(q, field):
-    return (ffi.offsetof("struct vp_region_header", "queue")
-            + q * ffi.sizeof("struct vp_queue_info")
-            + ffi.offsetof("struct vp_queue_info", field))
+    return (
+        ffi.offsetof("struct vp_region_header", "queue")
+        + q * ffi.sizeof("struct vp_queue_info")
+        + ffi.offsetof("struct vp_queue_info", field)
+    )
 
 
 @pytest.mark.parametrize("field", QUEUE_FIELDS)
@@ -218,8 +267,7 @@ def test_attach_rejects_queue_table_outside_region(name, field, value):
     outside the region, including by offsets whose sum wraps past 2^64."""
     with Region.create(name, queues=2, queue_size=8, data_size=1 << 16) as r:
         gpa = _queue_field(1, field)
-        bad = {"past-end": r.size, "wraps": 2 ** 64 - 4096,
-               "top": 2 ** 64 - 8}[value]
+        bad = {"past-end": r.size, "wraps": 2**64 - 4096, "top": 2**64 - 8}[value]
         r.poke(gpa, bad, 8)
         with pytest.raises(RegionError) as e:
             Region.attach(name)
@@ -228,8 +276,9 @@ def test_attach_rejects_queue_table_outside_region(name, field, value):
         Region.attach(name).close()
 
 
-@pytest.mark.parametrize("field,misalign", [("desc", 8), ("avail", 1), ("used", 2),
-                                            ("shared", 8), ("tokens", 4)])
+@pytest.mark.parametrize(
+    "field,misalign", [("desc", 8), ("avail", 1), ("used", 2), ("shared", 8), ("tokens", 4)]
+)
 def test_attach_rejects_misaligned_queue_table(name, field, misalign):
     """Rings, the lock and the token table are accessed with aligned
     atomics; a header that misplaces them is refused."""
@@ -272,7 +321,7 @@ def test_destroy_removes_leftovers(name):
     if pid == 0:
         try:
             r = Region.create(name, queues=2, queue_size=8, data_size=1 << 16)
-            os._exit(0 if r.size else 2)   # dies without closing: objects stay
+            os._exit(0 if r.size else 2)  # dies without closing: objects stay
         except BaseException:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
@@ -280,9 +329,10 @@ def test_destroy_removes_leftovers(name):
     left = present(name)
     assert sorted(left) == sorted(expected_paths(name, 2))
     removed = region_mod.destroy(name)
-    assert sorted(removed) == sorted(["/" + name] + [
-        region_mod.sem_name(name, q, role) for q in range(2)
-        for role in ("kick", "call", "ack")])
+    assert sorted(removed) == sorted(
+        ["/" + name]
+        + [region_mod.sem_name(name, q, role) for q in range(2) for role in ("kick", "call", "ack")]
+    )
     assert present(name) == []
     assert region_mod.destroy(name) == []
     # The name is free again.
@@ -304,16 +354,16 @@ def test_views_are_read_only_and_live(name):
             used["ring"]["id"][0] = 1
         with pytest.raises(ValueError):
             np.asarray(desc).flags.writeable = True
-        qi = r.queue_info(0)
         # The views alias the ring: raw stores show through.
-        r.poke(qi["avail"] + 2, 0xBEEF, 2)
-        r.poke(qi["avail"] + 4 + 2 * 7, 5, 2)
-        r.poke(qi["used"] + 4 + 8 * 3, 6, 4)
-        r.poke(qi["desc"] + 16 * 2, 0x1122334455667788, 8)
+        m = MockRing.of_queue(r, 0)
+        m.avail_entry(7, 5)
+        m.publish(idx=0xBEEF)
+        m.set_used_elem(3, 6, 4096)
+        m.desc(2, 0x1122334455667788, 512, 3, 7)
         assert avail["idx"] == 0xBEEF
         assert avail["ring"][7] == 5
-        assert used["ring"]["id"][3] == 6
-        assert desc["addr"][2] == 0x1122334455667788
+        assert tuple(used["ring"][3]) == (6, 4096)
+        assert tuple(desc[2]) == (0x1122334455667788, 512, 3, 7)
 
 
 def test_bounds_of_read_write_poke(name):
@@ -322,8 +372,12 @@ def test_bounds_of_read_write_poke(name):
         hi = lo + r.header.data_size
         r.write_data(hi - 4, b"last")
         assert r.read(hi - 4, 4) == b"last"
-        for gpa, data in ((lo - 1, b"x"), (hi - 3, b"last"), (0, b"hdr"),
-                          (r.queue_info(0)["desc"], b"\0" * 16)):
+        for gpa, data in (
+            (lo - 1, b"x"),
+            (hi - 3, b"last"),
+            (0, b"hdr"),
+            (r.queue_info(0)["desc"], b"\0" * 16),
+        ):
             with pytest.raises(ConfigError):
                 r.write_data(gpa, data)
         with pytest.raises(ConfigError):
@@ -331,8 +385,15 @@ def test_bounds_of_read_write_poke(name):
         with pytest.raises(ConfigError):
             r.read(-1, 1)
         r.poke(r.size - 8, 7, 8)
-        for gpa, width in ((r.size, 1), (r.size - 4, 8), (1, 2), (2, 4), (4, 8),
-                           (0, 3), (2 ** 64 - 8, 8)):
+        for gpa, width in (
+            (r.size, 1),
+            (r.size - 4, 8),
+            (1, 2),
+            (2, 4),
+            (4, 8),
+            (0, 3),
+            (2**64 - 8, 8),
+        ):
             with pytest.raises(ConfigError):
                 r.poke(gpa, 0, width)
 

@@ -2,19 +2,35 @@
 
 Nothing above this module touches ``_core`` directly.
 """
+
 import errno
 import os
 
 from ._core import ffi, lib
-from .errors import (ConfigError, DeviceGoneError, QueueBrokenError,
-                     QueueFullError, RegionError, RingError, VirtioError)
+from .errors import (
+    ConfigError,
+    DeviceGoneError,
+    QueueBrokenError,
+    QueueFullError,
+    RegionError,
+    RingError,
+    VirtioError,
+)
 
 RING_CODES = {
-    lib.VP_EHEAD: "EHEAD", lib.VP_ENEXT: "ENEXT", lib.VP_ELOOP: "ELOOP",
-    lib.VP_EADDR: "EADDR", lib.VP_EZEROLEN: "EZEROLEN", lib.VP_EORDER: "EORDER",
-    lib.VP_EAVAIL: "EAVAIL", lib.VP_EINFLIGHT: "EINFLIGHT",
-    lib.VP_EINDIRECT: "EINDIRECT", lib.VP_EUSEDID: "EUSEDID",
-    lib.VP_ENOTINFLIGHT: "ENOTINFLIGHT", lib.VP_ESEGMAX: "ESEGMAX", lib.VP_EFRAME: "EFRAME",
+    lib.VP_EHEAD: "EHEAD",
+    lib.VP_ENEXT: "ENEXT",
+    lib.VP_ELOOP: "ELOOP",
+    lib.VP_EADDR: "EADDR",
+    lib.VP_EZEROLEN: "EZEROLEN",
+    lib.VP_EORDER: "EORDER",
+    lib.VP_EAVAIL: "EAVAIL",
+    lib.VP_EINFLIGHT: "EINFLIGHT",
+    lib.VP_EINDIRECT: "EINDIRECT",
+    lib.VP_EUSEDID: "EUSEDID",
+    lib.VP_ENOTINFLIGHT: "ENOTINFLIGHT",
+    lib.VP_ESEGMAX: "ESEGMAX",
+    lib.VP_EFRAME: "EFRAME",
 }
 
 

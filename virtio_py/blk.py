@@ -5,18 +5,26 @@ daemon: it claims a slot on a queue, submits requests through the queue's
 lock and kick path like any guest worker, and takes its share of the
 interrupts on a C thread that reaps the used ring (virtblk_done).
 """
+
+from __future__ import annotations
+
 import struct
 import weakref
+from typing import Any
 
 from ._lowlevel import check, ffi, lib, opened
-from .errors import BlockIOError, ConfigError
-from .region import Region
-from .virtqueue import Virtqueue, strategy_code
 from ._resource import Closeable
+from .errors import BlockIOError, ConfigError
+from .limits import IODEPTH, STRATEGY
+from .region import Region
+from .virtqueue import Virtqueue
 
 SECTOR = 512
-STATUS_NAMES = {lib.VIRTIO_BLK_S_OK: "OK", lib.VIRTIO_BLK_S_IOERR: "IOERR",
-                lib.VIRTIO_BLK_S_UNSUPP: "UNSUPP"}
+STATUS_NAMES = {
+    lib.VIRTIO_BLK_S_OK: "OK",
+    lib.VIRTIO_BLK_S_IOERR: "IOERR",
+    lib.VIRTIO_BLK_S_UNSUPP: "UNSUPP",
+}
 T_IN, T_OUT, T_FLUSH = lib.VIRTIO_BLK_T_IN, lib.VIRTIO_BLK_T_OUT, lib.VIRTIO_BLK_T_FLUSH
 T_GET_ID, T_DISCARD = lib.VIRTIO_BLK_T_GET_ID, lib.VIRTIO_BLK_T_DISCARD
 T_WRITE_ZEROES = lib.VIRTIO_BLK_T_WRITE_ZEROES
@@ -28,16 +36,28 @@ class GuestSlot:
     """A process's slot on a shared queue: request buffers, completion
     records and the interrupt thread.  Workers and BlockDevice share it."""
 
-    def __init__(self, vq, depth=1, strategy="prepare", irq=True):
+    def __init__(
+        self, vq: Virtqueue, depth: int = 1, strategy: str = "prepare", irq: bool = True
+    ) -> None:
+        IODEPTH.check(depth)
+        self.strategy = STRATEGY.code(strategy)  # the C code, as the C calls take it
+        if vq.call_notifier is None:
+            raise ConfigError("a guest slot needs a virtqueue with notifiers")
         self.vq = vq
         region = vq.region
-        self._g = opened(lib.vp_guest_open, region.base, region.size, vq.handle, vq.index,
-                         vq.call_notifier.handle, what=f"queue {vq.index} slot")
+        self._g = opened(
+            lib.vp_guest_open,
+            region.base,
+            region.size,
+            vq.handle,
+            vq.index,
+            vq.call_notifier.handle,
+            what=f"queue {vq.index} slot",
+        )
         # Also at interpreter exit: the interrupt thread must not be cut
         # down holding the queue lock, which would hang every other guest.
         self._finalizer = weakref.finalize(self, lib.vp_guest_close, self._g)
         self.depth = depth
-        self.strategy = strategy_code(strategy)
         try:
             check(lib.vp_guest_set_depth(self._g, depth), f"iodepth {depth}")
             if irq:
@@ -50,41 +70,55 @@ class GuestSlot:
         self._len = ffi.new("uint32_t *")
 
     @property
-    def slot(self):
+    def slot(self) -> int:
         return lib.vp_guest_slot(self._g)
 
-    def data(self, tag, length):
+    def data(self, tag: int, length: int) -> Any:
         """A writable cffi buffer over tag's data area."""
         return ffi.buffer(lib.vp_guest_data_ptr(self._g, tag), length)
 
-    def submit(self, tag, rtype, sector, nbytes):
-        check(lib.vp_guest_blk_submit(self._g, tag, rtype, sector, nbytes, self.strategy),
-              "submit")
+    def submit(self, tag: int, rtype: int, sector: int, nbytes: int) -> None:
+        check(lib.vp_guest_blk_submit(self._g, tag, rtype, sector, nbytes, self.strategy), "submit")
 
-    def wait(self, tag, timeout=DEFAULT_TIMEOUT):
+    def wait(self, tag: int, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, int]:
         """Wait for tag; returns (status, used length)."""
-        check(lib.vp_guest_wait(self._g, tag, int(timeout * 1e9), self._status, self._len),
-              "waiting for the device")
+        check(
+            lib.vp_guest_wait(self._g, tag, int(timeout * 1e9), self._status, self._len),
+            "waiting for the device",
+        )
         return self._status[0], self._len[0]
 
-    def wait_any(self, mask, timeout=DEFAULT_TIMEOUT):
+    def wait_any(self, mask: int, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, int, int]:
         """Wait for any tag in the bit mask; returns (tag, status, used length)."""
-        tag = check(lib.vp_guest_wait_any(self._g, mask, int(timeout * 1e9), self._status,
-                                          self._len), "waiting for the device")
+        tag = check(
+            lib.vp_guest_wait_any(self._g, mask, int(timeout * 1e9), self._status, self._len),
+            "waiting for the device",
+        )
         return tag, self._status[0], self._len[0]
 
-    def irq_acct(self):
+    def irq_acct(self) -> dict[str, int]:
         return acct_dict(lib.vp_guest_irq_acct(self._g))
 
-    def close(self):
+    def close(self) -> None:
         if self._g is not None:
             self._finalizer()
             self._g = None
 
 
-def acct_dict(a):
-    return {f: getattr(a, f) for f in ("lock_wait_ns", "lock_hold_ns", "lock_acquisitions",
-                                       "kick_ns", "kicks", "io_wait_ns", "irqs", "reaped")}
+def acct_dict(a: Any) -> dict[str, int]:
+    return {
+        f: getattr(a, f)
+        for f in (
+            "lock_wait_ns",
+            "lock_hold_ns",
+            "lock_acquisitions",
+            "kick_ns",
+            "kicks",
+            "io_wait_ns",
+            "irqs",
+            "reaped",
+        )
+    }
 
 
 class BlockDevice(Closeable):
@@ -92,8 +126,15 @@ class BlockDevice(Closeable):
     bytes, multiples of 512.  Failed requests raise BlockIOError carrying
     the virtio status."""
 
-    def __init__(self, region, queue=0, strategy="prepare", timeout=DEFAULT_TIMEOUT,
-                 own_region=False):
+    def __init__(
+        self,
+        region: Region,
+        queue: int = 0,
+        strategy: str = "prepare",
+        timeout: float = DEFAULT_TIMEOUT,
+        own_region: bool = False,
+    ) -> None:
+        self._closed = False
         self.region = region
         self._own_region = own_region
         self.timeout = timeout
@@ -106,7 +147,9 @@ class BlockDevice(Closeable):
         self.capacity = region.header.blk.capacity * SECTOR
 
     @classmethod
-    def attach(cls, name, queue=0, strategy="prepare", timeout=DEFAULT_TIMEOUT):
+    def attach(
+        cls, name: str, queue: int = 0, strategy: str = "prepare", timeout: float = DEFAULT_TIMEOUT
+    ) -> BlockDevice:
         region = Region.attach(name)
         try:
             return cls(region, queue, strategy, timeout, own_region=True)
@@ -114,19 +157,18 @@ class BlockDevice(Closeable):
             region.close()
             raise
 
-    def close(self):
-        if getattr(self, "slot", None) is not None:
-            self.slot.close()
-            self.slot = None
-        if getattr(self, "vq", None) is not None:
-            self.vq.close()
-            self.vq = None
-        if self._own_region and self.region is not None:
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for part in (getattr(self, "slot", None), getattr(self, "vq", None)):
+            if part is not None:
+                part.close()
+        if self._own_region:
             self.region.close()
-            self.region = None
 
     # ---- requests ----
-    def _request(self, rtype, sector, nbytes, what):
+    def _request(self, rtype: int, sector: int, nbytes: int, what: str) -> int:
         s = self.slot
         s.submit(0, rtype, sector, nbytes)
         status, used = s.wait(0, self.timeout)
@@ -136,46 +178,49 @@ class BlockDevice(Closeable):
         return used
 
     @staticmethod
-    def _check_range(offset, length):
+    def _check_range(offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset % SECTOR or length % SECTOR:
-            raise ConfigError(f"offset {offset} and length {length} must be "
-                              f"non-negative multiples of {SECTOR}")
+            raise ConfigError(
+                f"offset {offset} and length {length} must be non-negative multiples of {SECTOR}"
+            )
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
         out = bytearray(length)
         step = self.slot.max_data
         done = 0
         while done < length:
             n = min(step, length - done)
-            self._request(T_IN, (offset + done) // SECTOR, n,
-                          f"read of {n} bytes at {offset + done}")
-            out[done:done + n] = self.slot.data(0, n)
+            self._request(
+                T_IN, (offset + done) // SECTOR, n, f"read of {n} bytes at {offset + done}"
+            )
+            out[done : done + n] = self.slot.data(0, n)
             done += n
         return bytes(out)
 
-    def write(self, offset, data):
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         data = memoryview(data).cast("B")
         self._check_range(offset, len(data))
         step = self.slot.max_data
         done = 0
         while done < len(data):
             n = min(step, len(data) - done)
-            self.slot.data(0, n)[:] = data[done:done + n]
-            self._request(T_OUT, (offset + done) // SECTOR, n,
-                          f"write of {n} bytes at {offset + done}")
+            self.slot.data(0, n)[:] = data[done : done + n]
+            self._request(
+                T_OUT, (offset + done) // SECTOR, n, f"write of {n} bytes at {offset + done}"
+            )
             done += n
 
-    def flush(self):
+    def flush(self) -> None:
         self._request(T_FLUSH, 0, 0, "flush")
 
-    def get_id(self):
+    def get_id(self) -> bytes:
         """The device's serial: up to 20 bytes (NUL padding removed)."""
         used = self._request(T_GET_ID, 0, lib.VIRTIO_BLK_ID_BYTES, "get_id")
         n = max(0, min(used - 1, lib.VIRTIO_BLK_ID_BYTES))
         return bytes(self.slot.data(0, n)).rstrip(b"\0")
 
-    def _range_request(self, rtype, offset, length, flags, what):
+    def _range_request(self, rtype: int, offset: int, length: int, flags: int, what: str) -> None:
         self._check_range(offset, length)
         sector, left = offset // SECTOR, length // SECTOR
         while left:
@@ -185,15 +230,21 @@ class BlockDevice(Closeable):
             sector += n
             left -= n
 
-    def discard(self, offset, length):
+    def discard(self, offset: int, length: int) -> None:
         self._range_request(T_DISCARD, offset, length, 0, f"discard of {length} at {offset}")
 
-    def write_zeroes(self, offset, length, unmap=False):
-        self._range_request(T_WRITE_ZEROES, offset, length,
-                            WRITE_ZEROES_FLAG_UNMAP if unmap else 0,
-                            f"write_zeroes of {length} at {offset}")
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        self._range_request(
+            T_WRITE_ZEROES,
+            offset,
+            length,
+            WRITE_ZEROES_FLAG_UNMAP if unmap else 0,
+            f"write_zeroes of {length} at {offset}",
+        )
 
-    def raw_request(self, rtype, sector=0, payload=b"", nbytes=None):
+    def raw_request(
+        self, rtype: int, sector: int = 0, payload: bytes = b"", nbytes: int | None = None
+    ) -> tuple[int, int, bytes]:
         """Send any request type; returns (status, used length, data)."""
         n = len(payload) if nbytes is None else nbytes
         if payload:

@@ -1,115 +1,241 @@
 """virtio-emu: guest workloads and the RFC comparison.
 
-  virtio-emu run --name NAME ...   workers on a device whose daemon runs
-  virtio-emu compare ...           the RFC benchmark with its own daemon
+virtio-emu run --name NAME ...   workers on a device whose daemon runs
+virtio-emu compare ...           the RFC benchmark with its own daemon
 """
+
 import argparse
 import os
 import sys
 
-from .cliutil import (CliError, OneLineParser, check_output, int_range, name_arg,
-                      positive_float, run_main, size_arg)
+from . import limits
+from .cliutil import (
+    CliError,
+    OneLineParser,
+    check_output,
+    choice_arg,
+    limit_arg,
+    name_arg,
+    parse_float,
+    run_main,
+    size_arg,
+)
+from .units import parse_size
 
 PROG = "virtio-emu"
 
 
 def build_parser():
-    from .workload import ENGINES, RW_MODES
-    from .compare import BASE, STRATEGY_ORDER
-    from .region import LOCK_KINDS
+    from .compare.config import BASE  # numpy comes with it: after main() set OpenBLAS up
+
     p = OneLineParser(
-        prog=PROG, description="Guest workloads on the virtio_py block device, and the RFC "
-                               "'virtio: Support releasing lock during kick' comparison.")
+        prog=PROG,
+        description="Guest workloads on the virtio_py block device, and the RFC "
+        "'virtio: Support releasing lock during kick' comparison.",
+    )
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
 
-    r = sub.add_parser("run", help="run guest worker processes on a running device",
-                       description="Start --workers separate processes attached to device "
-                                   "NAME (its daemon must be running); each behaves like dd "
-                                   "bs=BS iflag=direct at iodepth 1, or like an fio job at a "
-                                   "higher iodepth.  All share one virtqueue and its lock "
-                                   "(worker i uses queue i mod queues on a multi-queue device).")
+    r = sub.add_parser(
+        "run",
+        help="run guest worker processes on a running device",
+        description="Start --workers separate processes attached to device "
+        "NAME (its daemon must be running); each behaves like dd "
+        "bs=BS iflag=direct at iodepth 1, or like an fio job at a "
+        "higher iodepth.  All share one virtqueue and its lock "
+        "(worker i uses queue i mod queues on a multi-queue device).",
+    )
     r.add_argument("--name", required=True, type=name_arg, help="device name")
-    r.add_argument("--workers", type=int_range(1, 32), default=4, help="processes (default 4)")
-    r.add_argument("--rw", choices=tuple(RW_MODES), default="read", help="default read")
-    r.add_argument("--bs", type=size_arg, default=4096, help="request size (default 4k)")
-    r.add_argument("--iodepth", type=int_range(1, 64), default=1,
-                   help="requests in flight per worker (default 1)")
-    r.add_argument("--runtime", type=positive_float, default=None, metavar="S",
-                   help="seconds to run; the workers go round their area (fio time_based)")
-    r.add_argument("--size", type=size_arg, default=None,
-                   help="bytes of each worker's area; without --runtime each worker goes "
-                        "through it once (default: capacity / workers)")
-    r.add_argument("--offset", type=size_arg, default=0, help="start of worker 0's area")
-    r.add_argument("--verify", action="store_true",
-                   help="writes stamp every sector with its LBA, a seed and a checksum; "
-                        "reads check them")
-    r.add_argument("--verify-seed", type=int, default=0x5eed, help=argparse.SUPPRESS)
-    r.add_argument("--rwmixread", type=int_range(0, 100), default=50,
-                   help="randrw: percent of reads (default 50)")
-    r.add_argument("--strategy", choices=STRATEGY_ORDER, default="hold",
-                   help="kick path: hold the lock across the kick (2.6.35), release it "
-                        "around the notify (the RFC), or prepare under it and notify after "
-                        "(3.16). Default hold")
-    r.add_argument("--engine", choices=ENGINES, default="c",
-                   help="the per-request loop in C (default) or in Python")
+    r.add_argument(
+        "--workers", type=limit_arg(limits.WORKERS), default=4, help="processes (default 4)"
+    )
+    r.add_argument("--rw", **choice_arg(limits.RW), default="read", help="default read")
+    r.add_argument(
+        "--bs",
+        type=limit_arg(limits.BS, parse_size),
+        default=4096,
+        help="request size (default 4k)",
+    )
+    r.add_argument(
+        "--iodepth",
+        type=limit_arg(limits.IODEPTH),
+        default=1,
+        help="requests in flight per worker (default 1)",
+    )
+    r.add_argument(
+        "--runtime",
+        type=limit_arg(limits.RUNTIME, parse_float),
+        default=None,
+        metavar="S",
+        help="seconds to run; the workers go round their area (fio time_based)",
+    )
+    r.add_argument(
+        "--size",
+        type=size_arg,
+        default=None,
+        help="bytes of each worker's area; without --runtime each worker goes "
+        "through it once (default: capacity / workers)",
+    )
+    r.add_argument(
+        "--offset",
+        type=limit_arg(limits.OFFSET, parse_size),
+        default=0,
+        help="start of worker 0's area",
+    )
+    r.add_argument(
+        "--verify",
+        action="store_true",
+        help="writes stamp every sector with its LBA, a seed and a checksum; reads check them",
+    )
+    r.add_argument(
+        "--verify-seed", type=limit_arg(limits.VERIFY_SEED), default=0x5EED, help=argparse.SUPPRESS
+    )
+    r.add_argument(
+        "--rwmixread",
+        type=limit_arg(limits.RWMIX_READ),
+        default=50,
+        help="randrw: percent of reads (default 50)",
+    )
+    r.add_argument(
+        "--strategy",
+        **choice_arg(limits.STRATEGY),
+        default="hold",
+        help="kick path: hold the lock across the kick (2.6.35), release it "
+        "around the notify (the RFC), or prepare under it and notify after "
+        "(3.16). Default hold",
+    )
+    r.add_argument(
+        "--engine",
+        **choice_arg(limits.ENGINE),
+        default="c",
+        help="the per-request loop in C (default) or in Python",
+    )
     r.add_argument("--seed", type=int, default=1, help="random offsets (default 1)")
     r.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
     r.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
-    c = sub.add_parser("compare", help="the RFC benchmark: one run per kick strategy",
-                       description="Start a daemon on a 12-stripe, 64 KiB-chunk store in a "
-                                   "temporary directory, run the RFC's benchmark (4 workers, "
-                                   "sequential 4 KiB direct reads, one queue, sync exit) once per "
-                                   "strategy (--repeat times, interleaved) and print the RFC's lockstat tables with the % "
-                                   "change against hold, then throughput, kicks and CPU.  "
-                                   "Everything is stopped and removed at the end.")
-    c.add_argument("--runtime", type=positive_float, default=3.0, metavar="S",
-                   help="seconds per run (default 3)")
-    c.add_argument("--repeat", type=int_range(1, 100), default=3, metavar="N",
-                   help="runs per strategy, interleaved; the tables show medians (default 3)")
-    c.add_argument("--strategies", default=",".join(STRATEGY_ORDER),
-                   help="comma-separated, hold first (default hold,release,prepare)")
+    c = sub.add_parser(
+        "compare",
+        help="the RFC benchmark: one run per kick strategy",
+        description="Start a daemon on a 12-stripe, 64 KiB-chunk store in a "
+        "temporary directory, run the RFC's benchmark (4 workers, "
+        "sequential 4 KiB direct reads, one queue, sync exit) once per "
+        "strategy (--repeat times, interleaved) and print the RFC's lockstat tables with the % "
+        "change against hold, then throughput, kicks and CPU.  "
+        "Everything is stopped and removed at the end.",
+    )
+    c.add_argument(
+        "--runtime",
+        type=limit_arg(limits.RUNTIME, parse_float),
+        default=3.0,
+        metavar="S",
+        help="seconds per run (default 3)",
+    )
+    c.add_argument(
+        "--repeat",
+        type=limit_arg(limits.REPEAT),
+        default=3,
+        metavar="N",
+        help="runs per strategy, interleaved; the tables show medians (default 3)",
+    )
+    c.add_argument(
+        "--strategies",
+        default=",".join(limits.STRATEGY.names),
+        help="comma-separated, hold first (default hold,release,prepare)",
+    )
     g = c.add_argument_group("extra rows (each runs every strategy once more)")
-    g.add_argument("--event-idx", dest="rows", action="append_const", const="event-idx",
-                   help="with VIRTIO_RING_F_EVENT_IDX (the RFC's 2.6.35 had none)")
-    g.add_argument("--async-exit", dest="rows", action="append_const", const="async",
-                   help="async exit (ioeventfd: the kick only posts)")
-    g.add_argument("--poll", dest="rows", action="append_const", const="poll",
-                   help="the daemon polls the ring instead of sleeping on kicks")
-    g.add_argument("--shm", dest="rows", action="append_const", const="shm",
-                   help="a memory-speed store in /dev/shm")
-    g.add_argument("--mq", dest="rows", action="append_const", const="mq",
-                   help="multi-queue: one queue (and lock) per worker")
-    g.add_argument("--all", dest="all_rows", action="store_true",
-                   help="all five rows above")
-    g.add_argument("--row", dest="rows", action="append", metavar="SPEC",
-                   help="any row: tokens joined by '+', e.g. shm+event-idx+iodepth=16 "
-                        "(event-idx, no-event-idx, async, sync, poll, notify, shm, disk, mq, "
-                        "iodepth=N, queues=N, workers=N, lock=K, exit-cost=US, bs=N, rw=M)")
-    g.add_argument("--no-rfc-row", action="store_true",
-                   help="skip the RFC setup row (only the extra rows)")
+    g.add_argument(
+        "--event-idx",
+        dest="rows",
+        action="append_const",
+        const="event-idx",
+        help="with VIRTIO_RING_F_EVENT_IDX (the RFC's 2.6.35 had none)",
+    )
+    g.add_argument(
+        "--async-exit",
+        dest="rows",
+        action="append_const",
+        const="async",
+        help="async exit (ioeventfd: the kick only posts)",
+    )
+    g.add_argument(
+        "--poll",
+        dest="rows",
+        action="append_const",
+        const="poll",
+        help="the daemon polls the ring instead of sleeping on kicks",
+    )
+    g.add_argument(
+        "--shm",
+        dest="rows",
+        action="append_const",
+        const="shm",
+        help="a memory-speed store in /dev/shm",
+    )
+    g.add_argument(
+        "--mq",
+        dest="rows",
+        action="append_const",
+        const="mq",
+        help="multi-queue: one queue (and lock) per worker",
+    )
+    g.add_argument("--all", dest="all_rows", action="store_true", help="all five rows above")
+    g.add_argument(
+        "--row",
+        dest="rows",
+        action="append",
+        metavar="SPEC",
+        help="any row: tokens joined by '+', e.g. shm+event-idx+iodepth=16 "
+        "(event-idx, no-event-idx, async, sync, poll, notify, shm, disk, mq, "
+        "iodepth=N, queues=N, workers=N, lock=K, exit-cost=US, bs=N, rw=M)",
+    )
+    g.add_argument(
+        "--no-rfc-row", action="store_true", help="skip the RFC setup row (only the extra rows)"
+    )
     b = c.add_argument_group("the RFC setup (every row starts from it)")
-    b.add_argument("--workers", type=int_range(1, 32), default=BASE["workers"])
-    b.add_argument("--bs", type=size_arg, default=BASE["bs"])
-    b.add_argument("--iodepth", type=int_range(1, 64), default=BASE["iodepth"])
-    b.add_argument("--rw", choices=tuple(RW_MODES), default=BASE["rw"])
-    b.add_argument("--lock", choices=tuple(LOCK_KINDS), default=BASE["lock"],
-                   help=f"the queue lock's kind (default {BASE['lock']}; see docs/COMPARE.md)")
-    b.add_argument("--exit-cost", type=float, default=BASE["exit_cost_us"], metavar="US",
-                   help="extra microseconds spent inside every kick (default 0)")
-    b.add_argument("--size", type=size_arg, default=BASE["size"],
-                   help="store capacity, sparse (default 1G)")
-    b.add_argument("--area", type=size_arg, default=BASE["area"],
-                   help="bytes each worker reads round (default 32M), written once before "
-                        "the runs")
-    b.add_argument("--no-prewrite", action="store_true",
-                   help="do not write the read area first (reads of holes never touch the disk)")
-    b.add_argument("--stripes", type=int_range(1, 64), default=BASE["stripes"])
-    b.add_argument("--chunk", type=size_arg, default=BASE["chunk"])
-    b.add_argument("--engine", choices=ENGINES, default=BASE["engine"])
-    c.add_argument("--workdir", default=None, metavar="DIR",
-                   help="where the temporary store goes (default: the system's temp dir)")
+    b.add_argument("--workers", type=limit_arg(limits.WORKERS), default=BASE["workers"])
+    b.add_argument("--bs", type=limit_arg(limits.BS, parse_size), default=BASE["bs"])
+    b.add_argument("--iodepth", type=limit_arg(limits.IODEPTH), default=BASE["iodepth"])
+    b.add_argument("--rw", **choice_arg(limits.RW), default=BASE["rw"])
+    b.add_argument(
+        "--lock",
+        **choice_arg(limits.LOCK),
+        default=BASE["lock"],
+        help=f"the queue lock's kind (default {BASE['lock']}; see docs/COMPARE.md)",
+    )
+    b.add_argument(
+        "--exit-cost",
+        type=limit_arg(limits.EXIT_COST_US, parse_float),
+        default=BASE["exit_cost_us"],
+        metavar="US",
+        help="extra microseconds spent inside every kick (default 0)",
+    )
+    b.add_argument(
+        "--size",
+        type=limit_arg(limits.CAPACITY, parse_size),
+        default=BASE["size"],
+        help="store capacity, sparse (default 1G)",
+    )
+    b.add_argument(
+        "--area",
+        type=size_arg,
+        default=BASE["area"],
+        help="bytes each worker reads round (default 32M), written once before the runs",
+    )
+    b.add_argument(
+        "--no-prewrite",
+        action="store_true",
+        help="do not write the read area first (reads of holes never touch the disk)",
+    )
+    b.add_argument("--stripes", type=limit_arg(limits.STRIPES), default=BASE["stripes"])
+    b.add_argument("--chunk", type=limit_arg(limits.CHUNK, parse_size), default=BASE["chunk"])
+    b.add_argument("--engine", **choice_arg(limits.ENGINE), default=BASE["engine"])
+    c.add_argument(
+        "--workdir",
+        default=None,
+        metavar="DIR",
+        help="where the temporary store goes (default: the system's temp dir)",
+    )
     c.add_argument("--json", metavar="FILE", help="write every run as JSON")
     c.add_argument("--plot", metavar="FILE.png", help="draw hold/wait times and throughput")
     c.add_argument("--name-prefix", default="vpc", help=argparse.SUPPRESS)
@@ -118,19 +244,32 @@ def build_parser():
 
 
 def cmd_run(a):
-    from .workload import JobSpec, format_result, run_job
-    from .compare import _Progress, _sigterm_as_interrupt, write_json
+    from .console import Progress, sigterm_as_interrupt
+    from .workload import JobSpec, format_result, run_job, write_json
+
     if a.json:
         check_output(a.json, "--json")
-    spec = JobSpec(a.name, workers=a.workers, rw=a.rw, bs=a.bs, iodepth=a.iodepth,
-                   runtime=a.runtime, size=a.size, offset=a.offset, verify=a.verify,
-                   verify_seed=a.verify_seed, rwmix_read=a.rwmixread, strategy=a.strategy,
-                   engine=a.engine, seed=a.seed)
-    prog = _Progress(sys.stderr)
+    spec = JobSpec(
+        a.name,
+        workers=a.workers,
+        rw=a.rw,
+        bs=a.bs,
+        iodepth=a.iodepth,
+        runtime=a.runtime,
+        size=a.size,
+        offset=a.offset,
+        verify=a.verify,
+        verify_seed=a.verify_seed,
+        rwmix_read=a.rwmixread,
+        strategy=a.strategy,
+        engine=a.engine,
+        seed=a.seed,
+    )
+    prog = Progress(sys.stderr)
     try:
         # SIGTERM must stop the workers cleanly too: one killed holding the
         # queue lock would hang the device for every later guest.
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             res = run_job(spec, progress=None if a.quiet else prog, label=a.strategy)
     finally:
         prog.clear()
@@ -141,8 +280,11 @@ def cmd_run(a):
     v = res["verify"]
     if v and v["failures"]:
         f = v["first"]
-        print(f"{PROG}: verify failed: {v['failures']} blocks; first at byte {f['offset']} "
-              f"(sector {f['sector']}): {f['kind']}", file=sys.stderr)
+        print(
+            f"{PROG}: verify failed: {v['failures']} blocks; first at byte {f['offset']} "
+            f"(sector {f['sector']}): {f['kind']}",
+            file=sys.stderr,
+        )
         return 3
     if res["errors"]:
         print(f"{PROG}: {res['errors']} requests failed", file=sys.stderr)
@@ -152,6 +294,7 @@ def cmd_run(a):
 
 def cmd_compare(a):
     from .compare import compare, format_tables, write_json
+
     strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
     if not strategies:
         raise CliError("--strategies names none of hold, release, prepare")
@@ -171,28 +314,55 @@ def cmd_compare(a):
     if a.plot:
         check_output(a.plot, "--plot")
         from .plot import _pyplot
+
         _pyplot()
-    base = {"workers": a.workers, "bs": a.bs, "iodepth": a.iodepth, "rw": a.rw,
-            "lock": a.lock, "exit_cost_us": a.exit_cost, "size": a.size, "area": a.area,
-            "prewrite": not a.no_prewrite, "stripes": a.stripes, "chunk": a.chunk,
-            "engine": a.engine}
-    result = compare(rows=rows, runtime=a.runtime, strategies=strategies, base=base,
-                     name_prefix=a.name_prefix, workdir=a.workdir, verbose=not a.quiet,
-                     repeat=a.repeat)
+    base = {
+        "workers": a.workers,
+        "bs": a.bs,
+        "iodepth": a.iodepth,
+        "rw": a.rw,
+        "lock": a.lock,
+        "exit_cost_us": a.exit_cost,
+        "size": a.size,
+        "area": a.area,
+        "prewrite": not a.no_prewrite,
+        "stripes": a.stripes,
+        "chunk": a.chunk,
+        "engine": a.engine,
+    }
+    result = compare(
+        rows=rows,
+        runtime=a.runtime,
+        strategies=strategies,
+        base=base,
+        name_prefix=a.name_prefix,
+        workdir=a.workdir,
+        verbose=not a.quiet,
+        repeat=a.repeat,
+    )
     print(format_tables(result))
     if a.json:
         write_json(result, a.json)
         print(f"{PROG}: wrote {a.json}")
     if a.plot:
         from .plot import plot_compare
+
         plot_compare(result, a.plot)
         print(f"{PROG}: wrote {a.plot}")
     return 0
 
 
 def main(argv=None):
-    return run_main(PROG, build_parser(), {"run": cmd_run, "compare": cmd_compare}, argv,
-                    interrupted="interrupted; everything it started was stopped and removed")
+    # numpy comes in with the workloads: its OpenBLAS helper threads would
+    # take CPU from the guests and the daemon on a small machine.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    return run_main(
+        PROG,
+        build_parser(),
+        {"run": cmd_run, "compare": cmd_compare},
+        argv,
+        interrupted="interrupted; everything it started was stopped and removed",
+    )
 
 
 if __name__ == "__main__":

@@ -1,11 +1,17 @@
 """What both command lines share: one-line usage errors, argument types,
 and turning failures into one line on stderr with a non-zero exit."""
+
+from __future__ import annotations
+
 import argparse
 import math
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
-from .errors import VirtioError
+from .errors import ConfigError, VirtioError
+from .limits import Choice, Limit
 from .region import check_name
 from .units import parse_size
 
@@ -23,16 +29,58 @@ class OneLineParser(argparse.ArgumentParser):
 
 def _arg_type(parse, errors):
     """An argparse type from a parser that raises one of errors on bad text."""
+
     def arg(text):
         try:
             return parse(text)
         except errors as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+
     return arg
 
 
 name_arg = _arg_type(check_name, VirtioError)
-size_arg = _arg_type(parse_size, ValueError)       # bytes: 4096, 4k, 64K, 1G
+size_arg = _arg_type(parse_size, ValueError)  # bytes: 4096, 4k, 64K, 1G
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"not an integer: {text!r}") from None
+
+
+def parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+
+
+def limit_arg(limit: Limit, parse: Callable[[str], Any] = parse_int) -> Callable[[str], Any]:
+    """argparse type: text parsed, then checked against a limit of
+    virtio_py.limits (the message is the Python API's)."""
+
+    def arg(text: str) -> Any:
+        try:
+            return limit.check(parse(text))
+        except ValueError as e:  # ConfigError too
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    arg.__name__ = limit.name  # what argparse calls the value in other errors
+    return arg
+
+
+def choice_arg(choice: Choice) -> dict[str, Any]:
+    """add_argument keywords for one of a Choice's names (same message as the API)."""
+
+    def arg(text: str) -> str:
+        try:
+            return choice.check(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return {"type": arg, "metavar": "{" + ",".join(choice.names) + "}"}
 
 
 def positive_float(text):
@@ -44,19 +92,6 @@ def positive_float(text):
     if not (v > 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"must be positive and finite, not {text}")
     return v
-
-
-def int_range(lo, hi):
-    """argparse type: an integer from lo to hi."""
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be {lo} to {hi}, not {v}")
-        return v
-    return parse
 
 
 def check_output(path, what):

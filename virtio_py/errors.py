@@ -4,7 +4,7 @@
 class VirtioError(Exception):
     """Root of every virtio_py error.  ``code`` is the C core's positive code."""
 
-    def __init__(self, message, code=0):
+    def __init__(self, message: str, code: int = 0) -> None:
         super().__init__(message)
         self.code = code
 
@@ -32,7 +32,7 @@ class DeviceGoneError(VirtioError):
 class BlockIOError(VirtioError):
     """A virtio-blk request completed with a status other than OK."""
 
-    def __init__(self, message, status):
+    def __init__(self, message: str, status: int) -> None:
         super().__init__(message, code=status)
         self.status = status
 
@@ -42,6 +42,12 @@ class ConfigError(VirtioError, ValueError):
 
 
 __all__ = [
-    "VirtioError", "QueueFullError", "RingError", "QueueBrokenError",
-    "RegionError", "DeviceGoneError", "BlockIOError", "ConfigError",
+    "VirtioError",
+    "QueueFullError",
+    "RingError",
+    "QueueBrokenError",
+    "RegionError",
+    "DeviceGoneError",
+    "BlockIOError",
+    "ConfigError",
 ]

@@ -1,24 +1,24 @@
 """Split-ring arithmetic of the legacy layout, as <linux/virtio_ring.h> has it."""
+
+from __future__ import annotations
+
 from ._lowlevel import lib
+from .errors import ConfigError
+from .limits import RING_SIZE
 
 DESC_SIZE = 16
 USED_ELEM_SIZE = 8
 
 
-def _check_num(num):
-    if not isinstance(num, int) or num < 1 or num > 32768 or num & (num - 1):
-        raise ValueError(f"queue size must be a power of two from 1 to 32768, not {num!r}")
-
-
-def _align_up(x, align):
+def _align_up(x: int, align: int) -> int:
     return (x + align - 1) & ~(align - 1)
 
 
-def vring_layout(num, align=4096):
+def vring_layout(num: int, align: int = 4096) -> tuple[int, int, int]:
     """Byte offsets of (desc, avail, used) from the start of a ring, as vring_init places them."""
-    _check_num(num)
-    if align < 1 or align & (align - 1):
-        raise ValueError(f"align must be a power of two, not {align!r}")
+    RING_SIZE.check(num)
+    if not isinstance(align, int) or align < 1 or align & (align - 1):
+        raise ConfigError(f"align must be a power of two, not {align!r}")
     desc = 0
     avail = DESC_SIZE * num
     # flags, idx, ring[num], used_event
@@ -26,14 +26,14 @@ def vring_layout(num, align=4096):
     return desc, avail, used
 
 
-def vring_size(num, align=4096):
+def vring_size(num: int, align: int = 4096) -> int:
     """Bytes a ring of num entries takes, as vring_size() computes it."""
     _, _, used = vring_layout(num, align)
     # flags, idx, ring[num], avail_event
     return used + 2 * 2 + USED_ELEM_SIZE * num + 2
 
 
-def vring_need_event(event_idx, new_idx, old):
+def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
     """True if moving an index from old to new_idx passes event_idx (mod 2^16).
 
     This calls the header's own vring_need_event, compiled into the core.

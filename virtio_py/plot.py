@@ -1,4 +1,5 @@
 """Plots of a compare result (matplotlib is an optional extra)."""
+
 from .errors import ConfigError
 
 
@@ -6,10 +7,12 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ConfigError("--plot needs matplotlib: pip install 'virtio_py[plot]' "
-                          "(or pip install matplotlib)") from None
+        raise ConfigError(
+            "--plot needs matplotlib: pip install 'virtio_py[plot]' (or pip install matplotlib)"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -37,12 +40,20 @@ def plot_compare(result, path):
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         for b, v in zip(bars, vals):
-            ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.1f}", (b.get_x() + b.get_width() / 2,
-                        b.get_height()), ha="center", va="bottom", fontsize=7)
+            ax.annotate(
+                f"{v:,.0f}" if v >= 100 else f"{v:.1f}",
+                (b.get_x() + b.get_width() / 2, b.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
     c = runs[0]["config"] if runs else {}
-    fig.suptitle(f"virtio_py compare: {c.get('workers')} workers, {c.get('rw')} "
-                 f"bs={c.get('bs')}, exit {c.get('exit')}, lock {c.get('lock')}, "
-                 f"{result.get('runtime')} s per run", fontsize=11)
+    fig.suptitle(
+        f"virtio_py compare: {c.get('workers')} workers, {c.get('rw')} "
+        f"bs={c.get('bs')}, exit {c.get('exit')}, lock {c.get('lock')}, "
+        f"{result.get('runtime')} s per run",
+        fontsize=11,
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

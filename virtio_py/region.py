@@ -5,21 +5,26 @@ Whoever creates a region owns it: it unlinks the shared memory and every
 semaphore, on close, on error and (through ``unlink``) on demand.
 Attachers only map and unmap.
 """
+
+from __future__ import annotations
+
 import os
 import re
+from collections.abc import Iterable
+from typing import Any
 
 import posix_ipc
 
 from ._lowlevel import check, ffi, lib
-from .errors import ConfigError, RegionError
 from ._resource import Closeable
+from .errors import ConfigError, RegionError
+from .limits import EXIT, LOCK, MODE, check_region
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,47}$")
 
-LOCK_KINDS = {"spin": lib.VP_LOCK_SPIN, "spinyield": lib.VP_LOCK_SPINYIELD,
-              "mutex": lib.VP_LOCK_MUTEX}
-EXIT_MODES = {"async": lib.VP_EXIT_ASYNC, "sync": lib.VP_EXIT_SYNC}
-SERVE_MODES = {"notify": lib.VP_MODE_NOTIFY, "poll": lib.VP_MODE_POLL}
+LOCK_KINDS = LOCK.codes
+EXIT_MODES = EXIT.codes
+SERVE_MODES = MODE.codes
 NOTIFIER_ROLES = ("kick", "call", "ack")
 
 FEATURE_BITS = {
@@ -34,7 +39,7 @@ FEATURE_BITS = {
 }
 
 
-def feature_bits(names, queues=1):
+def feature_bits(names: Iterable[str], queues: int = 1) -> int:
     """The device feature word of the named features; MQ joins them when there
     is more than one queue."""
     bits = 0
@@ -45,30 +50,24 @@ def feature_bits(names, queues=1):
     return bits
 
 
-def kind_name(kinds, value, what):
-    for k, v in kinds.items():
-        if v == value:
-            return k
-    return f"unknown {what} {value}"
-
-
-def check_name(name):
+def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ConfigError(
             f"bad device name {name!r}: use 1-48 letters, digits, '_', '.' or '-', "
-            "not starting with '.' or '-'")
+            "not starting with '.' or '-'"
+        )
     return name
 
 
-def shm_name(name):
+def shm_name(name: str) -> str:
     return "/" + check_name(name)
 
 
-def sem_name(name, queue, role):
+def sem_name(name: str, queue: int, role: str) -> str:
     return f"/{check_name(name)}.q{queue}.{role}"
 
 
-def ipc_paths(name, queues=None):
+def ipc_paths(name: str, queues: int | None = None) -> list[str]:
     """Every /dev/shm path a device of this name can own (all queue slots if queues is None)."""
     n = lib.VP_MAX_QUEUES if queues is None else queues
     paths = ["/dev/shm" + shm_name(name)]
@@ -78,7 +77,7 @@ def ipc_paths(name, queues=None):
     return paths
 
 
-def destroy(name):
+def destroy(name: str) -> list[str]:
     """Unlink every object a device of this name may have left; returns what was removed."""
     removed = []
     try:
@@ -97,53 +96,91 @@ def destroy(name):
     return removed
 
 
-def check_config(*, queues=1, queue_size=128, lock="spin", exit="async", exit_cost_us=0,
-                 mode="notify"):
-    """ConfigError unless Region.create takes these parameters."""
-    if lock not in LOCK_KINDS:
-        raise ConfigError(f"lock kind must be one of {', '.join(LOCK_KINDS)}, not {lock!r}")
-    if exit not in EXIT_MODES:
-        raise ConfigError(f"exit must be one of {', '.join(EXIT_MODES)}, not {exit!r}")
-    if mode not in SERVE_MODES:
-        raise ConfigError(f"mode must be one of {', '.join(SERVE_MODES)}, not {mode!r}")
-    if not (isinstance(queue_size, int) and 1 <= queue_size <= lib.VP_MAX_QUEUE_SIZE
-            and queue_size & (queue_size - 1) == 0):
-        raise ConfigError(f"queue size must be a power of two from 1 to 32768, not {queue_size!r}")
-    if not 1 <= queues <= lib.VP_MAX_QUEUES:
-        raise ConfigError(f"queues must be from 1 to {lib.VP_MAX_QUEUES}, not {queues!r}")
-    if not 0 <= exit_cost_us <= 1_000_000:     # also NaN
-        raise ConfigError(f"exit cost must be 0 to 1000000 us, not {exit_cost_us!r}")
-
-
-def exists(name):
+def exists(name: str) -> bool:
     return os.path.exists("/dev/shm" + shm_name(name))
+
+
+def _queue_info(header: Any, index: int) -> dict[str, int]:
+    qi = header.queue[index]
+    return {
+        "num": qi.num,
+        "desc": qi.desc,
+        "avail": qi.avail,
+        "used": qi.used,
+        "shared": qi.shared,
+        "tokens": qi.tokens,
+        "data": qi.data,
+        "data_size": qi.data_size,
+    }
 
 
 class Region(Closeable):
     """A mapped device region.  Use ``Region.create`` (device side, owner) or
-    ``Region.attach`` (driver side)."""
+    ``Region.attach`` (driver side).
 
-    def __init__(self, name, base, size, owner):
+    The owner also holds the device's private copy of what it laid out
+    (``device_layout``, ``device_event_idx``, ``device_exit_mode``): it never
+    trusts the header again once a guest can write to it.  An attached
+    region has ``device_layout`` None.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        base: Any,
+        size: int,
+        owner: bool,
+        *,
+        created: list[tuple[str, str]] | None = None,
+        device_layout: list[dict[str, int]] | None = None,
+        device_event_idx: bool = False,
+        device_exit_mode: int = lib.VP_EXIT_ASYNC,
+    ) -> None:
         self.name = name
         self._base = base
         self.size = size
         self.owner = owner
         self._unlinked = not owner
-        self.header = ffi.cast("struct vp_region_header *", base)
+        # What the owner must unlink: filled as it creates them.
+        self._created: list[tuple[str, str]] = created if created is not None else []
+        self.device_layout = device_layout
+        self.device_event_idx = device_event_idx
+        self.device_exit_mode = device_exit_mode
+        self.header: Any = ffi.cast("struct vp_region_header *", base)
 
-    # ---- construction ----
+    # ---- construction
     @classmethod
-    def create(cls, name, *, queues=1, queue_size=128, data_size=16 << 20,
-               capacity=0, blk_size=512, seg_max=None, lock="spin",
-               exit="async", exit_cost_us=0, mode="notify", event_idx=True,
-               features=None):
+    def create(
+        cls,
+        name: str,
+        *,
+        queues: int = 1,
+        queue_size: int = 128,
+        data_size: int = 16 << 20,
+        capacity: int = 0,
+        blk_size: int = 512,
+        seg_max: int | None = None,
+        lock: str = "spin",
+        exit: str = "async",
+        exit_cost_us: float = 0,
+        mode: str = "notify",
+        event_idx: bool = True,
+        features: int | None = None,
+    ) -> Region:
         """Create the shared memory and the notifiers of a new device.
 
-        Fails with RegionError if anything of that name exists already.
+        Fails with RegionError if anything of that name exists already, and
+        with ConfigError on a parameter outside virtio_py.limits.
         """
         check_name(name)
-        check_config(queues=queues, queue_size=queue_size, lock=lock, exit=exit,
-                     exit_cost_us=exit_cost_us, mode=mode)
+        check_region(
+            queues=queues,
+            queue_size=queue_size,
+            lock=lock,
+            exit=exit,
+            exit_cost_us=exit_cost_us,
+            mode=mode,
+        )
         if features is None:
             features = feature_bits(("VERSION_1", "BLK_SIZE", "SEG_MAX"), queues)
         if event_idx:
@@ -159,24 +196,26 @@ class Region(Closeable):
         params.capacity = capacity
         params.blk_size = blk_size
         params.seg_max = seg_max if seg_max is not None else max(1, queue_size - 2)
-        params.lock_kind = LOCK_KINDS[lock]
-        params.exit_mode = EXIT_MODES[exit]
+        params.lock_kind = LOCK.code(lock)
+        params.exit_mode = EXIT.code(exit)
         params.exit_cost_ns = int(exit_cost_us * 1000)
-        params.serve_mode = SERVE_MODES[mode]
+        params.serve_mode = MODE.code(mode)
         params.name = cname
         size_p = ffi.new("uint64_t *")
         check(lib.vp_region_size(params, size_p), "region layout")
         size = size_p[0]
 
-        created = []
+        created: list[tuple[str, str]] = []
         region = None
         try:
             try:
-                shm = posix_ipc.SharedMemory(shm_name(name), posix_ipc.O_CREX,
-                                             mode=0o600, size=size)
+                shm = posix_ipc.SharedMemory(
+                    shm_name(name), posix_ipc.O_CREX, mode=0o600, size=size
+                )
             except posix_ipc.ExistentialError:
-                raise RegionError(f"a device named {name!r} exists already "
-                                  f"(/dev/shm{shm_name(name)})") from None
+                raise RegionError(
+                    f"a device named {name!r} exists already (/dev/shm{shm_name(name)})"
+                ) from None
             created.append(("shm", shm_name(name)))
             try:
                 base = _map_fd(shm.fd, size)
@@ -184,25 +223,30 @@ class Region(Closeable):
                 shm.close_fd()
             try:
                 check(lib.vp_region_init(base, size, params), "region init")
+                header = ffi.cast("struct vp_region_header *", base)
+                layout = [_queue_info(header, q) for q in range(queues)]
             except Exception:
                 lib.vp_unmap(base, size)
                 raise
-            region = cls(name, base, size, owner=True)
-            region._created = created
-            # The device's private copy of what it laid out: it never trusts
-            # the header again once a guest can write to it.
-            region.device_layout = [region.queue_info(q) for q in range(queues)]
-            region.device_event_idx = bool(event_idx)
-            region.device_exit_mode = EXIT_MODES[exit]
+            region = cls(
+                name,
+                base,
+                size,
+                owner=True,
+                created=created,
+                device_layout=layout,
+                device_event_idx=bool(event_idx),
+                device_exit_mode=EXIT.code(exit),
+            )
             for q in range(queues):
                 for role in NOTIFIER_ROLES:
                     s = sem_name(name, q, role)
                     try:
-                        sem = posix_ipc.Semaphore(s, posix_ipc.O_CREX, mode=0o600,
-                                                  initial_value=0)
+                        sem = posix_ipc.Semaphore(s, posix_ipc.O_CREX, mode=0o600, initial_value=0)
                     except posix_ipc.ExistentialError:
-                        raise RegionError(f"semaphore {s} exists already: "
-                                          f"stale objects of {name!r}") from None
+                        raise RegionError(
+                            f"semaphore {s} exists already: stale objects of {name!r}"
+                        ) from None
                     sem.close()
                     created.append(("sem", s))
             return region
@@ -213,7 +257,7 @@ class Region(Closeable):
             raise
 
     @classmethod
-    def attach(cls, name):
+    def attach(cls, name: str) -> Region:
         """Map an existing device's region (driver side)."""
         try:
             shm = posix_ipc.SharedMemory(shm_name(name))
@@ -232,18 +276,18 @@ class Region(Closeable):
             check(rc, f"device {name!r}")
         return cls(name, base, size, owner=False)
 
-    # ---- lifetime ----
+    # ---- lifetime
     @property
-    def base(self):
+    def base(self) -> Any:
         if self._base is None:
             raise RegionError(f"region {self.name!r} is closed")
         return self._base
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._base is None
 
-    def close(self):
+    def close(self) -> None:
         """Unmap; the owner also unlinks.  Views of the region die with it."""
         if self._base is not None:
             lib.vp_unmap(self._base, self.size)
@@ -252,68 +296,71 @@ class Region(Closeable):
         if self.owner:
             self.unlink()
 
-    def unlink(self):
+    def unlink(self) -> None:
         if not self._unlinked:
             self._unlinked = True
-            _unlink_all(getattr(self, "_created", []))
+            _unlink_all(self._created)
 
-    # ---- contents ----
+    # ---- contents
     @property
-    def num_queues(self):
-        return self.header.num_queues
+    def num_queues(self) -> int:
+        return int(self.header.num_queues)
 
-    def queue_info(self, index):
+    def queue_info(self, index: int) -> dict[str, int]:
+        """Where queue index lies, as the header says (a guest may have written it)."""
         self._check_index(index)
-        qi = self.header.queue[index]
-        return {"num": qi.num, "desc": qi.desc, "avail": qi.avail, "used": qi.used,
-                "shared": qi.shared, "tokens": qi.tokens, "data": qi.data,
-                "data_size": qi.data_size}
+        return _queue_info(self.header, index)
 
-    def _check_index(self, index):
+    def _check_index(self, index: int) -> None:
         if not 0 <= index < self.header.num_queues:
             raise ConfigError(f"queue {index} out of range (device has {self.header.num_queues})")
 
-    def queue_shared(self, index):
+    def queue_shared(self, index: int) -> Any:
         self._check_index(index)
         return ffi.cast("struct vp_queue_shared *", self.base + self.header.queue[index].shared)
 
     @property
-    def features(self):
-        return self.header.device_features
+    def features(self) -> int:
+        return int(self.header.device_features)
 
     @property
-    def event_idx(self):
+    def needs_reset(self) -> bool:
+        """The device set NEEDS_RESET in the status (a queue broke)."""
+        return bool(self.header.status & lib.VP_STATUS_NEEDS_RESET)
+
+    @property
+    def event_idx(self) -> bool:
         return bool(self.header.driver_features >> lib.VIRTIO_RING_F_EVENT_IDX & 1)
 
     @property
-    def exit_mode(self):
-        return kind_name(EXIT_MODES, self.header.exit_mode, "exit mode")
+    def exit_mode(self) -> str:
+        return EXIT.name_of(self.header.exit_mode)
 
     @property
-    def serve_mode(self):
-        return kind_name(SERVE_MODES, self.header.serve_mode, "mode")
+    def serve_mode(self) -> str:
+        return MODE.name_of(self.header.serve_mode)
 
     @property
-    def lock_kind(self):
-        return kind_name(LOCK_KINDS, self.header.lock_kind, "lock kind")
+    def lock_kind(self) -> str:
+        return LOCK.name_of(self.header.lock_kind)
 
     @property
-    def daemon_pid(self):
-        return self.header.daemon_pid
+    def daemon_pid(self) -> int:
+        return int(self.header.daemon_pid)
 
-    def set_daemon_pid(self, pid):
+    def set_daemon_pid(self, pid: int) -> None:
         self.header.daemon_pid = pid
 
-    def sem_name(self, index, role):
+    def sem_name(self, index: int, role: str) -> str:
         return sem_name(self.name, index, role)
 
-    def read(self, gpa, length):
+    def read(self, gpa: int, length: int) -> bytes:
         """Copy bytes out of the region, bounds-checked."""
         if gpa < 0 or length < 0 or gpa + length > self.size:
             raise ConfigError(f"range {gpa:#x}+{length} outside the region")
         return ffi.buffer(self.base + gpa, length)[:]
 
-    def write_data(self, gpa, data):
+    def write_data(self, gpa: int, data: bytes) -> None:
         """Copy bytes into the request buffer area (never into rings or the header)."""
         lo = self.header.data_offset
         hi = lo + self.header.data_size
@@ -321,18 +368,18 @@ class Region(Closeable):
             raise ConfigError(f"range {gpa:#x}+{len(data)} outside the data area")
         ffi.memmove(self.base + gpa, data, len(data))
 
-    def poke(self, gpa, value, width):
+    def poke(self, gpa: int, value: int, width: int) -> None:
         """A hostile guest's raw store into any part of the region (tests only)."""
         check(lib.vp_guest_poke(self.base, self.size, gpa, value, width), "poke")
 
 
-def _map_fd(fd, size):
+def _map_fd(fd: int, size: int) -> Any:
     pp = ffi.new("void **")
     check(lib.vp_map(fd, size, pp), "mmap")
     return ffi.cast("uint8_t *", pp[0])
 
 
-def _unlink_all(created):
+def _unlink_all(created: list[tuple[str, str]]) -> None:
     for kind, n in created:
         try:
             if kind == "shm":

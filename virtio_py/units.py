@@ -1,4 +1,5 @@
 """Sizes as people type them: 4096, 4k, 64K, 1G (binary multiples)."""
+
 import re
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

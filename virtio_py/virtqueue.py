@@ -5,43 +5,64 @@ Driver operations that change ring state must be serialised by the queue's
 lock when several processes share the queue, as virtio_blk does under
 vblk->lock; ``submit`` does lock, add, kick and unlock in one C call.
 """
-from ._lowlevel import check, ffi, lib, opened
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from ._lowlevel import check, code_name, ffi, lib, opened, strerror
+from ._resource import Closeable
 from .errors import ConfigError
+from .limits import STRATEGY
 from .lock import SharedLock
 from .notifier import Notifier
-from ._resource import Closeable
 
-STRATEGIES = {"hold": lib.VP_KICK_HOLD, "release": lib.VP_KICK_RELEASE,
-              "prepare": lib.VP_KICK_PREPARE}
+if TYPE_CHECKING:
+    from .region import Region
+
+STRATEGIES = STRATEGY.codes
+# A buffer of a chain: (guest physical address, length).
+Buffer = tuple[int, int]
+# A popped chain: (head, [(gpa, length, writable), ...]).
+Chain = tuple[int, list[tuple[int, int, bool]]]
 
 
-def strategy_code(strategy):
-    try:
-        return STRATEGIES[strategy]
-    except KeyError:
-        raise ConfigError(f"kick strategy must be one of {', '.join(STRATEGIES)}, "
-                          f"not {strategy!r}") from None
+def strategy_code(strategy: str) -> int:
+    """The C code of a kick strategy name (ConfigError for another name)."""
+    return STRATEGY.code(strategy)
+
+
+def broken_reason(code: int) -> str | None:
+    """Why a queue is broken, from DeviceQueue.broken's code (None: it is not),
+    e.g. 'EHEAD: ...'."""
+    return f"{code_name(code)}: {strerror(code)}" if code else None
 
 
 class Virtqueue(Closeable):
     """The driver's handle on queue ``index`` of an attached region."""
 
-    def __init__(self, region, index=0, notifiers=True):
+    def __init__(self, region: Region, index: int = 0, notifiers: bool = True) -> None:
         region._check_index(index)
         self.region = region
         self.index = index
-        self._vq = opened(lib.vp_vq_open, region.base, region.size, index,
-                          what=f"queue {index}")
+        self._vq = opened(lib.vp_vq_open, region.base, region.size, index, what=f"queue {index}")
         self.num = lib.vp_vq_size(self._vq)
         self.lock = SharedLock(region, lib.vp_vq_lock(self._vq))
-        self.kick_notifier = self.ack_notifier = self.call_notifier = None
+        self.kick_notifier: Notifier | None = None
+        self.ack_notifier: Notifier | None = None
+        self.call_notifier: Notifier | None = None
         if notifiers:
             self.kick_notifier = Notifier.open_sem(region.sem_name(index, "kick"))
             self.ack_notifier = Notifier.open_sem(region.sem_name(index, "ack"))
             self.call_notifier = Notifier.open_sem(region.sem_name(index, "call"))
-            lib.vp_vq_set_notify(self._vq, self.kick_notifier.handle,
-                                 self.ack_notifier.handle, region.header.exit_mode,
-                                 region.header.exit_cost_ns)
+            lib.vp_vq_set_notify(
+                self._vq,
+                self.kick_notifier.handle,
+                self.ack_notifier.handle,
+                region.header.exit_mode,
+                region.header.exit_cost_ns,
+            )
         # Reused argument arrays: no allocation per request.
         self._addr = ffi.new("uint64_t[]", self.num)
         self._len = ffi.new("uint32_t[]", self.num)
@@ -49,12 +70,12 @@ class Virtqueue(Closeable):
         self._blen = ffi.new("uint32_t *")
 
     @property
-    def handle(self):
+    def handle(self) -> Any:
         if self._vq is None:
             raise ConfigError("virtqueue is closed")
         return self._vq
 
-    def close(self):
+    def close(self) -> None:
         if self._vq is not None:
             lib.vp_vq_close(self._vq)
             self._vq = None
@@ -62,9 +83,10 @@ class Virtqueue(Closeable):
             if n is not None:
                 n.close()
 
-    def _load(self, out, in_):
+    def _load(self, out: Iterable[Buffer], in_: Iterable[Buffer]) -> tuple[int, int]:
+        out, in_ = list(out), list(in_)
         n = 0
-        for gpa, length in list(out) + list(in_):
+        for gpa, length in out + in_:
             if n >= self.num:
                 raise ConfigError(f"chain longer than the queue ({self.num})")
             self._addr[n] = gpa
@@ -72,41 +94,54 @@ class Virtqueue(Closeable):
             n += 1
         return len(out), len(in_)
 
-    def add(self, out, in_, token):
+    def add(self, out: Iterable[Buffer], in_: Iterable[Buffer], token: int) -> None:
         """virtqueue_add: out and in_ are lists of (gpa, length); token is a non-zero int."""
         o, i = self._load(out, in_)
         check(lib.virtqueue_add(self.handle, self._addr, self._len, o, i, token), "virtqueue_add")
 
-    def kick_prepare(self):
+    def kick_prepare(self) -> bool:
         return bool(lib.virtqueue_kick_prepare(self.handle))
 
-    def notify(self):
+    def notify(self) -> None:
         check(lib.virtqueue_notify(self.handle), "virtqueue_notify")
 
-    def kick(self, lock=None):
+    def kick(self, lock: SharedLock | None = None) -> bool:
         """virtqueue_kick; with a lock (held by the caller) it is released around the notify."""
-        return bool(check(lib.virtqueue_kick(self.handle, lock._l if lock else ffi.NULL),
-                          "virtqueue_kick"))
+        return bool(
+            check(lib.virtqueue_kick(self.handle, lock._l if lock else ffi.NULL), "virtqueue_kick")
+        )
 
-    def submit(self, out, in_, token, strategy="prepare"):
+    def submit(
+        self, out: Iterable[Buffer], in_: Iterable[Buffer], token: int, strategy: str = "prepare"
+    ) -> None:
         """Lock, add, kick by the given strategy, unlock: one C call."""
         code = strategy_code(strategy)
         o, i = self._load(out, in_)
-        check(lib.vp_vq_submit(self.handle, code, self._addr, self._len, o, i, token),
-              "submit")
+        check(lib.vp_vq_submit(self.handle, code, self._addr, self._len, o, i, token), "submit")
 
-    def submit1(self, out_gpa, out_len, in_gpa, in_len, token, strategy=lib.VP_KICK_PREPARE):
-        """The one-readable-one-writable fast path of submit (strategy as its C code)."""
+    def submit1(
+        self,
+        out_gpa: int,
+        out_len: int,
+        in_gpa: int,
+        in_len: int,
+        token: int,
+        strategy: str = "prepare",
+    ) -> None:
+        """The one-readable-one-writable fast path of submit."""
+        code = STRATEGIES.get(strategy)
+        if code is None:
+            code = strategy_code(strategy)  # raises the one-line ConfigError
         a, ln = self._addr, self._len
         a[0] = out_gpa
         ln[0] = out_len
         a[1] = in_gpa
         ln[1] = in_len
-        rc = lib.vp_vq_submit(self._vq, strategy, a, ln, 1, 1, token)
+        rc = lib.vp_vq_submit(self._vq, code, a, ln, 1, 1, token)
         if rc < 0:
             check(rc, "submit")
 
-    def get_buf(self):
+    def get_buf(self) -> tuple[int, int] | None:
         """virtqueue_get_buf: (token, written length) or None when nothing is used."""
         r = lib.virtqueue_get_buf(self._vq, self._tok, self._blen)
         if r == 0:
@@ -114,33 +149,51 @@ class Virtqueue(Closeable):
         check(r, "virtqueue_get_buf")
         return self._tok[0], self._blen[0]
 
-    def disable_cb(self):
+    def disable_cb(self) -> None:
         lib.virtqueue_disable_cb(self.handle)
 
-    def enable_cb(self):
+    def enable_cb(self) -> bool:
         """True when callbacks are on and nothing is pending; False: poll again."""
         return bool(lib.virtqueue_enable_cb(self.handle))
 
     @property
-    def num_free(self):
+    def num_free(self) -> int:
         return lib.vp_vq_num_free(self.handle)
 
-    def wait_interrupt(self, timeout=None):
+    def wait_interrupt(self, timeout: float | None = None) -> bool:
+        """Wait for the device's call; False on timeout."""
+        if self.call_notifier is None:
+            raise ConfigError("virtqueue opened without notifiers")
         return self.call_notifier.wait(timeout)
 
-    def state(self):
+    def state(self) -> dict[str, int]:
         st = self.region.queue_shared(self.index).drv
-        return {"free_head": st.free_head, "num_free": st.num_free,
-                "avail_idx": st.avail_idx_shadow, "last_used_idx": st.last_used_idx,
-                "kicks": st.kicks, "kicks_suppressed": st.kicks_suppressed,
-                "added": st.added, "completed": st.completed}
+        return {
+            "free_head": st.free_head,
+            "num_free": st.num_free,
+            "avail_idx": st.avail_idx_shadow,
+            "last_used_idx": st.last_used_idx,
+            "kicks": st.kicks,
+            "kicks_suppressed": st.kicks_suppressed,
+            "added": st.added,
+            "completed": st.completed,
+        }
 
-    def echo_drive(self, n, batch=0, strategy="hold", buf_gpa=None, buf_len=64):
+    def echo_drive(
+        self,
+        n: int,
+        batch: int = 0,
+        strategy: str = "hold",
+        buf_gpa: int | None = None,
+        buf_len: int = 64,
+    ) -> int:
         """Drive n requests through an echo device from C (tests and benchmarks)."""
         if buf_gpa is None:
             buf_gpa = self.region.queue_info(self.index)["data"]
-        return check(lib.vp_echo_drive(self.handle, n, batch, strategy_code(strategy),
-                                       buf_gpa, buf_len), "echo_drive")
+        return check(
+            lib.vp_echo_drive(self.handle, n, batch, strategy_code(strategy), buf_gpa, buf_len),
+            "echo_drive",
+        )
 
 
 class DeviceQueue(Closeable):
@@ -150,8 +203,14 @@ class DeviceQueue(Closeable):
     the layout, never from the region header a guest can overwrite.
     """
 
-    def __init__(self, region, index=0, notifiers=True, max_segs=None):
-        if not region.owner:
+    def __init__(
+        self,
+        region: Region,
+        index: int = 0,
+        notifiers: bool = True,
+        max_segs: int | None = None,
+    ) -> None:
+        if not region.owner or region.device_layout is None:
             raise ConfigError("only the region's creator serves its queues")
         region._check_index(index)
         info = region.device_layout[index]
@@ -159,28 +218,44 @@ class DeviceQueue(Closeable):
         self.index = index
         self.num = info["num"]
         self.max_segs = max_segs or self.num
-        self._q = opened(lib.vp_devq_open, region.base, region.size,
-                         info["data"], info["data"] + info["data_size"],
-                         index, self.num, info["desc"], info["avail"], info["used"],
-                         int(region.device_event_idx), region.device_exit_mode,
-                         what=f"device queue {index}")
+        self._q = opened(
+            lib.vp_devq_open,
+            region.base,
+            region.size,
+            info["data"],
+            info["data"] + info["data_size"],
+            index,
+            self.num,
+            info["desc"],
+            info["avail"],
+            info["used"],
+            int(region.device_event_idx),
+            region.device_exit_mode,
+            what=f"device queue {index}",
+        )
         self._chain = ffi.new("struct vp_chain *")
         self._segs = ffi.new("struct vp_seg[]", self.max_segs)
-        self.kick_notifier = self.call_notifier = self.ack_notifier = None
+        self.kick_notifier: Notifier | None = None
+        self.call_notifier: Notifier | None = None
+        self.ack_notifier: Notifier | None = None
         if notifiers:
             self.kick_notifier = Notifier.open_sem(region.sem_name(index, "kick"))
             self.call_notifier = Notifier.open_sem(region.sem_name(index, "call"))
             self.ack_notifier = Notifier.open_sem(region.sem_name(index, "ack"))
-            lib.vp_devq_set_notify(self._q, self.kick_notifier.handle,
-                                   self.call_notifier.handle, self.ack_notifier.handle)
+            lib.vp_devq_set_notify(
+                self._q,
+                self.kick_notifier.handle,
+                self.call_notifier.handle,
+                self.ack_notifier.handle,
+            )
 
     @property
-    def handle(self):
+    def handle(self) -> Any:
         if self._q is None:
             raise ConfigError("device queue is closed")
         return self._q
 
-    def close(self):
+    def close(self) -> None:
         if self._q is not None:
             lib.vp_devq_close(self._q)
             self._q = None
@@ -188,7 +263,7 @@ class DeviceQueue(Closeable):
             if n is not None:
                 n.close()
 
-    def pop(self):
+    def pop(self) -> Chain | None:
         """Next available chain as (head, [(gpa, length, writable), ...]) or None.
 
         A chain that breaks a ring rule raises RingError and marks the queue broken.
@@ -197,48 +272,57 @@ class DeviceQueue(Closeable):
         if r == 0:
             return None
         c = self._chain
-        segs = [(self._segs[i].addr, self._segs[i].len, bool(self._segs[i].write))
-                for i in range(c.nseg)]
+        segs = [
+            (self._segs[i].addr, self._segs[i].len, bool(self._segs[i].write))
+            for i in range(c.nseg)
+        ]
         return c.head, segs
 
-    def push(self, head, length):
+    def push(self, head: int, length: int) -> None:
         check(lib.vp_devq_push(self.handle, head, length), "push")
 
-    def interrupt(self):
+    def interrupt(self) -> bool:
         """Send the call notification if the driver wants it; True if sent."""
         return bool(check(lib.vp_devq_interrupt(self.handle), "interrupt"))
 
-    def need_interrupt(self):
+    def need_interrupt(self) -> bool:
         return bool(lib.vp_devq_need_interrupt(self.handle))
 
-    def disable_notify(self):
+    def disable_notify(self) -> None:
         lib.vp_devq_disable_notify(self.handle)
 
-    def enable_notify(self):
+    def enable_notify(self) -> bool:
         """Re-enable kicks; True when work arrived meanwhile (drain again, do not sleep)."""
         return bool(lib.vp_devq_enable_notify(self.handle))
 
-    def wait_kick(self, timeout=None):
+    def wait_kick(self, timeout: float | None = None) -> int:
         """Wait for kicks; how many were taken (0 on timeout)."""
         ns = -1 if timeout is None else int(timeout * 1e9)
         return check(lib.vp_devq_wait_kick(self.handle, ns), "wait_kick")
 
-    def ack_kicks(self, n):
+    def ack_kicks(self, n: int) -> None:
         check(lib.vp_devq_ack_kicks(self.handle, n), "ack_kicks")
 
     @property
-    def broken(self):
+    def broken(self) -> int:
         """0, or the positive code of the rule that broke the queue."""
         return lib.vp_devq_broken(self.handle)
 
-    def mark_broken(self, code):
+    def mark_broken(self, code: int) -> None:
         lib.vp_devq_mark_broken(self.handle, code)
 
     @property
-    def inflight(self):
+    def inflight(self) -> int:
         return lib.vp_devq_inflight(self.handle)
 
-    def echo_serve(self, n=-1, poll=False, stop=None):
-        """Serve n chains (n < 0: until stop[0] is set) as an echo device, in C."""
-        return check(lib.vp_echo_serve(self.handle, n, int(poll),
-                                       stop if stop is not None else ffi.NULL), "echo_serve")
+    def echo_serve(self, n: int = -1, poll: bool = False, stop: Any = None) -> int:
+        """Serve n chains (n < 0: until the stop word is set) as an echo device, in C.
+
+        stop: an int32_t * from cffi, or a writable buffer whose first four
+        bytes are the word (an mmap shared with the process that sets it).
+        """
+        if stop is None:
+            stop = ffi.NULL
+        elif not isinstance(stop, ffi.CData):
+            stop = ffi.cast("int32_t *", ffi.from_buffer(stop, require_writable=True))
+        return check(lib.vp_echo_serve(self.handle, n, int(poll), stop), "echo_serve")

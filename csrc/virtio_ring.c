@@ -1,0 +1,298 @@
+/* Split virtqueue, driver side, as drivers/virtio/virtio_ring.c: add, kick
+ * (prepare + notify), get_buf, and interrupt suppression by flag or by
+ * event index.
+ *
+ * Driver state lives in the region because several guest processes drive
+ * one queue; callers serialise driver operations with the queue's lock, as
+ * virtio_blk does with vblk->lock (see each function's contract in vp.h).
+ * The driver trusts the device as early Linux did: it checks used ids, not
+ * used lengths. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdlib.h>
+#include "vp.h"
+#include "compiler.h"
+
+
+struct vp_vq {
+	struct vring vr;
+	uint8_t *base;
+	uint64_t size;
+	struct vp_queue_shared *sh;
+	struct vp_driver_state *st;
+	uint64_t *tokens;
+	int event_idx;
+	uint32_t exit_mode;
+	uint32_t exit_cost_ns;
+	struct vp_notifier *kick, *ack;
+	const int32_t *daemon_pid;
+};
+
+struct vp_vq *vp_vq_open(void *base, uint64_t size, unsigned index, int *err)
+{
+	int r = vp_region_check(base, size);
+	if (r) {
+		*err = r;
+		return NULL;
+	}
+	struct vp_region_header *h = base;
+	if (index >= h->num_queues) {
+		*err = -EINVAL;
+		return NULL;
+	}
+	struct vp_vq *vq = calloc(1, sizeof(*vq));
+	if (!vq) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	struct vp_queue_info *qi = &h->queue[index];
+	uint8_t *b = base;
+	vq->base = b;
+	vq->size = size;
+	vq->vr.num = qi->num;
+	vq->vr.desc = (void *)(b + qi->desc);
+	vq->vr.avail = (void *)(b + qi->avail);
+	vq->vr.used = (void *)(b + qi->used);
+	vq->sh = (void *)(b + qi->shared);
+	vq->st = &vq->sh->drv;
+	vq->tokens = (void *)(b + qi->tokens);
+	vq->event_idx = !!(h->driver_features & (1ULL << VIRTIO_RING_F_EVENT_IDX));
+	vq->exit_mode = h->exit_mode;
+	vq->exit_cost_ns = h->exit_cost_ns;
+	vq->daemon_pid = &h->daemon_pid;
+	*err = 0;
+	return vq;
+}
+
+void vp_vq_close(struct vp_vq *vq)
+{
+	free(vq);
+}
+
+void vp_vq_set_notify(struct vp_vq *vq, struct vp_notifier *kick,
+		      struct vp_notifier *ack, uint32_t exit_mode,
+		      uint32_t exit_cost_ns)
+{
+	vq->kick = kick;
+	vq->ack = ack;
+	vq->exit_mode = exit_mode;
+	vq->exit_cost_ns = exit_cost_ns;
+}
+
+struct vp_lock *vp_vq_lock(struct vp_vq *vq)
+{
+	return &vq->sh->lock;
+}
+
+unsigned vp_vq_num_free(struct vp_vq *vq)
+{
+	return vq->st->num_free;
+}
+
+unsigned vp_vq_size(struct vp_vq *vq)
+{
+	return vq->vr.num;
+}
+
+int virtqueue_add(struct vp_vq *vq, const uint64_t *addr, const uint32_t *len,
+		  unsigned out, unsigned in, uint64_t token)
+{
+	struct vp_driver_state *st = vq->st;
+	unsigned total = out + in;
+	if (total == 0 || token == 0)
+		return -EINVAL;
+	if (total > vq->vr.num)
+		return -EINVAL;
+	if (st->num_free < total)
+		return -ENOSPC;
+	uint16_t head = st->free_head, i = head, prev = head;
+	for (unsigned n = 0; n < total; n++) {
+		struct vring_desc *d = &vq->vr.desc[i];
+		d->addr = addr[n];
+		d->len = len[n];
+		d->flags = VRING_DESC_F_NEXT | (n >= out ? VRING_DESC_F_WRITE : 0);
+		prev = i;
+		i = d->next;
+	}
+	vq->vr.desc[prev].flags &= ~VRING_DESC_F_NEXT;
+	st->num_free -= total;
+	st->free_head = i;
+	vq->tokens[head] = token;
+
+	/* Put the head in the next avail slot, then publish the index; the
+	 * descriptors must be visible before the device can see the head. */
+	uint16_t avail = st->avail_idx_shadow & (vq->vr.num - 1);
+	WRITE_ONCE(vq->vr.avail->ring[avail], head);
+	st->avail_idx_shadow++;
+	store_release(&vq->vr.avail->idx, st->avail_idx_shadow);
+	st->num_added++;
+	__atomic_fetch_add(&st->added, 1, __ATOMIC_RELAXED);
+	return 0;
+}
+
+int virtqueue_kick_prepare(struct vp_vq *vq)
+{
+	struct vp_driver_state *st = vq->st;
+	/* The new avail idx must be visible before we read the device's wish. */
+	virtio_mb();
+	uint16_t new = st->avail_idx_shadow;
+	uint16_t old = (uint16_t)(new - st->num_added);
+	st->num_added = 0;
+	int needs;
+	if (vq->event_idx)
+		needs = vring_need_event(READ_ONCE(vring_avail_event(&vq->vr)),
+					 new, old);
+	else
+		needs = !(READ_ONCE(vq->vr.used->flags) & VRING_USED_F_NO_NOTIFY);
+	if (!needs)
+		__atomic_fetch_add(&st->kicks_suppressed, 1, __ATOMIC_RELAXED);
+	return needs;
+}
+
+static void spin_ns(uint32_t ns)
+{
+	uint64_t end = vp_now_ns() + ns;
+	while (vp_now_ns() < end)
+		cpu_relax();
+}
+
+/* The kick itself: post to the device and pay the exit.  A sync exit (a
+ * trapping PIO write) returns once the device has taken the kick. */
+static int kick_exit(struct vp_vq *vq)
+{
+	__atomic_fetch_add(&vq->st->kicks, 1, __ATOMIC_RELAXED);
+	if (vq->exit_cost_ns)
+		spin_ns(vq->exit_cost_ns);
+	if (!vq->kick)
+		return 0;
+	int r = vp_notifier_post(vq->kick);
+	if (r || vq->exit_mode != VP_EXIT_SYNC || !vq->ack)
+		return r;
+	for (;;) {
+		r = vp_notifier_wait(vq->ack, 200000000);
+		if (r != 0)
+			return r < 0 ? r : 0;
+		if (vp_pid_gone(READ_ONCE(*vq->daemon_pid)))
+			return -VP_EDEVGONE;
+	}
+}
+
+int virtqueue_notify(struct vp_vq *vq)
+{
+	if (!vp_acct_cur)
+		return kick_exit(vq);
+	uint64_t t0 = vp_now_ns();
+	int r = kick_exit(vq);
+	vp_acct_cur->kick_ns += vp_now_ns() - t0;
+	vp_acct_cur->kicks++;
+	return r;
+}
+
+int virtqueue_kick(struct vp_vq *vq, struct vp_lock *lock)
+{
+	if (!virtqueue_kick_prepare(vq))
+		return 0;
+	/* The RFC: the guest should not exit with the lock held. */
+	if (lock)
+		vp_lock_release(lock);
+	int r = virtqueue_notify(vq);
+	if (lock)
+		vp_lock_acquire(lock);
+	return r ? r : 1;
+}
+
+static void detach_buf(struct vp_vq *vq, uint16_t head)
+{
+	struct vp_driver_state *st = vq->st;
+	uint16_t i = head;
+	unsigned n = 1;
+	vq->tokens[head] = 0;
+	while (vq->vr.desc[i].flags & VRING_DESC_F_NEXT) {
+		i = vq->vr.desc[i].next;
+		n++;
+	}
+	vq->vr.desc[i].next = st->free_head;
+	st->free_head = head;
+	st->num_free += n;
+}
+
+int virtqueue_get_buf(struct vp_vq *vq, uint64_t *token, uint32_t *len)
+{
+	struct vp_driver_state *st = vq->st;
+	if (st->last_used_idx == load_acquire(&vq->vr.used->idx))
+		return 0;
+	vring_used_elem_t *e = &vq->vr.used->ring[st->last_used_idx &
+						 (vq->vr.num - 1)];
+	uint32_t id = READ_ONCE(e->id);
+	uint32_t l = READ_ONCE(e->len);
+	if (id >= vq->vr.num || vq->tokens[id] == 0)
+		return -VP_EUSEDID;
+	*token = vq->tokens[id];
+	*len = l;
+	detach_buf(vq, (uint16_t)id);
+	st->last_used_idx++;
+	__atomic_fetch_add(&st->completed, 1, __ATOMIC_RELAXED);
+	/* Tell the device how far we got, unless callbacks are off. */
+	if (!(st->avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT)) {
+		__atomic_store_n(&vring_used_event(&vq->vr), st->last_used_idx,
+				 __ATOMIC_RELAXED);
+		virtio_mb();
+	}
+	return 1;
+}
+
+void virtqueue_disable_cb(struct vp_vq *vq)
+{
+	struct vp_driver_state *st = vq->st;
+	if (st->avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT)
+		return;
+	st->avail_flags_shadow |= VRING_AVAIL_F_NO_INTERRUPT;
+	/* With event index the device ignores the flag; used_event simply
+	 * stops moving. */
+	if (!vq->event_idx)
+		WRITE_ONCE(vq->vr.avail->flags, st->avail_flags_shadow);
+}
+
+/* Returns 1 when callbacks are on and nothing is pending, 0 when buffers
+ * arrived meanwhile (the caller must poll again): the race-free re-check. */
+int virtqueue_enable_cb(struct vp_vq *vq)
+{
+	struct vp_driver_state *st = vq->st;
+	if (st->avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT) {
+		st->avail_flags_shadow &= ~VRING_AVAIL_F_NO_INTERRUPT;
+		if (!vq->event_idx)
+			WRITE_ONCE(vq->vr.avail->flags, st->avail_flags_shadow);
+	}
+	WRITE_ONCE(vring_used_event(&vq->vr), st->last_used_idx);
+	virtio_mb();
+	return st->last_used_idx == READ_ONCE(vq->vr.used->idx);
+}
+
+int vp_vq_submit(struct vp_vq *vq, int strategy, const uint64_t *addr,
+		 const uint32_t *len, unsigned out, unsigned in, uint64_t token)
+{
+	struct vp_lock *lock = &vq->sh->lock;
+	vp_lock_acquire(lock);
+	int r = virtqueue_add(vq, addr, len, out, in, token);
+	if (r) {
+		vp_lock_release(lock);
+		return r;
+	}
+	switch (strategy) {
+	case VP_KICK_RELEASE:
+		r = virtqueue_kick(vq, lock);
+		vp_lock_release(lock);
+		break;
+	case VP_KICK_PREPARE: {
+		int needs_kick = virtqueue_kick_prepare(vq);
+		vp_lock_release(lock);
+		r = needs_kick ? virtqueue_notify(vq) : 0;
+		break;
+	}
+	default:
+		r = virtqueue_kick(vq, NULL);
+		vp_lock_release(lock);
+		break;
+	}
+	return r < 0 ? r : 0;
+}

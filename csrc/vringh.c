@@ -1,0 +1,504 @@
+/* Split virtqueue, device side: what the kernel's drivers/vhost/vringh.c
+ * and libvhost-user's vu_queue_pop / vu_queue_push do for a host.
+ *
+ * The guest is hostile.  Every index, length, flag and address is read
+ * from guest memory once, then checked, then used; a chain that breaks a
+ * rule marks the queue broken (NEEDS_RESET) and touches nothing.  Buffers
+ * must lie wholly inside one region of the queue's guest memory table, and
+ * the device reaches them only through the host addresses the table gives.
+ * The device's own state (indices, in-flight heads, the table, the ring
+ * addresses) is private and never read back from guest memory. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include "vp.h"
+#include "mem.h"
+#include "ring.h"
+#include "compiler.h"
+
+struct vp_devq {
+	pthread_mutex_t mu;       /* pop, push and interrupt may run on threads */
+	struct vring vr;
+	struct vp_mem mem;        /* where buffers may lie, and where that is here */
+	uint16_t num;
+	uint16_t last_avail_idx;
+	uint16_t used_idx;
+	uint16_t signalled_used;
+	int signalled_valid;
+	int used_any;             /* pushed anything since open or set_base */
+	uint16_t used_flags;
+	int event_idx;
+	uint32_t exit_mode;
+	unsigned index;
+	int broken;
+	uint32_t inflight;
+	uint8_t *inflight_map;
+	struct vp_device_stats *stats;
+	struct vp_device_stats *own_stats;   /* stats, when the queue keeps them */
+	uint32_t *status;         /* device status word for NEEDS_RESET, or NULL */
+	struct vp_notifier *kick, *call, *ack;
+};
+
+/* The queue's copy of a table.  Entries past nregions are zeroed: the
+ * fast path of walk_chain tries r[0] without looking at nregions. */
+static void mem_copy(struct vp_mem *dst, const struct vp_mem *src)
+{
+	unsigned n = src->nregions < VP_MEM_MAX_REGIONS ? src->nregions
+							: VP_MEM_MAX_REGIONS;
+	vp_mem_init(dst);
+	dst->nregions = n;
+	memcpy(dst->r, src->r, n * sizeof(dst->r[0]));
+}
+
+/* The common part of both opens.  Ring pointers: checked by the caller. */
+static struct vp_devq *devq_new(const struct vp_mem *mem, unsigned index,
+				unsigned num, void *desc, void *avail,
+				void *used, struct vp_device_stats *stats,
+				int event_idx, uint32_t exit_mode, int *err)
+{
+	if (!mem || index >= VP_MAX_QUEUES || !is_pow2(num) ||
+	    num > VP_MAX_QUEUE_SIZE || !desc || !avail || !used ||
+	    (uintptr_t)desc % VRING_DESC_ALIGN_SIZE ||
+	    (uintptr_t)avail % VRING_AVAIL_ALIGN_SIZE ||
+	    (uintptr_t)used % VRING_USED_ALIGN_SIZE ||
+	    (uintptr_t)stats % 8) {
+		*err = -EINVAL;
+		return NULL;
+	}
+	struct vp_devq *q = calloc(1, sizeof(*q));
+	uint8_t *map = calloc(num, 1);
+	struct vp_device_stats *own = NULL;
+	if (q && map && !stats) {
+		own = aligned_alloc(_Alignof(struct vp_device_stats),
+				    sizeof(*own));
+		if (own)
+			memset(own, 0, sizeof(*own));
+	}
+	if (!q || !map || (!stats && !own)) {
+		free(q);
+		free(map);
+		free(own);
+		*err = -ENOMEM;
+		return NULL;
+	}
+	pthread_mutex_init(&q->mu, NULL);
+	mem_copy(&q->mem, mem);
+	q->num = (uint16_t)num;
+	q->vr.num = num;
+	q->vr.desc = desc;
+	q->vr.avail = avail;
+	q->vr.used = used;
+	q->event_idx = event_idx;
+	q->exit_mode = exit_mode;
+	q->index = index;
+	q->inflight_map = map;
+	q->own_stats = own;
+	q->stats = stats ? stats : own;
+	*err = 0;
+	return q;
+}
+
+struct vp_devq *vp_devq_open_mem(const struct vp_mem *mem, unsigned index,
+				 unsigned num, void *desc, void *avail,
+				 void *used, struct vp_device_stats *stats,
+				 int event_idx, uint32_t exit_mode, int *err)
+{
+	return devq_new(mem, index, num, desc, avail, used, stats, event_idx,
+			exit_mode, err);
+}
+
+struct vp_devq *vp_devq_open(void *base, uint64_t size, uint64_t data_lo,
+			     uint64_t data_hi, unsigned index, unsigned num,
+			     uint64_t desc, uint64_t avail, uint64_t used,
+			     int event_idx, uint32_t exit_mode, int *err)
+{
+	/* Each part must end inside the region without the sum wrapping. */
+	if (index >= VP_MAX_QUEUES || !is_pow2(num) ||
+	    num > VP_MAX_QUEUE_SIZE || data_lo > data_hi || data_hi > size ||
+	    !range_inside(desc, vring_desc_bytes(num), size) ||
+	    !range_inside(avail, vring_avail_bytes(num), size) ||
+	    !range_inside(used, vring_used_bytes(num), size)) {
+		*err = -EINVAL;
+		return NULL;
+	}
+	uint8_t *b = base;
+	struct vp_region_header *h = base;
+	/* The stats block is only written; a guest scribbling on it only
+	 * lies to itself.  It must still be inside the region and aligned
+	 * for the atomics: read its place once, check, then use it. */
+	uint64_t shared = READ_ONCE(h->queue[index].shared);
+	if (!range_inside(shared, sizeof(struct vp_queue_shared), size) ||
+	    shared % _Alignof(struct vp_queue_shared)) {
+		*err = -EINVAL;
+		return NULL;
+	}
+	/* Guest memory is the queue's data share alone, GPA = offset. */
+	struct vp_mem mem;
+	vp_mem_init(&mem);
+	if (data_hi > data_lo)
+		vp_mem_add_region(&mem, data_lo, data_hi - data_lo,
+				  (uintptr_t)(b + data_lo), b + data_lo);
+	struct vp_devq *q = devq_new(&mem, index, num, b + desc, b + avail,
+				     b + used,
+				     &((struct vp_queue_shared *)(b + shared))->dev,
+				     event_idx, exit_mode, err);
+	if (q)
+		q->status = &h->status;
+	return q;
+}
+
+void vp_devq_close(struct vp_devq *q)
+{
+	if (!q)
+		return;
+	pthread_mutex_destroy(&q->mu);
+	free(q->inflight_map);
+	free(q->own_stats);
+	free(q);
+}
+
+int vp_devq_set_mem(struct vp_devq *q, const struct vp_mem *mem)
+{
+	if (!mem)
+		return -EINVAL;
+	pthread_mutex_lock(&q->mu);
+	mem_copy(&q->mem, mem);
+	pthread_mutex_unlock(&q->mu);
+	return 0;
+}
+
+static void publish_stats(struct vp_devq *q)
+{
+	WRITE_ONCE(q->stats->last_avail_idx, q->last_avail_idx);
+	WRITE_ONCE(q->stats->used_idx, q->used_idx);
+	WRITE_ONCE(q->stats->inflight, q->inflight);
+}
+
+int vp_devq_set_base(struct vp_devq *q, uint16_t last_avail_idx,
+		     uint16_t used_idx)
+{
+	int r = 0;
+	pthread_mutex_lock(&q->mu);
+	if (q->inflight) {
+		r = -EBUSY;
+	} else {
+		q->last_avail_idx = last_avail_idx;
+		q->used_idx = used_idx;
+		/* Nothing pushed from here on yet: no interrupt owed. */
+		q->signalled_used = used_idx;
+		q->signalled_valid = 0;
+		q->used_any = 0;
+		publish_stats(q);
+	}
+	pthread_mutex_unlock(&q->mu);
+	return r;
+}
+
+void vp_devq_get_base(struct vp_devq *q, uint16_t *last_avail_idx,
+		      uint16_t *used_idx)
+{
+	pthread_mutex_lock(&q->mu);
+	*last_avail_idx = q->last_avail_idx;
+	*used_idx = q->used_idx;
+	pthread_mutex_unlock(&q->mu);
+}
+
+void vp_devq_set_notify(struct vp_devq *q, struct vp_notifier *kick,
+			struct vp_notifier *call, struct vp_notifier *ack)
+{
+	q->kick = kick;
+	q->call = call;
+	q->ack = ack;
+}
+
+/* Called with q->mu held. */
+static int mark_broken(struct vp_devq *q, int code)
+{
+	if (code < 0)
+		code = -code;
+	if (!q->broken) {
+		q->broken = code;
+		WRITE_ONCE(q->stats->broken, (uint32_t)code);
+		if (q->status)
+			__atomic_fetch_or(q->status, VP_STATUS_NEEDS_RESET,
+					  __ATOMIC_RELAXED);
+	}
+	return -code;
+}
+
+void vp_devq_mark_broken(struct vp_devq *q, int code)
+{
+	pthread_mutex_lock(&q->mu);
+	mark_broken(q, code);
+	pthread_mutex_unlock(&q->mu);
+}
+
+int vp_devq_broken(struct vp_devq *q)
+{
+	return READ_ONCE(q->broken);
+}
+
+unsigned vp_devq_inflight(struct vp_devq *q)
+{
+	return READ_ONCE(q->inflight);
+}
+
+unsigned vp_devq_num(struct vp_devq *q)
+{
+	return q->num;
+}
+
+unsigned vp_devq_index(struct vp_devq *q)
+{
+	return q->index;
+}
+
+struct vp_device_stats *vp_devq_stats(struct vp_devq *q)
+{
+	return q->stats;
+}
+
+struct vp_notifier *vp_devq_kick(struct vp_devq *q)
+{
+	return q->kick;
+}
+
+/* Walk one chain; every value read from the guest is read once and
+ * checked before it is used.  Called with q->mu held. */
+static int walk_chain(struct vp_devq *q, uint16_t head, struct vp_chain *c,
+		      struct vp_seg *segs, unsigned max_segs)
+{
+	unsigned i = head, n = 0;
+	int seen_write = 0;
+	uint64_t out_len = 0, in_len = 0;
+	c->head = head;
+	c->n_out = c->n_in = 0;
+	for (;;) {
+		if (n >= q->num)
+			return -VP_ELOOP;
+		if (n >= max_segs)
+			return -VP_ESEGMAX;
+		const struct vring_desc *dp = &q->vr.desc[i];
+		uint64_t addr = READ_ONCE(dp->addr);
+		uint32_t len = READ_ONCE(dp->len);
+		uint16_t flags = READ_ONCE(dp->flags);
+		uint16_t next = READ_ONCE(dp->next);
+		if (flags & VRING_DESC_F_INDIRECT)
+			return -VP_EINDIRECT;
+		if (len == 0)
+			return -VP_EZEROLEN;
+		/* The first region first: the native transport has no other,
+		 * and vhost-user's guest RAM lies mostly in one.  Below its
+		 * start, off wraps past its size. */
+		const struct vp_mem_region *r0 = &q->mem.r[0];
+		uint64_t off = addr - r0->guest_phys_addr;
+		uint8_t *host;
+		if (likely(off < r0->size && len <= r0->size - off))
+			host = r0->host + off;
+		else if (!(host = mem_find(&q->mem, addr, len, 0)))
+			return -VP_EADDR;
+		int w = !!(flags & VRING_DESC_F_WRITE);
+		if (!w && seen_write)
+			return -VP_EORDER;
+		seen_write |= w;
+		segs[n].addr = addr;
+		segs[n].len = len;
+		segs[n].write = (uint32_t)w;
+		segs[n].host = host;
+		if (w) {
+			c->n_in++;
+			in_len += len;
+		} else {
+			c->n_out++;
+			out_len += len;
+		}
+		n++;
+		if (!(flags & VRING_DESC_F_NEXT))
+			break;
+		if (next >= q->num)
+			return -VP_ENEXT;
+		i = next;
+	}
+	c->nseg = (uint16_t)n;
+	/* used.len is 32 bits; a chain past 4 GiB each way cannot be told. */
+	c->out_len = out_len > UINT32_MAX ? UINT32_MAX : (uint32_t)out_len;
+	c->in_len = in_len > UINT32_MAX ? UINT32_MAX : (uint32_t)in_len;
+	return 0;
+}
+
+int vp_devq_pop(struct vp_devq *q, struct vp_chain *c, struct vp_seg *segs,
+		unsigned max_segs)
+{
+	int r;
+	pthread_mutex_lock(&q->mu);
+	if (q->broken) {
+		r = -VP_EBROKEN;
+		goto out;
+	}
+	uint16_t avail_idx = load_acquire(&q->vr.avail->idx);
+	uint16_t pending = (uint16_t)(avail_idx - q->last_avail_idx);
+	if (pending > q->num) {
+		r = mark_broken(q, VP_EAVAIL);
+		goto out;
+	}
+	if (pending == 0) {
+		r = 0;
+		goto out;
+	}
+	uint16_t head = READ_ONCE(q->vr.avail->ring[q->last_avail_idx &
+						      (q->num - 1)]);
+	if (head >= q->num) {
+		r = mark_broken(q, VP_EHEAD);
+		goto out;
+	}
+	if (q->inflight_map[head] || q->inflight >= q->num) {
+		r = mark_broken(q, VP_EINFLIGHT);
+		goto out;
+	}
+	r = walk_chain(q, head, c, segs, max_segs);
+	if (r) {
+		r = mark_broken(q, r);
+		goto out;
+	}
+	q->inflight_map[head] = 1;
+	q->inflight++;
+	q->last_avail_idx++;
+	q->stats->chains++;
+	publish_stats(q);
+	r = 1;
+out:
+	pthread_mutex_unlock(&q->mu);
+	return r;
+}
+
+int vp_devq_push(struct vp_devq *q, unsigned head, uint32_t len)
+{
+	int r = 0;
+	pthread_mutex_lock(&q->mu);
+	if (head >= q->num || !q->inflight_map[head]) {
+		r = -VP_ENOTINFLIGHT;
+		goto out;
+	}
+	q->inflight_map[head] = 0;
+	q->inflight--;
+	if (q->broken) {
+		/* NEEDS_RESET: the driver must not expect the queue to move. */
+		r = -VP_EBROKEN;
+		goto out;
+	}
+	vring_used_elem_t *e = &q->vr.used->ring[q->used_idx & (q->num - 1)];
+	WRITE_ONCE(e->id, head);
+	WRITE_ONCE(e->len, len);
+	q->used_idx++;
+	q->used_any = 1;
+	store_release(&q->vr.used->idx, q->used_idx);
+	publish_stats(q);
+out:
+	pthread_mutex_unlock(&q->mu);
+	return r;
+}
+
+/* Only asks: vp_devq_interrupt alone moves signalled_used, so a caller
+ * that asks first and then interrupts does not lose the interrupt.
+ * Called with q->mu held. */
+static int need_interrupt(struct vp_devq *q)
+{
+	/* The used idx must be visible before we read the driver's wish. */
+	virtio_mb();
+	uint16_t old = q->signalled_used, new = q->used_idx;
+	int valid = q->signalled_valid;
+	/* Nothing used since the last interrupt, or ever: nothing to tell. */
+	if (old == new && (valid || !q->used_any))
+		return -1;
+	if (q->event_idx)
+		return !valid || vring_need_event(
+			READ_ONCE(vring_used_event(&q->vr)), new, old);
+	return !(READ_ONCE(q->vr.avail->flags) & VRING_AVAIL_F_NO_INTERRUPT);
+}
+
+int vp_devq_need_interrupt(struct vp_devq *q)
+{
+	pthread_mutex_lock(&q->mu);
+	int r = need_interrupt(q);
+	pthread_mutex_unlock(&q->mu);
+	return r > 0;
+}
+
+int vp_devq_interrupt(struct vp_devq *q)
+{
+	pthread_mutex_lock(&q->mu);
+	int r = q->broken ? -1 : need_interrupt(q);
+	if (r >= 0) {
+		q->signalled_used = q->used_idx;
+		q->signalled_valid = 1;
+	}
+	if (r > 0)
+		q->stats->interrupts++;
+	else if (r == 0)
+		q->stats->interrupts_suppressed++;
+	pthread_mutex_unlock(&q->mu);
+	if (r < 0)
+		r = 0;
+	if (r && q->call) {
+		int e = vp_notifier_post(q->call);
+		if (e)
+			return e;
+	}
+	return r;
+}
+
+void vp_devq_disable_notify(struct vp_devq *q)
+{
+	pthread_mutex_lock(&q->mu);
+	if (!q->event_idx) {
+		q->used_flags |= VRING_USED_F_NO_NOTIFY;
+		WRITE_ONCE(q->vr.used->flags, q->used_flags);
+	}
+	pthread_mutex_unlock(&q->mu);
+}
+
+/* Re-enable kicks; returns 1 when work arrived meanwhile, so the caller
+ * drains again instead of sleeping on a kick that will never come. */
+int vp_devq_enable_notify(struct vp_devq *q)
+{
+	pthread_mutex_lock(&q->mu);
+	if (q->event_idx) {
+		WRITE_ONCE(vring_avail_event(&q->vr), q->last_avail_idx);
+	} else {
+		q->used_flags &= ~VRING_USED_F_NO_NOTIFY;
+		WRITE_ONCE(q->vr.used->flags, q->used_flags);
+	}
+	virtio_mb();
+	int more = READ_ONCE(q->vr.avail->idx) != q->last_avail_idx;
+	pthread_mutex_unlock(&q->mu);
+	return more;
+}
+
+int vp_devq_wait_kick(struct vp_devq *q, int64_t timeout_ns)
+{
+	if (!q->kick)
+		return -EINVAL;
+	/* Timeout 0: take what is pending, without a system call (the
+	 * polling device asks on every idle turn). */
+	int r = timeout_ns ? vp_notifier_wait(q->kick, timeout_ns) : 0;
+	if (r < 0 || (r == 0 && timeout_ns))
+		return r;
+	r += vp_notifier_drain(q->kick);
+	if (r)
+		__atomic_fetch_add(&q->stats->kicks_taken, r, __ATOMIC_RELAXED);
+	return r;
+}
+
+int vp_devq_ack_kicks(struct vp_devq *q, int n)
+{
+	if (q->exit_mode != VP_EXIT_SYNC || !q->ack)
+		return 0;
+	for (int i = 0; i < n; i++) {
+		int r = vp_notifier_post(q->ack);
+		if (r)
+			return r;
+	}
+	return 0;
+}

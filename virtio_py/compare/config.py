@@ -1,0 +1,78 @@
+"""The experiment's setup: the RFC's defaults, the row language that changes
+one thing of them, and the checks that refuse a setup before anything starts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .. import limits
+from ..errors import ConfigError
+from ..units import parse_size
+
+STRATEGY_ORDER = limits.STRATEGY.names  # hold first: the others are compared with it
+
+# The RFC's setup, as close as this machine allows (see docs/COMPARE.md).
+BASE: dict[str, Any] = {
+    "workers": 4, "rw": "read", "bs": 4096, "iodepth": 1, "queues": 1,
+    "exit": "sync", "exit_cost_us": 0.0, "mode": "notify", "event_idx": False,
+    "lock": "mutex", "store": "disk", "stripes": 12, "chunk": 64 << 10,
+    "size": 1 << 30, "area": 32 << 20, "prewrite": True, "queue_size": 128,
+    "io_threads": None, "engine": "c",
+}  # fmt: skip
+
+# Row tokens: each changes one thing of BASE.
+ROW_TOKENS: dict[str, dict[str, Any]] = {
+    "event-idx": {"event_idx": True}, "no-event-idx": {"event_idx": False},
+    "async": {"exit": "async"}, "sync": {"exit": "sync"},
+    "poll": {"mode": "poll"}, "notify": {"mode": "notify"},
+    "shm": {"store": "shm"}, "disk": {"store": "disk"},
+    "mq": {"queues": None},  # one queue per worker
+}  # fmt: skip
+ROW_KEYS: dict[str, Callable[[str], Any]] = {"iodepth": int, "queues": int, "workers": int, "lock": str, "exit-cost": float,
+            "bs": parse_size, "rw": str}  # fmt: skip
+
+
+def parse_row(text: str) -> tuple[str, dict[str, Any]]:
+    """'shm+event-idx+iodepth=16' -> (label, overrides)."""
+    over: dict[str, Any] = {}
+    for tok in filter(None, text.split("+")):
+        key, eq, val = tok.partition("=")
+        if not eq and tok in ROW_TOKENS:
+            over.update(ROW_TOKENS[tok])
+        elif eq and key in ROW_KEYS:
+            try:
+                v = ROW_KEYS[key](val)
+            except ValueError:
+                raise ConfigError(f"bad value in row {text!r}: {tok!r}") from None
+            over[{"exit-cost": "exit_cost_us"}.get(key, key)] = v
+        else:
+            raise ConfigError(
+                f"unknown row token {tok!r} in {text!r}: use {', '.join(ROW_TOKENS)} or "
+                f"{', '.join(k + '=N' for k in ROW_KEYS)}, joined by '+'"
+            )
+    return text, over
+
+
+def resolve(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """A row's configuration: base with the row's changes, checked against
+    virtio_py.limits as the daemon would check it."""
+    cfg = dict(base)
+    cfg.update(over)
+    if cfg["queues"] is None:
+        cfg["queues"] = cfg["workers"]
+    limits.QUEUES.check(cfg["queues"])
+    limits.EXIT_COST_US.check(cfg["exit_cost_us"])
+    limits.LOCK.check(cfg["lock"])
+    limits.EXIT.check(cfg["exit"])
+    limits.MODE.check(cfg["mode"])
+    limits.check_geometry(cfg["stripes"], cfg["chunk"], cfg["size"])
+    if cfg["store"] not in ("disk", "shm"):
+        raise ConfigError(f"store must be one of disk, shm, not {cfg['store']!r}")
+    # Room for every request in flight (3 descriptors each, no indirect
+    # descriptors), as blk-mq sizes its tag set to the virtqueue.
+    per_q = -(-cfg["workers"] // cfg["queues"]) * cfg["iodepth"] * 3
+    while cfg["queue_size"] < per_q and cfg["queue_size"] < limits.BLK_QUEUE_SIZE.hi:
+        cfg["queue_size"] *= 2
+    limits.BLK_QUEUE_SIZE.check(cfg["queue_size"])
+    return cfg

@@ -1,0 +1,116 @@
+"""The experiment's device: ``virtio-hostd start --foreground`` run as a
+child process by its command line (virtio_py never imports the daemon)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import VirtioError
+from ..proc import set_pdeathsig
+from ..region import destroy
+
+
+def hostd_command(name: str, store_dir: str, cfg: Mapping[str, Any]) -> list[str]:
+    """The command line of a foreground daemon serving cfg's device."""
+    c = cfg
+    args = [
+        sys.executable, "-m", "host_daemon", "start", "--foreground",
+        "--name", name, "--store", store_dir, "--size", str(c["size"]),
+        "--stripes", str(c["stripes"]), "--chunk", str(c["chunk"]),
+        "--queues", str(c["queues"]), "--queue-size", str(c["queue_size"]),
+        "--mode", c["mode"], "--exit", c["exit"], "--exit-cost", str(c["exit_cost_us"]),
+        "--lock", c["lock"], "--event-idx" if c["event_idx"] else "--no-event-idx",
+    ]  # fmt: skip
+    if c.get("io_threads") is not None:
+        args += ["--io-threads", str(c["io_threads"])]
+    return args
+
+
+class DaemonProcess:
+    """``python -m host_daemon start --foreground`` as our child, in its own
+    session (a terminal's Ctrl-C reaches us, and we stop it in order)."""
+
+    def __init__(self, name: str, store_dir: str, cfg: Mapping[str, Any]) -> None:
+        self.name = name
+        self.store_dir = store_dir
+        self.cfg = cfg
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> DaemonProcess:
+        """Start it and wait until it serves; VirtioError with its last words if it does not."""
+        self.proc = subprocess.Popen(
+            hostd_command(self.name, self.store_dir, self.cfg),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=functools.partial(set_pdeathsig, signal.SIGTERM),
+        )
+        try:
+            out = self._wait_ready(timeout)
+        except BaseException:  # Ctrl-C too: it must not set up behind our back
+            self.stop()
+            raise
+        if out is None:
+            return self
+        self.stop()
+        msg = [line for line in out if "error" in line] or out or ["no output"]
+        raise VirtioError(f"host daemon for {self.name} did not start: {msg[-1]}")
+
+    def _wait_ready(self, timeout: float) -> list[str] | None:
+        """None once the daemon says it is ready, else the lines it said."""
+        assert self.proc is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        out: list[str] = []
+        buf = b""
+        fd = self.proc.stdout.fileno()
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([fd], [], [], 0.2)
+            if r:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    text = line.decode(errors="replace")
+                    out.append(text)
+                    if "ready:" in text:
+                        return None
+            elif self.proc.poll() is not None:
+                break
+        return out
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM, wait, SIGKILL if it must; then unlink what it left."""
+        p, self.proc = self.proc, None
+        if p is not None:
+            if p.poll() is None:
+                try:
+                    p.send_signal(signal.SIGTERM)
+                    p.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            if p.stdout:
+                p.stdout.close()
+        # Whatever it could not unlink (it was killed), we do.
+        destroy(self.name)
+
+    def __enter__(self) -> DaemonProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

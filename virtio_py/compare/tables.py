@@ -1,0 +1,116 @@
+"""The experiment as text: the RFC's two lockstat tables per row with the %
+change against hold, then throughput, kicks and CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..workload.report import describe
+from .results import pct_change
+
+WAIT_COLS = ("con-bounces", "contentions", "waittime-min", "waittime-max", "waittime-total")
+HOLD_COLS = ("acq-bounces", "acquisitions", "holdtime-min", "holdtime-max", "holdtime-total")
+
+
+def _fmt_num(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def _fmt_pct(p: float | None) -> str:
+    if p is None:
+        return ""
+    if p == float("inf"):
+        return " (new)"
+    return f" ({p:+.0f}%)"
+
+
+def _table(
+    rows: Sequence[tuple[Mapping[str, Any], Any]], cols: Sequence[str], names: Sequence[str]
+) -> list[str]:
+    widths = [max(len(names[0]), *(len(n) for n in names[1:]))]
+    hold = next((r for r, _ in rows if r["strategy"] == "hold"), None)
+    cells = []
+    for r, _ in rows:
+        line = []
+        for c in cols:
+            pct = None
+            if hold is not None and r is not hold:
+                pct = pct_change(r["lockstat"][c], hold["lockstat"][c])
+            line.append(_fmt_num(r["lockstat"][c]) + _fmt_pct(pct))
+        cells.append(line)
+    for j, c in enumerate(cols):
+        widths.append(max(len(c), *(len(line[j]) for line in cells)))
+    out = [" ".join([names[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cols, widths[1:])])]
+    for name, line in zip(names[1:], cells):
+        out.append(
+            " ".join([name.ljust(widths[0])] + [v.rjust(w) for v, w in zip(line, widths[1:])])
+        )
+    return out
+
+
+def format_tables(result: Mapping[str, Any]) -> str:
+    """The RFC's two tables per row group, then throughput, kicks and CPU."""
+    runs = result["runs"]
+    groups: list[tuple[str, list[Mapping[str, Any]]]] = []
+    for r in runs:
+        if not groups or groups[-1][0] != r["row"]:
+            groups.append((r["row"], []))
+        groups[-1][1].append(r)
+    out = []
+    for label, rs in groups:
+        title = f"== {label or 'RFC setup'}: {describe(rs[0]['config'])}; "
+        title += f"{rs[0]['wall_s']:.1f} s per run"
+        if rs[0].get("repeat", 1) > 1:
+            title += f", medians of {rs[0]['repeat']} runs"
+        out.append(title)
+        rows = [(r, None) for r in rs]
+        names = ["name"] + [r["strategy"] for r in rs]
+        out.append("")
+        out.append("Lockstat data for the queue lock (times in us; % change against hold):")
+        out.append("")
+        out += _table(rows, WAIT_COLS, names)
+        out.append("")
+        out += _table(rows, HOLD_COLS, names)
+        out.append("")
+        hdr = (
+            f"{'name':<8} {'IOPS':>9} {'vs hold':>7} {'MB/s':>7} {'p50us':>7} {'p99us':>8} "
+            f"{'maxus':>9} "
+            f"{'kicks/req':>9} {'irqs/req':>8} {'acq/req':>7} {'guest%':>7} {'host%':>6} "
+            f"{'guest us/req':>12}"
+        )
+        out.append(hdr)
+        for r in rs:
+            lt = r["latency_us"]
+            p = r.get("pct_vs_hold", {})
+            iops_pct = _fmt_pct(p.get("iops")) if r["strategy"] != "hold" else ""
+            out.append(
+                f"{r['strategy']:<8} {r['iops']:>9.0f} {iops_pct.strip():>7} "
+                f"{r['mbps']:>7.1f} {lt['p50']:>7.1f} "
+                f"{lt['p99']:>8.1f} {lt['max']:>9.1f} {r['kicks_per_request']:>9.3f} "
+                f"{r['interrupts_per_request']:>8.3f} "
+                f"{r['lock_acquisitions_per_request']:>7.2f} {r['guest_cpu_pct']:>7.1f} "
+                f"{r['host_cpu_pct']:>6.1f} {r['guest_cpu_us_per_request']:>12.1f}"
+            )
+        out.append("")
+        out.append("Where the guest's time went (all workers, ms; CPU user/sys in s):")
+        out.append(
+            f"{'name':<8} {'lock wait':>10} {'lock hold':>10} {'in kick':>10} "
+            f"{'io wait':>10} {'cpu user':>9} {'cpu sys':>8} {'ctxsw vol':>10} "
+            f"{'ctxsw inv':>10}"
+        )
+        for r in rs:
+            t = r["time_ms"]
+            ws = r["workers"]
+            out.append(
+                f"{r['strategy']:<8} {t['lock_wait_ms']:>10.1f} {t['lock_hold_ms']:>10.1f} "
+                f"{t['kick_ms']:>10.1f} {t['io_wait_ms']:>10.1f} "
+                f"{sum(w['cpu_user_s'] for w in ws):>9.3f} "
+                f"{sum(w['cpu_sys_s'] for w in ws):>8.3f} "
+                f"{sum(w['ctx_switches_voluntary'] for w in ws):>10} "
+                f"{sum(w['ctx_switches_involuntary'] for w in ws):>10}"
+            )
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,255 @@
+"""What a run reports: the one result dict of a job, its text, its JSON file,
+and the one-line description of a configuration that every report opens with."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .._lowlevel import lib
+from ..limits import SECTOR
+from ..lock import LOCKSTAT_COLUMNS, lockstat_from_raw
+from ..region import Region
+from ..units import format_size
+from .spec import JobSpec
+
+NCPU = os.cpu_count() or 1
+VERIFY_KINDS = {
+    lib.VP_VERIFY_UNWRITTEN: "never written (all zeros)",
+    lib.VP_VERIFY_CORRUPT: "corrupt (bad stamp or checksum)",
+    lib.VP_VERIFY_MISPLACED: "misplaced (stamp of another sector)",
+    lib.VP_VERIFY_STALE: "stale (stamp of another seed)",
+}
+
+
+def describe(cfg: Mapping[str, Any]) -> str:
+    """One line for a configuration: the job, the device, and the store when
+    cfg names one (a run's "config", or a compare row's)."""
+    line = (
+        f"{cfg['workers']} workers, {cfg['rw']} bs={format_size(cfg['bs'])} "
+        f"iodepth={cfg['iodepth']}, {cfg['queues']} queue(s), exit {cfg['exit']}"
+    )
+    if cfg.get("exit_cost_us"):
+        line += f" +{cfg['exit_cost_us']:g}us"
+    line += f", {cfg['mode']}, event_idx {'on' if cfg['event_idx'] else 'off'}, lock {cfg['lock']}"
+    if "store" in cfg:
+        line += f", store {cfg['store']}"
+        if cfg["store"] == "disk" and "stripes" in cfg:
+            line += f" ({cfg['stripes']}x{format_size(cfg['chunk'])} stripes)"
+    return line
+
+
+def percentiles(lat_ns: Any) -> dict[str, float]:
+    """p50/p90/p99/p99.9 in microseconds of a latency sample (ns)."""
+    if len(lat_ns) == 0:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "p99.9": 0.0}
+    p = np.percentile(np.asarray(lat_ns, dtype=np.float64) / 1000.0, [50, 90, 99, 99.9])
+    return {
+        "p50": round(float(p[0]), 2),
+        "p90": round(float(p[1]), 2),
+        "p99": round(float(p[2]), 2),
+        "p99.9": round(float(p[3]), 2),
+    }
+
+
+def _worker_row(r: Mapping[str, Any]) -> dict[str, Any]:
+    m, q = r["acct_main"], r["acct_irq"]
+    w_wall = max((r["t_end_ns"] - r["t_start_ns"]) / 1e9, 1e-9)
+    cpu = r["cpu_user"] + r["cpu_sys"]
+    return {
+        "worker": r["worker"], "pid": r["pid"], "queue": r["queue"], "slot": r["slot"],
+        "ios": r["ios"], "issued": r["issued"], "reads": r["reads"], "writes": r["writes"],
+        "errors": r["errors"], "dup_completions": r["dup_completions"],
+        "queue_full": r["queue_full"],
+        "delivered": r["delivered"], "iops": round(r["ios"] / w_wall, 1),
+        "wall_s": round(w_wall, 4),
+        "cpu_user_s": round(r["cpu_user"], 4), "cpu_sys_s": round(r["cpu_sys"], 4),
+        "cpu_pct": round(100.0 * cpu / w_wall, 1),
+        "cpu_main_s": round(r["cpu_main"], 4),
+        "cpu_irq_s": round(max(cpu - r["cpu_main"], 0.0), 4),
+        "ctx_switches_voluntary": r["ctx_vol"], "ctx_switches_involuntary": r["ctx_invol"],
+        # where the time went, ms (main thread + interrupt thread)
+        "lock_wait_ms": round((m["lock_wait_ns"] + q["lock_wait_ns"]) / 1e6, 3),
+        "lock_hold_ms": round((m["lock_hold_ns"] + q["lock_hold_ns"]) / 1e6, 3),
+        "kick_ms": round(m["kick_ns"] / 1e6, 3),
+        "io_wait_ms": round(m["io_wait_ns"] / 1e6, 3),
+        "lock_acquisitions": m["lock_acquisitions"] + q["lock_acquisitions"],
+        "kicks": m["kicks"], "irqs": q["irqs"], "reaped": m["reaped"] + q["reaped"],
+        "acct_main": m, "acct_irq": q,
+        "verified": r["verified"], "verify_failures": r["verify_failures"],
+        "verify_unwritten": r["verify_unwritten"],
+    }  # fmt: skip
+
+
+def summarise(
+    spec: JobSpec,
+    region: Region,
+    results: Sequence[Mapping[str, Any]],
+    raw: Mapping[str, int],
+    c0: Mapping[int, Mapping[str, int]],
+    c1: Mapping[int, Mapping[str, int]],
+    daemon_cpu: float,
+    wall_parent: float,
+    used_q: Sequence[int],
+) -> dict[str, Any]:
+    """Everything a run measures, as one JSON-ready dict."""
+    delta = {k: sum(c1[q][k] - c0[q][k] for q in used_q) for k in c0[used_q[0]]}
+    t_start = min(r["t_start_ns"] for r in results)
+    t_end = max(r["t_end_ns"] for r in results)
+    wall = max((t_end - t_start) / 1e9, 1e-9)
+    ios = sum(r["ios"] for r in results)
+    nbytes = sum(r["bytes_read"] + r["bytes_written"] for r in results)
+    lat = np.concatenate([r["lat"] for r in results]) if results else np.zeros(0)
+    lat_pct = percentiles(lat)
+    lat_pct["max"] = round(max(r["lat_max_ns"] for r in results) / 1000.0, 2)
+    # Of every request, not of the sample.
+    lat_pct["mean"] = round(sum(r["lat_total_ns"] for r in results) / max(ios, 1) / 1000.0, 2)
+    per_req = max(ios, 1)
+    workers = [_worker_row(r) for r in results]
+    cpu_total = sum(r["cpu_user"] + r["cpu_sys"] for r in results)
+    vfail = [r for r in results if r["verify_failures"]]
+    verify = None
+    if spec.verify:
+        verify = {
+            "verified": sum(r["verified"] for r in results),
+            "failures": sum(r["verify_failures"] for r in results),
+            "unwritten": sum(r["verify_unwritten"] for r in results),
+            "first": None,
+        }
+        if vfail:
+            r = vfail[0]
+            verify["first"] = {
+                "worker": r["worker"],
+                "sector": r["first_bad_sector"],
+                "offset": r["first_bad_sector"] * SECTOR,
+                "kind": VERIFY_KINDS.get(r["first_bad_kind"], "?"),
+            }
+    h = region.header
+    lockstat = lockstat_from_raw(raw)
+    return {
+        "strategy": spec.strategy,
+        "config": {
+            "device": spec.name, "workers": spec.workers, "rw": spec.rw, "bs": spec.bs,
+            "iodepth": spec.iodepth, "runtime": spec.runtime, "size": spec.size,
+            "verify": spec.verify, "engine": spec.engine,
+            "queues": region.num_queues, "queues_used": len(used_q),
+            "exit": region.exit_mode, "exit_cost_us": h.exit_cost_ns / 1000.0,
+            "mode": region.serve_mode, "lock": region.lock_kind, "event_idx": region.event_idx,
+            "cpus": NCPU,
+        },
+        "lockstat": lockstat,
+        "lockstat_ns": dict(raw),
+        "ios": ios,
+        "bytes": nbytes,
+        "wall_s": round(wall, 4),
+        "iops": round(ios / wall, 1),
+        "mbps": round(nbytes / wall / 1e6, 2),
+        "latency_us": lat_pct,
+        "kicks": delta["kicks"],
+        "kicks_suppressed": delta["kicks_suppressed"],
+        "kicks_taken": delta["kicks_taken"],
+        "interrupts": delta["interrupts"],
+        "interrupts_suppressed": delta["interrupts_suppressed"],
+        "kicks_per_request": round(delta["kicks"] / per_req, 4),
+        "interrupts_per_request": round(delta["interrupts"] / per_req, 4),
+        "requests_added": delta["added"],
+        "requests_completed": delta["completed"],
+        "lock_acquisitions_per_request": round(lockstat["acquisitions"] / per_req, 3),
+        "guest_cpu_s": round(cpu_total, 4),
+        "guest_cpu_pct": round(100.0 * cpu_total / wall, 1),
+        "guest_cpu_pct_of_machine": round(100.0 * cpu_total / wall / NCPU, 1),
+        "guest_cpu_us_per_request": round(cpu_total / per_req * 1e6, 2),
+        "host_cpu_s": round(daemon_cpu, 4),
+        "host_cpu_pct": round(100.0 * daemon_cpu / wall_parent, 1),
+        "host_cpu_us_per_request": round(daemon_cpu / per_req * 1e6, 2),
+        "time_ms": {
+            k: round(sum(w[k] for w in workers), 3)
+            for k in ("lock_wait_ms", "lock_hold_ms", "kick_ms", "io_wait_ms")
+        },
+        "errors": sum(r["errors"] for r in results),
+        "dup_completions": sum(r["dup_completions"] for r in results),
+        "queue_full": sum(r["queue_full"] for r in results),
+        "verify": verify,
+        "workers": workers,
+    }  # fmt: skip
+
+
+def format_result(res: Mapping[str, Any]) -> str:
+    """A human-readable report of one run."""
+    c = res["config"]
+    lines = [
+        f"{c['device']}: {describe(c)}; strategy {res['strategy']}, engine {c['engine']}",
+        f"  {res['ios']} requests in {res['wall_s']:.3f} s: {res['iops']:.0f} IOPS, "
+        f"{res['mbps']:.2f} MB/s",
+    ]
+    lt = res["latency_us"]
+    lines.append(
+        f"  latency us: p50 {lt['p50']:.1f}  p99 {lt['p99']:.1f}  "
+        f"max {lt['max']:.1f}  mean {lt['mean']:.1f}"
+    )
+    lines.append(
+        f"  kicks {res['kicks']} ({res['kicks_per_request']:.3f}/req, "
+        f"{res['kicks_suppressed']} suppressed); interrupts {res['interrupts']} "
+        f"({res['interrupts_per_request']:.3f}/req, {res['interrupts_suppressed']} "
+        f"suppressed)"
+    )
+    lines.append(
+        f"  guest CPU {res['guest_cpu_s']:.3f} s = {res['guest_cpu_pct']:.1f}% of one "
+        f"CPU ({res['guest_cpu_pct_of_machine']:.1f}% of {c['cpus']}), "
+        f"{res['guest_cpu_us_per_request']:.1f} us/req; host daemon CPU "
+        f"{res['host_cpu_s']:.3f} s = {res['host_cpu_pct']:.1f}%"
+    )
+    ls = res["lockstat"]
+    lines.append("  lockstat " + " ".join(f"{k}={ls[k]}" for k in LOCKSTAT_COLUMNS))
+    lines.append(
+        "  worker    pid    ios  user_s   sys_s  cpu%  lockwait_ms lockhold_ms "
+        "  kick_ms  iowait_ms  irqs  reaped"
+    )
+    for w in res["workers"]:
+        lines.append(
+            f"  {w['worker']:>6} {w['pid']:>6} {w['ios']:>6} {w['cpu_user_s']:7.3f} "
+            f"{w['cpu_sys_s']:7.3f} {w['cpu_pct']:5.1f} {w['lock_wait_ms']:12.3f} "
+            f"{w['lock_hold_ms']:11.3f} {w['kick_ms']:9.3f} {w['io_wait_ms']:10.3f} "
+            f"{w['irqs']:5d} {w['reaped']:7d}"
+        )
+    if res["errors"]:
+        lines.append(f"  I/O errors: {res['errors']}")
+    v = res["verify"]
+    if v is not None:
+        if v["failures"]:
+            f = v["first"]
+            lines.append(
+                f"  VERIFY FAILED: {v['failures']} blocks; first at sector {f['sector']} "
+                f"(byte {f['offset']}, worker {f['worker']}): {f['kind']}"
+            )
+        else:
+            lines.append(
+                f"  verify: {v['verified']} blocks good"
+                + (f", {v['unwritten']} not yet written" if v["unwritten"] else "")
+            )
+    return "\n".join(lines)
+
+
+def write_json(result: Any, path: str) -> None:
+    """Write a result as JSON; the file appears whole or not at all."""
+
+    def default(o: Any) -> Any:
+        if hasattr(o, "item"):
+            return o.item()
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1, default=default, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,221 @@
+"""The parent of a run: fork the workers, start them together, watch them,
+stop them (also on Ctrl-C) and gather what they report.
+
+All workers on a queue share that queue and its lock on both paths, as
+virtio_blk's do_virtblk_request and virtblk_done share vblk->lock; with a
+multi-queue device worker i uses queue i % queues (blk-mq style).  The
+parent synchronises the start with a barrier and resets the lock
+statistics between "ready" and "go".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import ConfigError, VirtioError
+from ..limits import SECTOR
+from ..lock import SharedLock, merge_lockstats
+from ..proc import proc_cpu_seconds
+from ..region import Region
+from .report import summarise
+from .spec import JobSpec, plan_areas
+from .worker import worker_main
+
+# progress(label, elapsed seconds, runtime or None, requests completed)
+Progress = Callable[[str, float, "float | None", int], None]
+
+
+class JobError(VirtioError):
+    """A worker failed; the message says which and why."""
+
+
+def queue_counters(region: Region, q: int) -> dict[str, int]:
+    """The driver's and the device's counters of queue q."""
+    sh = region.queue_shared(q)
+    d, v = sh.drv, sh.dev
+    return {
+        "added": d.added,
+        "completed": d.completed,
+        "kicks": d.kicks,
+        "kicks_suppressed": d.kicks_suppressed,
+        "kicks_taken": v.kicks_taken,
+        "interrupts": v.interrupts,
+        "interrupts_suppressed": v.interrupts_suppressed,
+        "bytes_read": v.bytes_read,
+        "bytes_written": v.bytes_written,
+    }
+
+
+def run_job(
+    spec: JobSpec, progress: Progress | None = None, label: str | None = None
+) -> dict[str, Any]:
+    """Run a job on a device whose daemon is running; returns the result dict
+    (see report.summarise).
+
+    progress(label, elapsed, runtime, ios): called about 4 times a second
+    while the workers run (for the terminal).  Ctrl-C stops the workers
+    cleanly and re-raises KeyboardInterrupt.
+    """
+    spec.check()
+    region = Region.attach(spec.name)
+    try:
+        return _run(spec, region, progress, label or spec.strategy)
+    finally:
+        region.close()
+
+
+def _run(spec: JobSpec, region: Region, progress: Progress | None, label: str) -> dict[str, Any]:
+    capacity = region.header.blk.capacity * SECTOR
+    areas = plan_areas(spec, capacity)
+    nq = region.num_queues
+    queues = [i % nq for i in range(spec.workers)]
+    used_q = sorted(set(queues))
+    daemon_pid = region.daemon_pid
+    if daemon_pid <= 0:
+        raise ConfigError(f"device {spec.name!r} has no daemon serving it")
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(spec.workers + 1)
+    done_barrier = ctx.Barrier(spec.workers)
+    stop = ctx.RawValue(ctypes.c_int32, 0)
+    procs: list[Any] = []
+    conns: list[Any] = []
+    results: list[dict[str, Any] | None] = [None] * spec.workers
+    try:
+        for i in range(spec.workers):
+            r, w = ctx.Pipe(duplex=False)
+            p = ctx.Process(
+                target=worker_main,
+                name=f"virtio-emu-worker-{i}",
+                args=(i, spec, queues[i], areas[i][0], areas[i][1], barrier, done_barrier,
+                      stop, w),
+            )  # fmt: skip
+            p.start()
+            w.close()
+            procs.append(p)
+            conns.append(r)
+        try:
+            _parent_wait(barrier)  # every worker attached and ready
+        except Exception:
+            _collect(conns, procs, results, 10)
+            raise JobError(_failure(results) or "workers did not get ready") from None
+        locks = [SharedLock.of_queue(region, q) for q in used_q]
+        for lk in locks:
+            lk.reset()
+        c0 = {q: queue_counters(region, q) for q in used_q}
+        d0 = proc_cpu_seconds(daemon_pid)
+        t0 = time.monotonic()
+        _parent_wait(barrier)  # go
+        _wait_for_workers(spec, region, used_q, c0, conns, procs, results, t0, stop, progress,
+                          label)  # fmt: skip
+        t1 = time.monotonic()
+        d1 = proc_cpu_seconds(daemon_pid)
+        c1 = {q: queue_counters(region, q) for q in used_q}
+        raw = merge_lockstats([lk.raw_stats() for lk in locks])
+    except BaseException:
+        stop.value = 1
+        try:
+            barrier.abort()
+        except Exception:
+            pass
+        _collect(conns, procs, results, 5)
+        raise
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for c in conns:
+            c.close()
+    failure = _failure(results)
+    if failure:
+        raise JobError(failure)
+    done = [r for r in results if r is not None]
+    return summarise(spec, region, done, raw, c0, c1, d1 - d0, t1 - t0, used_q)
+
+
+def _parent_wait(barrier: Any, timeout: float = 60) -> None:
+    """The parent's barrier.wait.  A Ctrl-C inside the multiprocessing
+    barrier's own locking can come out as an AssertionError ("lock is not
+    owned") whose context is the KeyboardInterrupt: it is still a Ctrl-C."""
+    try:
+        barrier.wait(timeout=timeout)
+    except AssertionError as e:
+        if isinstance(e.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+
+
+def _failure(results: list[dict[str, Any] | None]) -> str | None:
+    """One line for the workers that reported an error, or None."""
+    errs = [r["error"].splitlines()[0] for r in results if r and "error" in r]
+    if len(errs) > 1:
+        return f"{len(errs)} workers failed; first: {errs[0]}"
+    return errs[0] if errs else None
+
+
+def _collect(conns: list[Any], procs: list[Any], results: list[Any], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for i, c in enumerate(conns):
+        while results[i] is None and time.monotonic() < deadline:
+            try:
+                if c.poll(0.1):
+                    results[i] = c.recv()
+                elif not procs[i].is_alive() and not c.poll(0):
+                    break
+            except (EOFError, OSError):
+                break
+
+
+def _wait_for_workers(
+    spec: JobSpec,
+    region: Region,
+    used_q: list[int],
+    c0: dict[int, dict[str, int]],
+    conns: list[Any],
+    procs: list[Any],
+    results: list[Any],
+    t0: float,
+    stop: Any,
+    progress: Progress | None,
+    label: str,
+) -> None:
+    last = 0.0
+    interrupted = False
+    hard_deadline = None
+    while any(r is None for r in results):
+        try:
+            for i, c in enumerate(conns):
+                if results[i] is None:
+                    if c.poll(0):
+                        try:
+                            results[i] = c.recv()
+                        except EOFError:
+                            results[i] = {"error": f"worker {i} died without reporting"}
+                    elif not procs[i].is_alive() and not c.poll(0):
+                        code = procs[i].exitcode
+                        results[i] = {
+                            "error": f"worker {i} (pid {procs[i].pid}) died "
+                            f"(exit code {code}) without reporting"
+                        }
+            now = time.monotonic()
+            if hard_deadline and now > hard_deadline:
+                raise JobError("workers did not stop")
+            if progress and now - last >= 0.25:
+                last = now
+                done = sum(
+                    queue_counters(region, q)["completed"] - c0[q]["completed"] for q in used_q
+                )
+                progress(label, now - t0, spec.runtime, done)
+            time.sleep(0.02)
+        except KeyboardInterrupt:
+            # Ask the workers to stop, let them drain, then re-raise.
+            stop.value = 1
+            interrupted = True
+            hard_deadline = time.monotonic() + spec.timeout
+    if interrupted:
+        raise KeyboardInterrupt
