@@ -23,10 +23,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# ruff (lint and format check) and mypy, configured in pyproject.toml; installed if missing.
+# ruff (lint and format check) and mypy, configured in pyproject.toml; pinned, since
+# a newer ruff formats differently.
 lint: $(STAMP)
-	@$(PY) -m ruff --version >/dev/null 2>&1 || $(PIP) 'ruff>=0.5'
-	@$(PY) -m mypy --version >/dev/null 2>&1 || $(PIP) 'mypy>=1.10'
+	@$(PIP) 'ruff==0.17.6' 'mypy==2.4.1'
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy

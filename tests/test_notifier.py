@@ -199,7 +199,9 @@ def test_eventfd_notifier_shared_by_threads_hands_out_each_count_once():
             got = []
             threads = [
                 threading.Thread(
-                    target=lambda got=got: got.append(lib.vp_notifier_wait(n.handle, 30_000_000_000))
+                    target=lambda got=got: got.append(
+                        lib.vp_notifier_wait(n.handle, 30_000_000_000)
+                    )
                 )
                 for _ in range(3)
             ]
