@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -533,3 +534,15 @@ def test_attach_example_drives_every_request_type(example, name, blk_daemon):
         "IOERR": 2,
     }
     assert dev.broken == 0 and dev.bytes_read == 2 * 8192 and dev.bytes_written == 8192
+
+
+def test_installed_header_is_the_one_the_core_is_built_with(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "virtio_py", "include-dir"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    with open(os.path.join(out, "region.h"), "rb") as a, open(HEADER, "rb") as b:
+        assert a.read() == b.read()
+    compile_c(EXAMPLE, tmp_path / "x", f"-I{out}")

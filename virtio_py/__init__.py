@@ -19,6 +19,14 @@ from .region import Region
 from .views import avail_ring, desc_table, used_ring
 from .virtqueue import DeviceQueue, Virtqueue
 
+
+def get_include() -> str:
+    """The directory of region.h, the region's public C header (cc -I)."""
+    import os
+
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
+
+
 try:  # the one version: pyproject.toml's, as installed
     __version__ = _metadata.version("virtio_py")
 except _metadata.PackageNotFoundError:  # pragma: no cover - a tree that was never installed
@@ -45,4 +53,5 @@ __all__ = [
     "desc_table",
     "avail_ring",
     "used_ring",
+    "get_include",
 ]

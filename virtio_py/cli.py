@@ -35,6 +35,11 @@ def build_parser():
     )
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
+    sub.add_parser(
+        "include-dir",
+        help="print the directory of region.h, the region's public C header",
+        description="Print the directory holding region.h, for cc -I.",
+    )
 
     r = sub.add_parser(
         "run",
@@ -352,6 +357,13 @@ def cmd_compare(a):
     return 0
 
 
+def cmd_include_dir(a):
+    from . import get_include
+
+    print(get_include())
+    return 0
+
+
 def main(argv=None):
     # numpy comes in with the workloads: its OpenBLAS helper threads would
     # take CPU from the guests and the daemon on a small machine.
@@ -359,7 +371,7 @@ def main(argv=None):
     return run_main(
         PROG,
         build_parser(),
-        {"run": cmd_run, "compare": cmd_compare},
+        {"run": cmd_run, "compare": cmd_compare, "include-dir": cmd_include_dir},
         argv,
         interrupted="interrupted; everything it started was stopped and removed",
     )
