@@ -4,13 +4,13 @@ PIP     := $(PY) -m pip install -q --disable-pip-version-check --root-user-actio
 STAMP   := .stamp-install
 SOURCES := $(wildcard csrc/*.c csrc/*.h csrc/*.py) setup.py pyproject.toml
 
-.PHONY: all install run test bench lint clean
+.PHONY: all install run test bench lint fuzz clean
 
 all: install
 
 $(STAMP): $(SOURCES)
 	$(PIP) 'setuptools>=61' wheel 'cffi>=1.15' 'posix_ipc>=1.1' 'numpy>=1.21' \
-		'pytest>=7' 'pytest-benchmark>=4' 'matplotlib>=3.5'
+		'pytest>=7' 'pytest-benchmark>=4' 'matplotlib>=3.5' 'hypothesis>=6'
 	$(PIP) --no-build-isolation -e .
 	@touch $@
 
@@ -20,7 +20,14 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m virtio_py compare
 
+# The Linux guest tests (tests/test_vm_guest.py) boot Debian's kernel under QEMU; as root
+# with apt-get, what is missing is installed, else those tests skip and say why.
+GUEST_PKGS := qemu-system-x86 qemu-system-common linux-image-cloud-amd64 busybox-static
+
 test: $(STAMP)
+	@[ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || dpkg -s $(GUEST_PKGS) >/dev/null 2>&1 \
+		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends $(GUEST_PKGS); } || echo "guest packages not installed"
 	$(PY) -m pytest -q tests
 
 # ruff (lint and format check) and mypy, configured in pyproject.toml; pinned, since
@@ -30,6 +37,14 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+
+# Coverage-guided fuzzing of the device side with libFuzzer (tests/fuzz/fuzz.sh installs
+# clang and its runtime when missing): FUZZ_RUNS inputs, else three minutes.  New inputs
+# are merged into tests/fuzz/corpus/, a crash is kept in tests/fuzz/regressions/; make
+# test replays both.
+FUZZ_RUNS ?=
+fuzz:
+	FUZZ_RUNS=$(FUZZ_RUNS) PY=$(PY) tests/fuzz/fuzz.sh
 
 # bench/bench_hostd.py compares the host daemon with fio (Debian's package).
 bench: $(STAMP)

@@ -9,15 +9,20 @@ only good for rounds shorter than a scheduler time slice: past that the
 ticket lock convoys (see CONTENDED), which is the DESIGN's point that a lock
 that only spins can burn the core its holder needs.  The lockstat counters are
 written by the holder only, so after the run they must count every
-acquisition exactly: a lost update would mean two holders at once.
+acquisition exactly: a lost update would mean two holders at once; the hold
+histogram must count them too, and the wait histogram every contention.
+extra_info also has the wait percentiles (p50/p99/p99.9 of the contended
+acquisitions, from the histogram) and, for the kinds that sleep (mutex,
+pvspin), the sleeps and wake-ups per acquisition.
 """
 
 import pytest
 
 from benchutil import LockCrowd, report_rate
 from virtio_py import SharedLock
+from virtio_py.lock import lock_histograms
 
-KINDS = ["spin", "spinyield", "mutex"]
+KINDS = ["spin", "spinyield", "mutex", "pvspin"]
 UNCONTENDED = 200_000
 CONTENDERS = 4
 # Per process per round.  Four processes pinned two to a core, started
@@ -29,7 +34,9 @@ CONTENDERS = 4
 #   So the spin figure below is the pre-convoy one; see the module notes.
 # - spinyield: yields after 20 us of spinning, steady at ~90 k/s, ~45 us wait.
 # - mutex: unfair (the running holder re-takes it), ~10 M/s.
-CONTENDED = {"spin": 1_000, "spinyield": 10_000, "mutex": 400_000}
+# - pvspin: takes the lock past a sleeping head of the line, as mutex does,
+#   and sleeps where spin spins: no convoy.
+CONTENDED = {"spin": 1_000, "spinyield": 10_000, "mutex": 400_000, "pvspin": 400_000}
 
 
 def _stats_extra(lock, expected):
@@ -37,14 +44,21 @@ def _stats_extra(lock, expected):
     acq = raw["acquisitions"]
     if acq != expected:
         raise AssertionError(f"lockstat counted {acq} acquisitions, expected {expected}")
+    if sum(raw["hold_hist"]) != acq or sum(raw["wait_hist"]) != raw["contentions"]:
+        raise AssertionError("the histograms do not count every acquisition and contention")
     extra = {
         "acquisitions": acq,
         "contentions": raw["contentions"],
         "acq_bounces": raw["acq_bounces"],
     }
     if raw["contentions"]:
+        dist = lock_histograms(raw)["wait"]
         extra["wait_avg_us"] = round(raw["wait_total"] / raw["contentions"] / 1000, 2)
         extra["wait_max_us"] = round(raw["wait_max"] / 1000, 2)
+        extra.update({f"wait_{p}_us": dist[p] for p in ("p50", "p99", "p99.9")})
+    if raw["sleeps"] or raw["wakeups"]:
+        extra["sleeps_per_acquisition"] = round(raw["sleeps"] / acq, 4)
+        extra["wakeups"] = raw["wakeups"]
     extra["hold_avg_ns"] = round(raw["hold_total"] / acq) if acq else 0
     return extra
 

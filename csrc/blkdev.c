@@ -12,7 +12,12 @@
  *
  * Queues start and stop one by one (vhost-user enables and stops rings
  * separately) or all together; a stopped queue has no thread, no request
- * in flight and no kick pending. */
+ * in flight and no kick pending.
+ *
+ * Kicks are a guest's to forge: any count it writes into the notifier is
+ * taken in one step and saturates at the queue size (vp_devq_wait_kick),
+ * acks follow what was taken, and every loop looks at its stop flag
+ * between bounded waits, so a kick flood cannot keep a stop waiting. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
@@ -164,10 +169,26 @@ static void backoff(unsigned idle)
 	}
 }
 
-/* Of k kicks taken from the kick notifier, how many were the guest's: the
- * rest were posted by the server to wake its own threads.  Counted as
- * taken here only if counted is 0 (vp_devq_wait_kick counts all it takes). */
-static int guest_kicks(struct srv_queue *sq, int k, int counted)
+/* Every kick pending on q, taken without sleeping: how many (0 without a
+ * kick notifier), at most the queue size, counted as taken. */
+static int take_kicks(struct vp_devq *q)
+{
+	int k = vp_devq_kick(q) ? vp_devq_wait_kick(q, 0) : 0;
+	return k > 0 ? k : 0;
+}
+
+/* a + b, saturating at the queue size: acks owed never exceed what the
+ * queue could have had kicked. */
+static int acks_add(struct vp_devq *q, int a, int b)
+{
+	int num = (int)vp_devq_num(q);
+	return a + b > num ? num : a + b;
+}
+
+/* Of k kicks taken from the kick notifier (and counted as taken), how many
+ * were the guest's: the rest were posted by the server to wake its own
+ * threads, and are taken back out of the count. */
+static int guest_kicks(struct srv_queue *sq, int k)
 {
 	uint32_t s = __atomic_load_n(&sq->self_kicks, __ATOMIC_RELAXED), take;
 	do {
@@ -176,11 +197,9 @@ static int guest_kicks(struct srv_queue *sq, int k, int counted)
 						      s - take, 0,
 						      __ATOMIC_RELAXED,
 						      __ATOMIC_RELAXED));
-	struct vp_device_stats *ds = vp_devq_stats(sq->q);
-	if (counted && take)
-		__atomic_fetch_sub(&ds->kicks_taken, take, __ATOMIC_RELAXED);
-	else if (!counted && k > (int)take)
-		__atomic_fetch_add(&ds->kicks_taken, k - take, __ATOMIC_RELAXED);
+	if (take)
+		__atomic_fetch_sub(&vp_devq_stats(sq->q)->kicks_taken, take,
+				   __ATOMIC_RELAXED);
 	return k - (int)take;
 }
 
@@ -207,9 +226,9 @@ static void *worker_main(void *arg)
 	while (!READ_ONCE(sq->stop)) {
 		/* Kicks that came while we worked are taken now: a sync exit
 		 * must not wait until some worker goes idle. */
-		int k = vp_notifier_drain_opt(vp_devq_kick(q));
+		int k = take_kicks(q);
 		if (k > 0)
-			acks += guest_kicks(sq, k, 0);
+			acks = acks_add(q, acks, guest_kicks(sq, k));
 		int r = vp_devq_broken(q) ? 0 : vp_devq_pop(q, &c, t->segs, max_segs);
 		/* Acked once popped: the exit returns when its request is
 		 * taken (by us or a peer), not when it is done. */
@@ -228,7 +247,7 @@ static void *worker_main(void *arg)
 			continue;
 		k = vp_devq_wait_kick(q, 200000000);
 		if (k > 0)
-			acks += guest_kicks(sq, k, 1);
+			acks = acks_add(q, acks, guest_kicks(sq, k));
 	}
 	if (acks)
 		vp_devq_ack_kicks(q, acks);
@@ -249,13 +268,10 @@ static void *serve_main(void *arg)
 		while (!READ_ONCE(sq->stop)) {
 			/* Kicks still arrive from a guest that saw none
 			 * suppressed yet; a sync exit waits for its ack. */
-			int k = vp_notifier_drain_opt(vp_devq_kick(q));
+			int k = take_kicks(q);
 			int n = vp_devq_broken(q) ? 0 : drain(sq, t->segs, max_segs);
-			if (k > 0) {
-				__atomic_fetch_add(&vp_devq_stats(q)->kicks_taken, k,
-						   __ATOMIC_RELAXED);
+			if (k > 0)
 				vp_devq_ack_kicks(q, k);
-			}
 			idle = n || k ? 0 : idle + 1;
 			if (!n && !k)
 				backoff(idle);
@@ -272,13 +288,13 @@ static void *serve_main(void *arg)
 			int k = vp_devq_wait_kick(q, 0);
 			drain(sq, t->segs, max_segs);
 			if (k > 0)
-				vp_devq_ack_kicks(q, guest_kicks(sq, k, 1));
+				vp_devq_ack_kicks(q, guest_kicks(sq, k));
 			continue;
 		}
 		int k = vp_devq_wait_kick(q, 50000000);
 		if (k <= 0)
 			continue;
-		k = guest_kicks(sq, k, 1);   /* stop wakes us with a kick */
+		k = guest_kicks(sq, k);   /* stop wakes us with a kick */
 		vp_devq_disable_notify(q);
 		if (!vp_devq_broken(q))
 			drain(sq, t->segs, max_segs);
@@ -423,9 +439,9 @@ static void queue_stop_end(struct srv_queue *sq)
 	while (sq->busy)
 		pthread_cond_wait(&srv->idle_cv, &srv->mu);
 	pthread_mutex_unlock(&srv->mu);
-	int k = vp_notifier_drain_opt(vp_devq_kick(sq->q));
+	int k = take_kicks(sq->q);
 	if (k > 0)
-		vp_devq_ack_kicks(sq->q, guest_kicks(sq, k, 0));
+		vp_devq_ack_kicks(sq->q, guest_kicks(sq, k));
 	sq->self_kicks = 0;
 	vp_devq_interrupt(sq->q);
 	sq->running = 0;

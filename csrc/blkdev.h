@@ -11,7 +11,8 @@
  * move its data, write its status byte, count it in q's stats.  serial is
  * GET_ID's answer (up to VIRTIO_BLK_ID_BYTES, NUL-padded; NULL: empty).
  * Returns the used length to push, or -VP_EFRAME when the chain has no
- * room for a header and a status byte (q is then broken).  Any thread;
+ * room for a header and a status byte, or -EFAULT when its buffers were
+ * lost to a truncation of guest memory (q is then broken).  Any thread;
  * the caller pushes the head afterwards. */
 int64_t vp_blk_handle(struct vp_store *st, struct vp_devq *q,
 		      const struct vp_chain *c, const struct vp_seg *segs,

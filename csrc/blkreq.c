@@ -7,7 +7,9 @@
  * one.  Data moves straight between the store and guest buffers, through
  * the host addresses vp_devq_pop translated; under O_DIRECT a layout that
  * cuts sectors apart goes through one aligned bounce buffer instead.
- * Header and ranges are copied out of guest memory once, then checked. */
+ * Header and ranges are copied out of guest memory once, then checked.
+ * A read or write that finds guest memory gone (EFAULT: its object was
+ * truncated) breaks the queue, as a fault on it would (vringh.c). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdlib.h>
@@ -151,7 +153,12 @@ int64_t vp_blk_handle(struct vp_store *st, struct vp_devq *q,
 			sts = VIRTIO_BLK_S_IOERR;
 			break;
 		}
-		if (data_io(st, data, !rd, hdr.sector * 512)) {
+		int e = data_io(st, data, !rd, hdr.sector * 512);
+		if (e == -EFAULT) {
+			vp_devq_mark_broken(q, EFAULT);
+			return -EFAULT;
+		}
+		if (e) {
 			sts = VIRTIO_BLK_S_IOERR;
 			break;
 		}

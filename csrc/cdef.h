@@ -53,10 +53,20 @@ struct vp_lockstat {
 	uint64_t hold_max;
 	uint64_t hold_total;
 };
+struct vp_lockhist {
+	uint64_t hold[...];
+	uint64_t wait[...];
+};
 struct vp_lock {
 	uint32_t kind;
 	uint32_t spin_ns;
+	uint32_t next;
+	uint32_t owner;
 	int32_t last_cpu;
+	uint64_t sleeps;
+	uint64_t wakeups;
+	uint32_t pv_halted[...];
+	struct vp_lockhist hist;
 	...;
 };
 struct vp_driver_state {
@@ -425,3 +435,35 @@ int vp_verify_check(const uint8_t *buf, uint64_t sector, uint32_t nbytes,
 int vp_guest_run(struct vp_guest *g, int strategy,
 		 const struct vp_run_params *p, struct vp_run_result *res,
 		 uint32_t *lat, uint64_t lat_cap);
+
+/* ---- lock kinds, histograms and wake-up counters (lock.c, region.h) ---- */
+#define VP_LOCK_PVSPIN ...
+#define VP_LOCK_HIST_BUCKETS ...
+#define VP_LOCK_PV_WAITERS ...
+void vp_lock_read_hist(const struct vp_lock *l, struct vp_lockhist *out,
+		       uint64_t *sleeps, uint64_t *wakeups);
+/* ---- end of the lock block ---- */
+
+/* ---- hardening: the creator's layout, the truncation guard, notifier
+ * takes (region.c, notify.c) ---- */
+int vp_region_layout(const struct vp_region_params *p, unsigned index,
+		     struct vp_queue_info *qi);
+uint64_t vp_region_shared_gpa(unsigned index, unsigned num);
+int vp_guard_add(void *p, uint64_t len);
+void vp_guard_remove(void *p);
+uint32_t vp_guard_gen(void);
+int vp_guard_lost(const void *p, uint64_t len);
+int vp_notifier_take(struct vp_notifier *n, unsigned max);
+int vp_notifier_lost(struct vp_notifier *n);
+/* ---- end of the hardening block ---- */
+
+/* ---- the request path: who takes interrupts, waiting for room
+ * (guest.c, virtio_ring.c, notify.c) ---- */
+int virtqueue_more_used(struct vp_vq *vq);
+int vp_notifier_wait_or(struct vp_notifier *n, uint32_t *word, uint32_t val,
+			int64_t timeout_ns);
+int vp_notifier_can_wait_or(struct vp_notifier *n);
+int vp_guest_set_direct_irq(struct vp_guest *g, int on);
+int vp_guest_direct_irq(struct vp_guest *g);
+int vp_guest_wait_room(struct vp_guest *g, unsigned need, int64_t timeout_ns);
+/* ---- end of the request path block ---- */

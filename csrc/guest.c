@@ -1,15 +1,27 @@
 /* Guest side of virtio-blk over a shared queue.
  *
- * Several processes submit on one queue under its lock.  Interrupts go to
- * whichever process's irq thread takes the call notification; that thread
- * reaps every used buffer (virtblk_done) and delivers each completion to
- * the slot that owns it, waking the owner on a shared futex.  Tokens are
- * VP_TOKEN(gen, slot, tag) (region.h), so a completion finds its owner
- * without a search, and one for a slot's previous owner is dropped. */
+ * Several processes submit on one queue under its lock.  An interrupt goes
+ * to whoever takes the call notification; the taker reaps every used
+ * buffer (virtblk_done) and delivers each completion to the slot that owns
+ * it, waking the owner on a shared futex.  Tokens are VP_TOKEN(gen, slot,
+ * tag) (region.h), so a completion finds its owner without a search, and
+ * one for a slot's previous owner is dropped.
+ *
+ * Who takes the interrupt: a thread waiting for a completion sleeps on the
+ * call and on its slot's futex at once and takes the interrupt itself, as
+ * a halted vCPU takes the interrupt that wakes it; the process's irq
+ * thread waits on the call only while no thread of its process does.  So
+ * the hop from an interrupt thread to the waiting worker, a cross-process
+ * wake-up here but an in-guest task switch on a real guest, is paid only
+ * when the completion is another process's.  A waiter that finds used
+ * buffers before it sleeps reaps them at once.  Where one sleep cannot
+ * cover both (an eventfd call, Linux < 5.16) the irq thread takes every
+ * interrupt and wakes the owner, as before. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -35,6 +47,9 @@ struct vp_guest {
 	int irq_running;
 	volatile int stop;
 	struct vp_acct irq_acct;
+	int direct;         /* waiters take interrupts themselves (see top) */
+	uint32_t waiting;   /* our threads asleep in a wait, taking interrupts */
+	uint32_t waits;     /* sleeps begun: the irq thread's sign of waiters */
 };
 
 static long futex_wait(uint32_t *w, uint32_t val, int64_t ns)
@@ -115,6 +130,7 @@ struct vp_guest *vp_guest_open(void *base, uint64_t size, struct vp_vq *vq,
 	g->gen = __atomic_add_fetch(&g->slot->gen, 1, __ATOMIC_RELAXED);
 	memset(g->slot->comp, 0, sizeof(g->slot->comp));
 	vp_lock_release(lock);
+	g->direct = vp_notifier_can_wait_or(call);
 	if (vp_guest_set_depth(g, 1)) {
 		vp_guest_close(g);
 		*err = -ENOSPC;
@@ -215,11 +231,31 @@ int vp_guest_reap(struct vp_guest *g)
 	return r < 0 ? r : n;
 }
 
+/* The irq thread steps aside while a thread of ours waits, and while
+ * sleeps keep beginning: a post then wakes the waiter, not us (a futex
+ * wakes its oldest sleeper, and we would be it).  Checked every 25 ms,
+ * longer than a waiter's 20 ms slices, so a worker pays nothing to enter
+ * or leave a wait. */
+static int waiters_active(struct vp_guest *g, uint32_t *seen)
+{
+	uint32_t w = __atomic_load_n(&g->waits, __ATOMIC_RELAXED);
+	int active = READ_ONCE(g->direct) &&
+		     (w != *seen || __atomic_load_n(&g->waiting, __ATOMIC_RELAXED));
+	*seen = w;
+	return active;
+}
+
 static void *irq_main(void *arg)
 {
 	struct vp_guest *g = arg;
+	uint32_t seen = __atomic_load_n(&g->waits, __ATOMIC_RELAXED);
 	vp_acct_set(&g->irq_acct);
 	while (!g->stop) {
+		if (waiters_active(g, &seen)) {
+			struct timespec ts = { 0, 25000000 };
+			nanosleep(&ts, NULL);
+			continue;
+		}
 		int r = vp_notifier_wait(g->call, 50000000);
 		if (r < 0)
 			break;
@@ -307,43 +343,106 @@ static int done_in(struct vp_guest *g, uint64_t mask)
 	return -1;
 }
 
-/* Sleep until one tag of mask completes.  A lost interrupt (its taker
- * died before reaping) is covered by reaping ourselves after a quiet
- * period. */
-int vp_guest_wait_any(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
-		      uint8_t *status, uint32_t *len)
+/* Take the posts of the call that are pending now: whoever reaps next
+ * covers what they announced.  Saves a sleeper a wake-up for buffers we
+ * are about to reap (only where a take costs no system call). */
+static void take_calls(struct vp_guest *g)
+{
+	if (g->direct && g->call)
+		vp_notifier_take(g->call, UINT_MAX);
+}
+
+/* Sleep until *word moves from seq, or (direct) an interrupt comes: 1 took
+ * an interrupt, 0 woken or timed out. */
+static int guest_sleep(struct vp_guest *g, uint32_t *word, uint32_t seq,
+		       int64_t ns)
+{
+	if (g->direct && g->call) {
+		__atomic_add_fetch(&g->waits, 1, __ATOMIC_RELAXED);
+		__atomic_add_fetch(&g->waiting, 1, __ATOMIC_RELAXED);
+		int r = vp_notifier_wait_or(g->call, word, seq, ns);
+		__atomic_sub_fetch(&g->waiting, 1, __ATOMIC_RELAXED);
+		if (r >= 0)
+			return r;
+		if (r == -EOPNOTSUPP || r == -ENOSYS)
+			WRITE_ONCE(g->direct, 0);   /* for good: the irq thread takes them */
+	}
+	futex_wait(word, seq, ns);
+	return 0;
+}
+
+/* Sleep until one tag of mask completes.  A lost interrupt (its taker died before reaping) is
+ * covered by reaping ourselves after a quiet period. */
+int vp_guest_wait_any_at(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
+			 uint64_t t0, uint64_t *t_end, uint8_t *status,
+			 uint32_t *len)
 {
 	struct vp_guest_slot *s = g->slot;
-	uint64_t t0 = vp_now_ns();
-	int tag;
+	uint64_t now = t0;
+	int tag, reap_failed = 0;
 	while ((tag = done_in(g, mask)) < 0) {
 		uint32_t seq = __atomic_load_n(&s->wake_seq, __ATOMIC_SEQ_CST);
 		if ((tag = done_in(g, mask)) >= 0)
 			break;
-		uint64_t now = vp_now_ns();
+		/* Already used: reap now instead of sleeping until the
+		 * interrupt's taker delivers it (a bad used id would make
+		 * this spin: then leave it to the taker). */
+		if (!reap_failed && virtqueue_more_used(g->vq)) {
+			take_calls(g);
+			reap_failed = vp_guest_reap(g) < 0;
+			continue;
+		}
 		if (timeout_ns >= 0 && now - t0 >= (uint64_t)timeout_ns) {
 			if (vp_acct_cur)
 				vp_acct_cur->io_wait_ns += now - t0;
+			*t_end = now;
 			return -ETIMEDOUT;
 		}
-		if (futex_wait(&s->wake_seq, seq, 20000000) && errno == ETIMEDOUT) {
-			vp_guest_reap(g);
-			if (done_in(g, mask) >= 0)
-				continue;
-			if (device_gone(g))
-				return -VP_EDEVGONE;
-			/* NEEDS_RESET: the device will not complete it. */
-			if (READ_ONCE(g->sh->dev.broken))
-				return -VP_EBROKEN;
+		int64_t slice = 20000000;
+		if (timeout_ns >= 0 && (uint64_t)timeout_ns - (now - t0) < (uint64_t)slice)
+			slice = timeout_ns - (int64_t)(now - t0);
+		int r = guest_sleep(g, &s->wake_seq, seq, slice);
+		now = vp_now_ns();
+		if (r == 1) {
+			/* The interrupt is ours to serve, whoever's it is. */
+			if (vp_acct_cur)
+				vp_acct_cur->irqs++;
+			reap_failed = vp_guest_reap(g) < 0;
+			continue;
 		}
+		if (done_in(g, mask) >= 0 ||
+		    __atomic_load_n(&s->wake_seq, __ATOMIC_SEQ_CST) != seq)
+			continue;
+		/* Quiet: reap ourselves, then ask whether anyone will
+		 * complete it at all. */
+		reap_failed = vp_guest_reap(g) < 0;
+		if (done_in(g, mask) >= 0)
+			continue;
+		*t_end = now;
+		if (device_gone(g))
+			return -VP_EDEVGONE;
+		/* NEEDS_RESET: the device will not complete it. */
+		if (READ_ONCE(g->sh->dev.broken))
+			return -VP_EBROKEN;
 	}
+	if (now == t0)
+		now = vp_now_ns();
 	if (vp_acct_cur)
-		vp_acct_cur->io_wait_ns += vp_now_ns() - t0;
+		vp_acct_cur->io_wait_ns += now - t0;
+	*t_end = now;
 	uint64_t tag_gpa = g->share_gpa + (uint64_t)tag * g->tag_size;
 	*status = g->base[tag_gpa + sizeof(struct virtio_blk_outhdr)];
 	*len = s->comp[tag].len;
 	s->comp[tag].done = 0;
 	return tag;
+}
+
+int vp_guest_wait_any(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
+		      uint8_t *status, uint32_t *len)
+{
+	uint64_t t_end;
+	return vp_guest_wait_any_at(g, mask, timeout_ns, vp_now_ns(), &t_end,
+				    status, len);
 }
 
 int vp_guest_wait(struct vp_guest *g, unsigned tag, int64_t timeout_ns,
@@ -353,4 +452,52 @@ int vp_guest_wait(struct vp_guest *g, unsigned tag, int64_t timeout_ns,
 		return -EINVAL;
 	int r = vp_guest_wait_any(g, 1ULL << tag, timeout_ns, status, len);
 	return r < 0 ? r : 0;
+}
+
+int vp_guest_set_direct_irq(struct vp_guest *g, int on)
+{
+	if (on && !vp_notifier_can_wait_or(g->call))
+		return -EOPNOTSUPP;
+	WRITE_ONCE(g->direct, !!on);
+	return 0;
+}
+
+int vp_guest_direct_irq(struct vp_guest *g)
+{
+	return READ_ONCE(g->direct);
+}
+
+/* blk-mq stops a hardware queue that is out of descriptors until a
+ * completion frees some; here whoever reaps frees them, so wait for the
+ * free count (a hint, read without the lock) and reap what is used
+ * meanwhile, yielding the CPU in between: a retry of the whole submission
+ * would take the queue lock on every turn. */
+int vp_guest_wait_room(struct vp_guest *g, unsigned need, int64_t timeout_ns)
+{
+	uint64_t t0 = vp_now_ns(), checked = t0;
+	int reap_failed = 0;
+	for (unsigned turn = 1;; turn++) {
+		if (vp_vq_num_free(g->vq) >= need)
+			return 0;
+		if (!reap_failed && virtqueue_more_used(g->vq)) {
+			take_calls(g);
+			reap_failed = vp_guest_reap(g) < 0;
+			continue;
+		}
+		/* The clock every 64 turns, the device every 20 ms, as a
+		 * waiter asks after a quiet period. */
+		if (turn % 64 == 0) {
+			uint64_t now = vp_now_ns();
+			if (timeout_ns >= 0 && now - t0 >= (uint64_t)timeout_ns)
+				return -ETIMEDOUT;
+			if (now - checked >= 20000000) {
+				checked = now;
+				if (device_gone(g))
+					return -VP_EDEVGONE;
+				if (READ_ONCE(g->sh->dev.broken))
+					return -VP_EBROKEN;
+			}
+		}
+		sched_yield();
+	}
 }

@@ -35,6 +35,22 @@ int vp_guest_wait(struct vp_guest *g, unsigned tag, int64_t timeout_ns,
 int vp_guest_wait_any(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
 		      uint8_t *status, uint32_t *len);
 struct vp_acct *vp_guest_irq_acct(struct vp_guest *g);
+/* Whether a thread waiting in vp_guest_wait(_any) takes the interrupts
+ * itself (the default where the call notifier allows it: a semaphore on
+ * glibc's layout, Linux >= 5.16), or leaves them all to the irq thread,
+ * which then wakes it.  set: -EOPNOTSUPP where it cannot.  Any thread. */
+int vp_guest_set_direct_irq(struct vp_guest *g, int on);
+int vp_guest_direct_irq(struct vp_guest *g);
+/* Wait until the ring has need free descriptors (a hint: the submission
+ * may still find it full), reaping what the device used meanwhile: 0,
+ * -ETIMEDOUT, -VP_EDEVGONE, -VP_EBROKEN.  No lock held. */
+int vp_guest_wait_room(struct vp_guest *g, unsigned need, int64_t timeout_ns);
+/* vp_guest_wait_any for the loops of workload.c: the wait began at t0
+ * (vp_now_ns) and *t_end gets when it ended, so a loop reads the clock
+ * once per wait.  Not exported. */
+int vp_guest_wait_any_at(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
+			 uint64_t t0, uint64_t *t_end, uint8_t *status,
+			 uint32_t *len);
 
 /* ---- workload loops (workload.c) ---- */
 #define VP_RW_READ       0

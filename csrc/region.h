@@ -1,4 +1,4 @@
-/* virtio_py region: the public contract, layout version 1.
+/* virtio_py region: the public contract, layout version 2.
  *
  * This header is everything a program outside the project needs, beside
  * the kernel's uapi headers, to attach to a virtio_py device and drive it:
@@ -34,7 +34,7 @@
 #include <linux/virtio_blk.h>
 
 #define VP_MAGIC           0x4f49545249565056ULL /* "VPVIRTIO" read as bytes */
-#define VP_LAYOUT_VERSION  1
+#define VP_LAYOUT_VERSION  2
 #define VP_MAX_QUEUES      16
 #define VP_MAX_QUEUE_SIZE  32768
 #define VP_PAGE            4096UL
@@ -50,6 +50,21 @@
 #define VP_LOCK_SPIN       0   /* ticket spinlock, as the kernel's */
 #define VP_LOCK_SPINYIELD  1   /* ticket lock that yields after a bounded spin */
 #define VP_LOCK_MUTEX      2   /* sleeping lock on a shared futex */
+#define VP_LOCK_PVSPIN     3   /* ticket lock: spin a bounded time, then sleep until the unlocker kicks (paravirtual spinlock) */
+
+/* Lock-time histograms, log2 of nanoseconds as funclatency's: bucket 0
+ * counts 0 ns, bucket b >= 1 counts [2^(b-1), 2^b) ns, and the last one
+ * also everything longer. */
+#define VP_LOCK_HIST_BUCKETS 48
+/* pvspin: the words sleeping waiters wait on, one per ticket mod this;
+ * only a waiter fewer than this many tickets from the head sleeps.  The
+ * bits of its lock word (vp_lock.futex), and how long the head of the
+ * line lets others take the lock past it before it asks for a hand-off. */
+#define VP_LOCK_PV_WAITERS   64
+#define VP_PV_LOCKED         1U   /* held */
+#define VP_PV_HANDOFF        2U   /* only the head of the line may take it */
+#define VP_PV_SLOW           4U   /* the head sleeps: the unlock kicks it */
+#define VP_PV_HANDOFF_NS     1000000
 
 /* Exit emulation for a kick. */
 #define VP_EXIT_ASYNC      0   /* post and return (ioeventfd) */
@@ -114,17 +129,33 @@ struct vp_lockstat {
 	uint64_t hold_total;
 };
 
-/* The guest's lock (vblk->lock).  Counters are only written by the holder.
- * 112 bytes of fields, padded to two whole cache lines. */
+/* Time distributions of one lock, beside the lockstat counters and, like
+ * them, written by the holder only. */
+struct vp_lockhist {
+	uint64_t hold[VP_LOCK_HIST_BUCKETS];  /* every acquisition, by hold time */
+	uint64_t wait[VP_LOCK_HIST_BUCKETS];  /* every contention, by wait time */
+};
+
+/* The guest's lock (vblk->lock).  Counters are only written by the holder,
+ * except wakeups (atomic: unlockers count after the release).  The first
+ * line holds the lock words and lockstat; the pvspin words and the
+ * histograms follow on lines of their own.  1216 bytes, 19 cache lines. */
 struct vp_lock {
 	uint32_t kind;
-	uint32_t spin_ns;        /* spinyield: spin this long before yielding */
-	uint32_t next;           /* ticket dispenser */
-	uint32_t owner;          /* ticket now served */
-	uint32_t futex;          /* mutex: 0 free, 1 held, 2 held with waiters */
+	uint32_t spin_ns;        /* spinyield, pvspin: spin this long before yielding, sleeping */
+	uint32_t next;           /* ticket dispenser (pvspin: of the line, from 1) */
+	uint32_t owner;          /* ticket now served (pvspin: the head is owner + 1) */
+	uint32_t futex;          /* mutex: 0 free, 1 held, 2 held with waiters;
+				  * pvspin: VP_PV_* bits (REGION.md §7) */
 	int32_t  last_cpu;       /* CPU of the last acquisition, -1 before any */
 	uint64_t t_acquired;     /* CLOCK_MONOTONIC ns of the current acquisition */
 	struct vp_lockstat stat;
+	uint64_t holder[2];      /* reserved for the holder's identity: 0 */
+	uint64_t sleeps;         /* mutex, pvspin: sleeps a wake-up ended */
+	uint64_t wakeups;        /* mutex, pvspin: sleepers woken by unlockers */
+	uint64_t reserved[6];    /* 0; the line is the counters' alone */
+	uint32_t pv_halted[VP_LOCK_PV_WAITERS]; /* pvspin: t << 1 | 1 while ticket t sleeps here */
+	struct vp_lockhist hist;
 } __attribute__((aligned(64)));
 
 /* Driver (guest) state of one queue.  Shared because every guest worker
@@ -153,7 +184,7 @@ struct vp_device_stats {
 	uint16_t last_avail_idx;
 	uint16_t used_idx;
 	uint32_t inflight;
-	uint32_t broken;         /* 0 or the VP_E* code that broke the queue */
+	uint32_t broken;         /* 0, the VP_E* code that broke the queue, or EFAULT (memory lost) */
 	uint32_t pad;
 	uint64_t kicks_taken;    /* kick notifications consumed */
 	uint64_t interrupts;     /* call notifications sent */
@@ -270,7 +301,7 @@ struct vp_region_header {
 	uint64_t device_features;
 	uint64_t driver_features;
 	uint32_t status;         /* virtio device status */
-	int32_t  daemon_pid;     /* device process, 0 before one serves */
+	int32_t  daemon_pid;     /* device process, 0 before one serves; for drivers only */
 	uint32_t num_queues;
 	uint32_t exit_mode;      /* VP_EXIT_* */
 	uint32_t exit_cost_ns;   /* spent inside every notify */
@@ -285,13 +316,14 @@ struct vp_region_header {
 	struct vp_queue_info queue[VP_MAX_QUEUES];
 };
 
-/* Layout version 1, pinned: a compiler or an edit that moves anything
+/* Layout version 2, pinned: a compiler or an edit that moves anything
  * fails here instead of attaching to a region it misreads. */
 _Static_assert(sizeof(struct vp_region_header) == 1256, "vp_region_header");
 _Static_assert(sizeof(struct vp_blk_config) == 72, "vp_blk_config");
 _Static_assert(sizeof(struct vp_queue_info) == 64, "vp_queue_info");
-_Static_assert(sizeof(struct vp_queue_shared) == 18752, "vp_queue_shared");
-_Static_assert(sizeof(struct vp_lock) == 128, "vp_lock");
+_Static_assert(sizeof(struct vp_queue_shared) == 19840, "vp_queue_shared");
+_Static_assert(sizeof(struct vp_lock) == 1216, "vp_lock");
+_Static_assert(sizeof(struct vp_lockhist) == 768, "vp_lockhist");
 _Static_assert(sizeof(struct vp_driver_state) == 64, "vp_driver_state");
 _Static_assert(sizeof(struct vp_device_stats) == 128, "vp_device_stats");
 _Static_assert(sizeof(struct vp_guest_slot) == 576, "vp_guest_slot");

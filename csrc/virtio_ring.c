@@ -241,6 +241,12 @@ int virtqueue_get_buf(struct vp_vq *vq, uint64_t *token, uint32_t *len)
 	return 1;
 }
 
+int virtqueue_more_used(struct vp_vq *vq)
+{
+	return READ_ONCE(vq->st->last_used_idx) !=
+	       load_acquire(&vq->vr.used->idx);
+}
+
 void virtqueue_disable_cb(struct vp_vq *vq)
 {
 	struct vp_driver_state *st = vq->st;

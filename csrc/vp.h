@@ -34,9 +34,28 @@ struct vp_region_params {
 int vp_region_size(const struct vp_region_params *p, uint64_t *size);
 int vp_region_init(void *base, uint64_t size, const struct vp_region_params *p);
 int vp_region_check(const void *base, uint64_t size);
-/* Map fd's first size bytes shared, between two PROT_NONE guard pages. */
+/* Queue index's row of the queue table as vp_region_init writes it, from
+ * p alone: the creator's private copy of its layout.  No lock. */
+int vp_region_layout(const struct vp_region_params *p, unsigned index,
+		     struct vp_queue_info *qi);
+/* GPA of queue index's struct vp_queue_shared in a region vp_region_init
+ * laid out with queue size num.  No lock. */
+uint64_t vp_region_shared_gpa(unsigned index, unsigned num);
+/* Map fd's first size bytes shared, between two PROT_NONE guard pages,
+ * guarded against truncation (vp_guard_add). */
 int vp_map(int fd, uint64_t size, void **base);
 int vp_unmap(void *base, uint64_t size);
+
+/* ---- truncation guard (region.c) ----
+ * A SIGBUS in a guarded mapping (its object was truncated) maps private
+ * zero pages over the rest of it instead of killing the process.  Any
+ * thread. */
+int vp_guard_add(void *p, uint64_t len);    /* 0, -ENOSPC: table full */
+void vp_guard_remove(void *p);              /* before unmapping p */
+/* Moves on every repair: compare to learn that memory was lost. */
+uint32_t vp_guard_gen(void);
+/* 1 if any of [p, p + len) was lost to a truncation. */
+int vp_guard_lost(const void *p, uint64_t len);
 int vp_guest_poke(void *base, uint64_t size, uint64_t gpa, uint64_t value,
 		  unsigned width);
 
@@ -67,6 +86,9 @@ void vp_lock_init(struct vp_lock *l, uint32_t kind, uint32_t spin_ns);
 void vp_lock_acquire(struct vp_lock *l);
 void vp_lock_release(struct vp_lock *l);
 void vp_lock_read(const struct vp_lock *l, struct vp_lockstat *out);
+/* The histograms and the sleep/wake-up counters.  No lock (a snapshot). */
+void vp_lock_read_hist(const struct vp_lock *l, struct vp_lockhist *out,
+		       uint64_t *sleeps, uint64_t *wakeups);
 void vp_lock_reset(struct vp_lock *l);
 uint64_t vp_now_ns(void);
 
@@ -76,12 +98,27 @@ struct vp_notifier *vp_notifier_open_sem(const char *name, int *err);
 struct vp_notifier *vp_notifier_open_eventfd(int fd, int *err);
 void vp_notifier_close(struct vp_notifier *n);
 int vp_notifier_post(struct vp_notifier *n);
-/* Wait up to timeout_ns (<0: forever): 1 taken, 0 timed out, <0 error. */
+/* Wait up to timeout_ns (<0: forever): 1 taken, 0 timed out, <0 error.
+ * Any thread, any process: each notification posted is taken once. */
 int vp_notifier_wait(struct vp_notifier *n, int64_t timeout_ns);
-/* Take every pending notification without sleeping: how many. */
+/* The same wait (timeout_ns >= 0), also ended by a FUTEX_WAKE of word (a
+ * shared futex word) and never begun while *word != val: 1 took a
+ * notification, 0 woken by word or timed out.  -EOPNOTSUPP where one
+ * sleep cannot cover both (an eventfd, a semaphore not on glibc's
+ * layout), -ENOSYS without futex_waitv (Linux < 5.16).  Any thread. */
+int vp_notifier_wait_or(struct vp_notifier *n, uint32_t *word, uint32_t val,
+			int64_t timeout_ns);
+/* 1 if vp_notifier_wait_or can wait on n, else 0.  Any thread. */
+int vp_notifier_can_wait_or(struct vp_notifier *n);
+/* Take every pending notification at once, without sleeping: how many,
+ * saturating at max (a guest may have written any count).  Any thread. */
+int vp_notifier_take(struct vp_notifier *n, unsigned max);
+/* vp_notifier_take with max INT_MAX. */
 int vp_notifier_drain(struct vp_notifier *n);
 /* The same, for a notifier that may be absent (NULL: 0). */
 int vp_notifier_drain_opt(struct vp_notifier *n);
+/* 1 if the notifier's shared memory was lost to a truncation. */
+int vp_notifier_lost(struct vp_notifier *n);
 
 /* ---- driver side (virtio_ring.c) ----
  * Driver state lives in the region and is shared by every guest process on
@@ -119,6 +156,10 @@ int virtqueue_kick(struct vp_vq *vq, struct vp_lock *lock);
 /* Take one used buffer: 1 (token, len), 0 none, <0 bad used id.  Caller
  * holds the queue lock. */
 int virtqueue_get_buf(struct vp_vq *vq, uint64_t *token, uint32_t *len);
+/* 1 if the device has used buffers nobody took yet.  A hint, read
+ * without the lock (Linux's virtqueue_poll): get_buf under the lock
+ * decides. */
+int virtqueue_more_used(struct vp_vq *vq);
 /* Ask for no interrupts.  Caller holds the queue lock. */
 void virtqueue_disable_cb(struct vp_vq *vq);
 /* Ask for interrupts again: 1 on, nothing pending; 0 used buffers came
@@ -156,11 +197,13 @@ struct vp_chain {
 };
 struct vp_mem;
 struct vp_devq;
-/* Native transport: the queue of a region this process laid out.  The
- * device passes what it laid out itself, never what the region says: ring
- * parts as GPAs, and the queue's data share [data_lo, data_hi), the only
- * guest memory its buffers may use.  Counters go to the region's stats
- * block of the queue, NEEDS_RESET to its header. */
+/* Native transport: the queue of a region this process laid out with
+ * vp_region_init.  The device passes what it laid out itself, never what
+ * the region says: ring parts as GPAs, and the queue's data share
+ * [data_lo, data_hi), the only guest memory its buffers may use.  Counters
+ * go to the queue's stats block, found by vp_region_shared_gpa (not by the
+ * header), NEEDS_RESET to the header's status.  A queue whose memory is
+ * lost to a truncation breaks with EFAULT. */
 struct vp_devq *vp_devq_open(void *base, uint64_t size, uint64_t data_lo,
 			     uint64_t data_hi, unsigned index, unsigned num,
 			     uint64_t desc, uint64_t avail, uint64_t used,
@@ -200,9 +243,12 @@ int vp_devq_interrupt(struct vp_devq *q);
 /* Kick suppression.  enable: 1 if work came meanwhile.  Any thread. */
 void vp_devq_disable_notify(struct vp_devq *q);
 int vp_devq_enable_notify(struct vp_devq *q);
-/* Sleep on the kick; take every pending one: how many.  Any thread. */
+/* Sleep on the kick (timeout 0: do not), then take every pending one at
+ * once: how many, at most the queue size (a count a guest wrote into the
+ * notifier saturates there).  Any thread. */
 int vp_devq_wait_kick(struct vp_devq *q, int64_t timeout_ns);
-/* Let n sync exits return.  Any thread. */
+/* Let n sync exits return; at most the queue size are acked at once (no
+ * more exits can wait than kicks were taken).  Any thread. */
 int vp_devq_ack_kicks(struct vp_devq *q, int n);
 /* 0, or the VP_E* code that broke the queue.  Any thread. */
 int vp_devq_broken(struct vp_devq *q);

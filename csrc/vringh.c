@@ -7,9 +7,13 @@
  * must lie wholly inside one region of the queue's guest memory table, and
  * the device reaches them only through the host addresses the table gives.
  * The device's own state (indices, in-flight heads, the table, the ring
- * addresses) is private and never read back from guest memory. */
+ * addresses) is private and never read back from guest memory.  Guest
+ * memory may also vanish (its object truncated): the truncation guard
+ * (region.c) keeps the device alive, and a queue that lost any of its
+ * memory breaks with EFAULT. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +43,7 @@ struct vp_devq {
 	struct vp_device_stats *own_stats;   /* stats, when the queue keeps them */
 	uint32_t *status;         /* device status word for NEEDS_RESET, or NULL */
 	struct vp_notifier *kick, *call, *ack;
+	uint32_t guard_gen;       /* vp_guard_gen() when memory was last checked */
 };
 
 /* The queue's copy of a table.  Entries past nregions are zeroed: the
@@ -84,6 +89,7 @@ static struct vp_devq *devq_new(const struct vp_mem *mem, unsigned index,
 		return NULL;
 	}
 	pthread_mutex_init(&q->mu, NULL);
+	q->guard_gen = vp_guard_gen();
 	mem_copy(&q->mem, mem);
 	q->num = (uint16_t)num;
 	q->vr.num = num;
@@ -126,9 +132,10 @@ struct vp_devq *vp_devq_open(void *base, uint64_t size, uint64_t data_lo,
 	uint8_t *b = base;
 	struct vp_region_header *h = base;
 	/* The stats block is only written; a guest scribbling on it only
-	 * lies to itself.  It must still be inside the region and aligned
-	 * for the atomics: read its place once, check, then use it. */
-	uint64_t shared = READ_ONCE(h->queue[index].shared);
+	 * lies to itself.  Its place is ours, not the header's: a guest that
+	 * rewrote queue[index].shared while the device started would aim the
+	 * counters at another queue's ring. */
+	uint64_t shared = vp_region_shared_gpa(index, num);
 	if (!range_inside(shared, sizeof(struct vp_queue_shared), size) ||
 	    shared % _Alignof(struct vp_queue_shared)) {
 		*err = -EINVAL;
@@ -226,6 +233,30 @@ static int mark_broken(struct vp_devq *q, int code)
 					  __ATOMIC_RELAXED);
 	}
 	return -code;
+}
+
+/* Did the queue lose memory to a truncation since we last looked?  Then
+ * it is broken: what the device reads there is no longer the guest's, and
+ * what it writes goes nowhere.  Called with q->mu held. */
+static int check_lost(struct vp_devq *q)
+{
+	uint32_t gen = vp_guard_gen();
+	if (likely(gen == q->guard_gen))
+		return 0;
+	q->guard_gen = gen;
+	unsigned num = q->num;
+	int lost = vp_guard_lost(q->vr.desc, vring_desc_bytes(num)) ||
+		   vp_guard_lost(q->vr.avail, vring_avail_bytes(num)) ||
+		   vp_guard_lost(q->vr.used, vring_used_bytes(num)) ||
+		   vp_guard_lost(q->stats, sizeof(*q->stats)) ||
+		   vp_guard_lost(q->status, sizeof(*q->status)) ||
+		   vp_notifier_lost(q->kick) || vp_notifier_lost(q->call) ||
+		   vp_notifier_lost(q->ack);
+	for (unsigned i = 0; !lost && i < q->mem.nregions; i++)
+		lost = vp_guard_lost(q->mem.r[i].host, q->mem.r[i].size);
+	if (lost)
+		mark_broken(q, EFAULT);
+	return lost;
 }
 
 void vp_devq_mark_broken(struct vp_devq *q, int code)
@@ -333,7 +364,7 @@ int vp_devq_pop(struct vp_devq *q, struct vp_chain *c, struct vp_seg *segs,
 {
 	int r;
 	pthread_mutex_lock(&q->mu);
-	if (q->broken) {
+	if (q->broken || check_lost(q)) {
 		r = -VP_EBROKEN;
 		goto out;
 	}
@@ -383,7 +414,7 @@ int vp_devq_push(struct vp_devq *q, unsigned head, uint32_t len)
 	}
 	q->inflight_map[head] = 0;
 	q->inflight--;
-	if (q->broken) {
+	if (q->broken || check_lost(q)) {
 		/* NEEDS_RESET: the driver must not expect the queue to move. */
 		r = -VP_EBROKEN;
 		goto out;
@@ -480,12 +511,18 @@ int vp_devq_wait_kick(struct vp_devq *q, int64_t timeout_ns)
 {
 	if (!q->kick)
 		return -EINVAL;
-	/* Timeout 0: take what is pending, without a system call (the
-	 * polling device asks on every idle turn). */
+	/* Timeout 0: take what is pending, without a system call on a
+	 * semaphore (the polling device asks on every idle turn). */
 	int r = timeout_ns ? vp_notifier_wait(q->kick, timeout_ns) : 0;
 	if (r < 0 || (r == 0 && timeout_ns))
 		return r;
-	r += vp_notifier_drain(q->kick);
+	/* One take, whatever the count: a guest's store of 2^32 into the
+	 * kick costs what one kick does. */
+	int more = vp_notifier_take(q->kick, q->num);
+	if (more > 0)
+		r = (int64_t)r + more > q->num ? q->num : r + more;
+	if (r > q->num)
+		r = q->num;
 	if (r)
 		__atomic_fetch_add(&q->stats->kicks_taken, r, __ATOMIC_RELAXED);
 	return r;
@@ -495,6 +532,8 @@ int vp_devq_ack_kicks(struct vp_devq *q, int n)
 {
 	if (q->exit_mode != VP_EXIT_SYNC || !q->ack)
 		return 0;
+	if (n > q->num)
+		n = q->num;
 	for (int i = 0; i < n; i++) {
 		int r = vp_notifier_post(q->ack);
 		if (r)

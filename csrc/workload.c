@@ -13,7 +13,6 @@
  * corrupted, misplaced, stale (other seed) or never written one. */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <sched.h>
 #include <string.h>
 #include "guest.h"
 #include "compiler.h"
@@ -155,14 +154,17 @@ int vp_guest_run(struct vp_guest *g, int strategy,
 	uint64_t full_since = 0;   /* ring full with none of ours in flight */
 	uint8_t status;
 	uint32_t len;
+	/* The clock is read once per submission and once per wait; the
+	 * deadline is checked against the last reading. */
+	uint64_t now = vp_now_ns();
 
-	res->t_start_ns = vp_now_ns();
+	res->t_start_ns = now;
 	for (;;) {
 		/* Fill the queue up to iodepth. */
 		while (!stopping && busy != all) {
 			if ((p->max_ios && issued >= p->max_ios) ||
 			    (p->stop && READ_ONCE(*p->stop)) ||
-			    (p->deadline_ns && vp_now_ns() >= p->deadline_ns)) {
+			    (p->deadline_ns && now >= p->deadline_ns)) {
 				stopping = 1;
 				break;
 			}
@@ -191,7 +193,7 @@ int vp_guest_run(struct vp_guest *g, int strategy,
 					       p->verify_seed);
 			sec[tag] = s;
 			wr[tag] = (uint8_t)w;
-			t_sub[tag] = vp_now_ns();
+			t_sub[tag] = now = vp_now_ns();
 			int r = vp_guest_blk_submit(g, tag, w ? VIRTIO_BLK_T_OUT
 							      : VIRTIO_BLK_T_IN,
 						    s, p->bs, strategy);
@@ -203,18 +205,21 @@ int vp_guest_run(struct vp_guest *g, int strategy,
 				if (!random)
 					pos--;
 				if (!busy) {
-					/* Nothing of ours to wait for: retry after
-					 * the others' completions, as long as we
-					 * would wait for one of our own. */
-					uint64_t now = vp_now_ns();
+					/* Nothing of ours to wait for: wait for
+					 * room, as long as we would wait for one
+					 * of our own. */
+					int64_t left = p->timeout_ns;
 					if (!full_since)
 						full_since = now;
-					else if (p->timeout_ns >= 0 &&
-						 now - full_since >= (uint64_t)p->timeout_ns) {
-						res->rc = -ETIMEDOUT;
+					else if (left >= 0)
+						left -= (int64_t)(now - full_since);
+					r = left < 0 && p->timeout_ns >= 0 ? -ETIMEDOUT
+						: vp_guest_wait_room(g, 3, left);
+					now = vp_now_ns();
+					if (r) {
+						res->rc = r;
 						stopping = 1;
 					}
-					sched_yield();
 				}
 				break;
 			}
@@ -232,8 +237,8 @@ int vp_guest_run(struct vp_guest *g, int strategy,
 				break;
 			continue;      /* the ring was full: try again */
 		}
-		int tag = vp_guest_wait_any(g, busy, p->timeout_ns, &status, &len);
-		uint64_t now = vp_now_ns();
+		int tag = vp_guest_wait_any_at(g, busy, p->timeout_ns, vp_now_ns(),
+					       &now, &status, &len);
 		if (tag < 0) {
 			res->rc = tag;
 			break;
@@ -279,7 +284,7 @@ int vp_guest_run(struct vp_guest *g, int strategy,
 			}
 		}
 	}
-	res->t_end_ns = vp_now_ns();
+	res->t_end_ns = now;
 	res->issued = issued;
 	return res->rc;
 }

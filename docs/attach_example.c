@@ -97,6 +97,61 @@ static int sem_wait_ns(sem_t *s, uint64_t ns)
 }
 
 /* ---- the queue lock (REGION.md §7) ---- */
+
+/* pvspin, as a waiter that never sleeps (it then needs no kick): take the
+ * word if it is free and nobody asked for a hand-off; else queue, wait to
+ * be the head of the line, ask for the hand-off at once, take the word,
+ * and pass the headship on, asking our unlock to kick the next if it
+ * sleeps. */
+static void pvspin_acquire(struct vp_lock *l)
+{
+	uint32_t *word = &l->futex;
+	uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
+	if (!(v & (VP_PV_LOCKED | VP_PV_HANDOFF)) &&
+	    __atomic_compare_exchange_n(word, &v, v | VP_PV_LOCKED, 0,
+					__ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+		return;
+	uint32_t t = __atomic_fetch_add(&l->next, 1, __ATOMIC_SEQ_CST);
+	while (__atomic_load_n(&l->owner, __ATOMIC_SEQ_CST) != t - 1)
+		sched_yield();
+	__atomic_fetch_or(word, VP_PV_HANDOFF, __ATOMIC_SEQ_CST);
+	for (;;) {
+		v = __atomic_load_n(word, __ATOMIC_SEQ_CST);
+		if (!(v & VP_PV_LOCKED) &&
+		    __atomic_compare_exchange_n(word, &v,
+						(v | VP_PV_LOCKED) & ~VP_PV_HANDOFF,
+						0, __ATOMIC_SEQ_CST,
+						__ATOMIC_RELAXED))
+			break;
+		sched_yield();
+	}
+	__atomic_store_n(&l->owner, t, __ATOMIC_SEQ_CST);
+	uint32_t s = t + 1;
+	if (__atomic_load_n(&l->next, __ATOMIC_SEQ_CST) != s &&
+	    __atomic_load_n(&l->pv_halted[s % VP_LOCK_PV_WAITERS],
+			    __ATOMIC_SEQ_CST) == (s << 1 | 1))
+		__atomic_fetch_or(word, VP_PV_SLOW, __ATOMIC_SEQ_CST);
+}
+
+/* pvspin: free the word; if the head of the line sleeps, kick it.
+ * Returns how many were woken. */
+static long pvspin_release(struct vp_lock *l)
+{
+	uint32_t old = __atomic_fetch_and(&l->futex,
+					  ~(VP_PV_LOCKED | VP_PV_SLOW),
+					  __ATOMIC_SEQ_CST);
+	if (!(old & VP_PV_SLOW))
+		return 0;
+	uint32_t s = __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST) + 1;
+	uint32_t *w = &l->pv_halted[s % VP_LOCK_PV_WAITERS];
+	uint32_t halted = s << 1 | 1;
+	if (__atomic_load_n(w, __ATOMIC_SEQ_CST) == halted &&
+	    __atomic_compare_exchange_n(w, &halted, s << 1, 0,
+					__ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+		return futex(w, FUTEX_WAKE, 1);
+	return 0;
+}
+
 static void lock_acquire(struct vp_lock *l)
 {
 	if (l->kind == VP_LOCK_MUTEX) {
@@ -110,6 +165,8 @@ static void lock_acquire(struct vp_lock *l)
 				c = __atomic_exchange_n(&l->futex, 2, __ATOMIC_ACQUIRE);
 			}
 		}
+	} else if (l->kind == VP_LOCK_PVSPIN) {
+		pvspin_acquire(l);
 	} else {
 		uint32_t t = __atomic_fetch_add(&l->next, 1, __ATOMIC_RELAXED);
 		uint64_t t0 = now_ns();
@@ -122,16 +179,31 @@ static void lock_acquire(struct vp_lock *l)
 	l->t_acquired = now_ns();
 }
 
+/* The log2 bucket of a time in ns (REGION.md §6.1). */
+static unsigned hist_bucket(uint64_t ns)
+{
+	unsigned b = ns ? 64 - (unsigned)__builtin_clzll(ns) : 0;
+	return b < VP_LOCK_HIST_BUCKETS ? b : VP_LOCK_HIST_BUCKETS - 1;
+}
+
 static void lock_release(struct vp_lock *l)
 {
+	/* Our hold in its bucket, so the histogram keeps counting every
+	 * acquisition. */
+	l->hist.hold[hist_bucket(now_ns() - l->t_acquired)]++;
+	long woken = 0;
 	if (l->kind == VP_LOCK_MUTEX) {
 		if (__atomic_fetch_sub(&l->futex, 1, __ATOMIC_RELEASE) != 1) {
 			__atomic_store_n(&l->futex, 0, __ATOMIC_RELEASE);
-			futex(&l->futex, FUTEX_WAKE, 1);
+			woken = futex(&l->futex, FUTEX_WAKE, 1);
 		}
+	} else if (l->kind == VP_LOCK_PVSPIN) {
+		woken = pvspin_release(l);
 	} else {
 		__atomic_store_n(&l->owner, l->owner + 1, __ATOMIC_RELEASE);
 	}
+	if (woken > 0)   /* counted after the release: atomically */
+		__atomic_fetch_add(&l->wakeups, (uint64_t)woken, __ATOMIC_RELAXED);
 }
 
 /* ---- one virtqueue, driver side (REGION.md §8, §9) ---- */

@@ -19,12 +19,13 @@ from virtio_py.cliutil import (
     run_main,
 )
 from virtio_py.errors import VirtioError
+from virtio_py.pidfile import probe, take_over_dead
 from virtio_py.proc import pid_alive
-from virtio_py.region import destroy, exists
+from virtio_py.region import destroy, exists, ipc_paths
 from virtio_py.store import assemble
 from virtio_py.units import parse_size
 
-from .daemon import HostDaemon, stale_or_live
+from .daemon import HostDaemon
 from .status import device_status, format_status
 
 PROG = "virtio-hostd"
@@ -100,8 +101,8 @@ def build_parser():
     s.add_argument(
         "--lock",
         **choice_arg(limits.LOCK),
-        default="spin",
-        help="kind of the guest's queue lock (default spin)",
+        default=limits.LOCK_DEFAULT,
+        help=f"kind of the guest's queue lock (default {limits.LOCK_DEFAULT})",
     )
     s.add_argument(
         "--event-idx",
@@ -142,6 +143,13 @@ def build_parser():
         type=limit_arg(limits.SERIAL, str),
         default=None,
         help="GET_ID serial, 20 bytes at most",
+    )
+    s.add_argument(
+        "--vhost-user",
+        metavar="PATH",
+        default=None,
+        help="serve the queues over vhost-user on the Unix socket PATH (QEMU's "
+        "vhost-user-blk-pci) instead of the shared-memory rings",
     )
     s.add_argument("--foreground", action="store_true", help="do not detach")
 
@@ -218,6 +226,7 @@ def _daemon_from(a):
         exit_cost_us=a.exit_cost,
         buffers=a.buffers,
         serial=a.serial,
+        vhost_user=a.vhost_user,
     )
 
 
@@ -240,9 +249,10 @@ def _serve(d, report):
 
 
 def cmd_start(a):
-    state = stale_or_live(a.name)
-    if state and state[1]:
-        raise CliError(f"a daemon already serves {a.name!r} (pid {state[0]})")
+    # Early and in one line; the daemon's own lock on the name decides.
+    state = probe(a.name)
+    if state and state.alive:
+        raise CliError(f"a daemon already serves {a.name!r} (pid {state.pid})")
     d = _daemon_from(a)
     if a.foreground:
         return _serve(d, lambda m: print(f"{PROG}: {m}", flush=True))
@@ -290,32 +300,61 @@ def cmd_start(a):
     return 0
 
 
+def _has_objects(name):
+    return exists(name) or any(os.path.lexists(p) for p in ipc_paths(name)[1:])
+
+
+def _remove_leftovers(name):
+    """A dead daemon's objects, removed with its name's lock taken over (so
+    no daemon is starting on them); how many, or None if a daemon holds the
+    name again."""
+    lock = take_over_dead(name)
+    if lock is None:
+        return None
+    try:
+        return len(destroy(name))
+    finally:
+        lock.release()
+
+
 def cmd_stop(a):
-    state = stale_or_live(a.name)
-    if state is None:
+    # Whom to stop comes from the daemon's pidfile and its lock alone,
+    # never from the region, where a guest can write any pid.
+    state = probe(a.name)
+    if state is None and not _has_objects(a.name):
         raise CliError(f"no device named {a.name!r}")
-    pid, alive = state
-    if not alive:
-        removed = destroy(a.name)
+    if state is None or not state.alive:
+        removed = _remove_leftovers(a.name)
+        if removed is None:
+            raise CliError(f"a daemon started on {a.name!r} meanwhile")
+        pid = state.pid if state else 0
         print(
             f"{PROG}: daemon of {a.name!r} was not running (pid {pid}); "
-            f"removed {len(removed)} leftover objects"
+            f"removed {removed} leftover objects"
         )
         return 0
-    os.kill(pid, signal.SIGTERM)
+    pid = state.pid
+    if pid <= 0:
+        raise CliError(f"cannot tell the pid of the daemon of {a.name!r}")
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass  # it just exited
     deadline = time.monotonic() + a.timeout
     while time.monotonic() < deadline:
-        gone = not pid_alive(pid)
-        if gone or not exists(a.name):
-            left = destroy(a.name) if gone else []  # it died on the way out
-            # Unlinking comes last but one: give it a moment to close the
-            # store and exit (a daemon run in-process by a program may stay).
+        now = probe(a.name)
+        if now is None or not now.alive or now.pid != pid:
+            # It let go of the name, last of all; what remains is what it
+            # could not remove (it died on the way out).
+            left = _remove_leftovers(a.name) if now is None or not now.alive else None
+            # Give it a moment to exit (a daemon run in-process by a program
+            # may stay).
             end = min(deadline, time.monotonic() + 2)
             while pid_alive(pid) and time.monotonic() < end:
                 time.sleep(0.01)
             print(
                 f"{PROG}: stopped {a.name} (pid {pid})"
-                + (f"; removed {len(left)} leftover objects" if left else "")
+                + (f"; removed {left} leftover objects" if left else "")
             )
             return 0
         time.sleep(0.02)
@@ -323,9 +362,10 @@ def cmd_stop(a):
 
 
 def cmd_status(a):
+    state = probe(a.name)
     if not exists(a.name):
         raise CliError(f"no device named {a.name!r}")
-    st = device_status(a.name)
+    st = device_status(a.name, state)
     if a.json:
         print(json.dumps(st, indent=2))
     else:

@@ -1,5 +1,9 @@
 """The device process: sets up the region, notifiers and store, serves the
-queues from C threads, and tears everything down on stop or signal."""
+queues from C threads, and tears everything down on stop or signal.
+
+Its identity is its pidfile (virtio_py.pidfile), locked before anything is made
+and let go after everything is removed; the region's daemon_pid is written
+for guests only, and nothing here reads it back."""
 
 from __future__ import annotations
 
@@ -11,10 +15,12 @@ from typing import Any
 from virtio_py import limits
 from virtio_py.device import BlockServer
 from virtio_py.errors import RegionError
-from virtio_py.proc import pid_alive
-from virtio_py.region import Region, check_name, destroy, exists, feature_bits
+from virtio_py.pidfile import PidFile
+from virtio_py.region import Region, check_name, destroy, exists, feature_bits, foreign_objects
 from virtio_py.store import StripedStore
 from virtio_py.virtqueue import DeviceQueue
+
+from .vhost import VhostUserTransport
 
 DEFAULT_FEATURES = ("VERSION_1", "SEG_MAX", "BLK_SIZE", "FLUSH", "DISCARD", "WRITE_ZEROES")
 
@@ -24,64 +30,23 @@ def default_serial(name: str) -> str:
     return f"vpy-{name}".encode()[: limits.SERIAL_BYTES].decode(errors="ignore")
 
 
-def is_daemon_of(pid: int, name: str) -> bool:
-    """True if pid is alive and maps this device's region (guards against pid
-    reuse and a guest scribbling a pid into the header).  Mapping, not the
-    command line, so a daemon run in-process by any program counts."""
-    if not pid_alive(pid):
-        return False
-    shm = f"/dev/shm/{name}"
-    try:
-        ino = os.stat(shm).st_ino
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                fields = line.split(None, 5)
-                if len(fields) == 6 and fields[5].rstrip("\n") == shm and int(fields[4]) == ino:
-                    return True
-    except FileNotFoundError:
-        return False
-    except PermissionError:
-        # Another user's process: fall back to its command line.
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            return False
-        text = b" ".join(args)
-        return (b"hostd" in text or b"host_daemon" in text) and name.encode() in args
-    except (OSError, ValueError):
-        return False
-    return False
-
-
-def stale_or_live(name: str) -> tuple[int, bool] | None:
-    """None if no device of that name exists; else (pid, alive)."""
-    if not exists(name):
-        return None
-    try:
-        r = Region.attach(name)
-    except RegionError:
-        return (0, False)
-    try:
-        pid = r.daemon_pid
-    finally:
-        r.close()
-    return (pid, is_daemon_of(pid, name))
-
-
-def clear_stale(name: str) -> str | None:
-    """Remove leftovers of a dead daemon; a one-line report, or None if clean.
-
-    Raises RegionError if a live daemon serves the name."""
-    state = stale_or_live(name)
-    if state is None:
-        removed = destroy(name)  # semaphores without a region
-        return f"removed {len(removed)} leftover objects of {name!r}" if removed else None
-    pid, alive = state
-    if alive:
-        raise RegionError(f"a daemon already serves {name!r} (pid {pid})")
+def clear_stale(name: str, previous_pid: int) -> str | None:
+    """Remove what a dead daemon of this name left; a one-line report, or
+    None if nothing was there.  Only while holding the name's pidfile (no
+    other daemon can be serving it), and only this user's objects: another
+    user's are refused (RegionError), never replaced."""
+    foreign = foreign_objects(name)
+    if foreign:
+        raise RegionError(
+            f"{foreign[0]} belongs to another user: not replacing it (device {name!r})"
+        )
+    had_region = exists(name)
     removed = destroy(name)
-    who = f"pid {pid}" if pid else "never started"
+    if not removed:
+        return None
+    if not had_region:
+        return f"removed {len(removed)} leftover objects of {name!r}"  # semaphores alone
+    who = f"pid {previous_pid}" if previous_pid else "pid unknown"
     return f"replaced leftovers of a daemon that died ({who}): {len(removed)} objects of {name!r}"
 
 
@@ -103,13 +68,14 @@ class HostDaemon:
         queue_size: int = 128,
         mode: str = "notify",
         exit: str = "async",
-        lock: str = "spin",
+        lock: str = limits.LOCK_DEFAULT,
         event_idx: bool = True,
         direct: bool = True,
         io_threads: int | None = None,
         exit_cost_us: float = 0,
         buffers: int = 64 << 20,
         serial: str | None = None,
+        vhost_user: str | None = None,
     ) -> None:
         check_name(name)
         limits.BLK_QUEUE_SIZE.check(queue_size)  # before the ring's own, wider limit
@@ -142,12 +108,15 @@ class HostDaemon:
             io_threads=io_threads,
             exit_cost_us=exit_cost_us,
             buffers=buffers,
+            vhost_user=vhost_user,
         )
         self.region: Region | None = None
         self.store: StripedStore | None = None
         self.queues: list[DeviceQueue] = []
         self.server: BlockServer | None = None
+        self.vhost: VhostUserTransport | None = None
         self.io_threads: int | None = None
+        self.identity: PidFile | None = None
         self._stop = threading.Event()
         self.notices: list[str] = []
 
@@ -155,7 +124,10 @@ class HostDaemon:
         """Create everything and start serving.  On error, nothing is left."""
         c = self.cfg
         try:
-            msg = clear_stale(self.name)
+            # The name first: while we hold it, no other daemon serves it,
+            # and what is left under it is a dead one's.
+            self.identity = PidFile.acquire(self.name)
+            msg = clear_stale(self.name, self.identity.previous_pid)
             if msg:
                 self.notices.append(msg)
             self.store = StripedStore(c["store"], c["size"], c["stripes"], c["chunk"], c["direct"])
@@ -176,10 +148,9 @@ class HostDaemon:
                 event_idx=c["event_idx"],
                 features=features,
             )
-            # At once: a region without a live pid is a dead daemon's to a
-            # second start, which would remove it.
+            # For guests (a sync exit gives up when it is gone); the daemon
+            # itself never reads it back.
             self.region.set_daemon_pid(os.getpid())
-            self.queues = [DeviceQueue(self.region, q) for q in range(c["queues"])]
             io_threads = c["io_threads"]
             if io_threads is None:
                 # Disk I/O blocks, buffered or not: keep a request in flight
@@ -187,6 +158,23 @@ class HostDaemon:
                 # has nothing to wait for and is served inline.
                 io_threads = 0 if self.store.memory else 16
             self.io_threads = io_threads
+            if c["vhost_user"]:
+                # The queues are a vhost-user front-end's; the region holds
+                # the device's config and their counters.
+                self.vhost = VhostUserTransport(
+                    c["vhost_user"],
+                    self.store,
+                    self.region,
+                    queues=c["queues"],
+                    seg_max=max(1, c["queue_size"] - 2),
+                    event_idx=c["event_idx"],
+                    mode=c["mode"],
+                    io_threads=io_threads,
+                    serial=self.serial,
+                )
+                self.vhost.start()
+                return
+            self.queues = [DeviceQueue(self.region, q) for q in range(c["queues"])]
             self.server = BlockServer(
                 self.store, self.queues, mode=c["mode"], io_threads=io_threads, serial=self.serial
             )
@@ -209,6 +197,9 @@ class HostDaemon:
 
     def shutdown(self) -> None:
         """Finish what is in flight, then unlink everything."""
+        if self.vhost is not None:
+            self.vhost.close()  # ends the connection, removes the socket
+            self.vhost = None
         if self.server is not None:
             self.server.close()  # stops, drains in-flight, joins
             self.server = None
@@ -221,6 +212,9 @@ class HostDaemon:
         if self.store is not None:
             self.store.close()
             self.store = None
+        if self.identity is not None:
+            self.identity.release()  # last: everything of ours is gone
+            self.identity = None
 
     def __enter__(self) -> HostDaemon:
         self.setup()

@@ -1,28 +1,65 @@
-"""What `virtio-hostd status` reports, read from a live region."""
+"""What `virtio-hostd status` reports: who serves the device (its pidfile),
+and what its region holds.
 
+The region is guest-writable: the header is copied once and only the copy
+is checked and used, each queue's block and ring indices are copied once
+from where the checked copy puts them, and every value read is shown as
+read, never trusted (an unknown code is named as such, nothing raises)."""
+
+from typing import Any
+
+from virtio_py._lowlevel import RING_CODES, check, code_name, ffi, lib, strerror
+from virtio_py.limits import EXIT, LOCK, MODE
 from virtio_py.lock import SharedLock
+from virtio_py.pidfile import DaemonState, probe
 from virtio_py.region import FEATURE_BITS, Region
-from virtio_py.views import avail_ring, used_ring
-from virtio_py.virtqueue import broken_reason
 
-from .daemon import is_daemon_of
+from .vhost import listening_socket
 
 REQ_NAMES = ("in", "out", "flush", "get_id", "discard", "write_zeroes", "unsupp", "ioerr")
+KNOWN_CODES = set(RING_CODES) | {lib.VP_EBROKEN, 14}  # 14: EFAULT, memory lost
 
 
-def device_status(name):
-    """A dict of the device's configuration, queues, counters and lock statistics."""
+def _reason(code: int) -> str | None:
+    """Why a queue is broken, for any 32-bit value a guest may have left."""
+    if not code:
+        return None
+    if code in KNOWN_CODES:
+        return f"{code_name(code)}: {strerror(code)}"
+    return f"unknown code {code}"
+
+
+def _copy(r: Region, gpa: int, ctype: str) -> Any:
+    """A private copy (an owning pointer) of the ctype at gpa, which the
+    checked header puts inside the region."""
+    out = ffi.new(ctype + " *")
+    ffi.memmove(out, r.base + gpa, ffi.sizeof(ctype))
+    return out
+
+
+def _u16(r: Region, gpa: int) -> int:
+    return int(_copy(r, gpa, "uint16_t")[0])
+
+
+def device_status(name: str, state: DaemonState | None = None) -> dict[str, Any]:
+    """A dict of the device's configuration, queues, counters and lock
+    statistics; state: the daemon as its pidfile tells (probed if None)."""
+    if state is None:
+        state = probe(name)
+    pid = state.pid if state else 0
+    running = bool(state and state.alive)
     r = Region.attach(name)
     try:
-        h = r.header
-        pid = h.daemon_pid
+        h = _copy(r, 0, "struct vp_region_header")
+        check(lib.vp_region_check(h, r.size), f"device {name!r}")
         features = [f for f, b in FEATURE_BITS.items() if h.device_features >> b & 1]
-        out = {
+        event_idx = bool(h.driver_features >> lib.VIRTIO_RING_F_EVENT_IDX & 1)
+        out: dict[str, Any] = {
             "name": name,
             "daemon_pid": pid,
-            "running": is_daemon_of(pid, name),
+            "running": running,
             "status": h.status,
-            "needs_reset": r.needs_reset,
+            "needs_reset": bool(h.status & lib.VP_STATUS_NEEDS_RESET),
             "config": {
                 "capacity_sectors": h.blk.capacity,
                 "capacity_bytes": h.blk.capacity * 512,
@@ -30,29 +67,33 @@ def device_status(name):
                 "seg_max": h.blk.seg_max,
                 "num_queues": h.num_queues,
                 "features": features,
-                "exit": r.exit_mode,
+                "exit": EXIT.name_of(h.exit_mode),
                 "exit_cost_us": h.exit_cost_ns / 1000,
-                "mode": r.serve_mode,
-                "lock": r.lock_kind,
-                "event_idx": r.event_idx,
+                "mode": MODE.name_of(h.serve_mode),
+                "lock": LOCK.name_of(h.lock_kind),
+                "event_idx": event_idx,
                 "region_bytes": r.size,
             },
             "queues": [],
         }
+        # vhost-user: the queues are a front-end's vrings; the region keeps
+        # their counters, and its own rings stay unused.
+        vhost = listening_socket(pid) if running and pid > 0 else None
+        out["vhost_user"] = vhost
         for q in range(h.num_queues):
-            sh = r.queue_shared(q)
+            qi = h.queue[q]
+            sh = _copy(r, qi.shared, "struct vp_queue_shared")
             dev, drv = sh.dev, sh.drv
-            broken = dev.broken
             out["queues"].append(
                 {
                     "index": q,
-                    "size": h.queue[q].num,
-                    "avail_idx": int(avail_ring(r, q)["idx"]),
-                    "used_idx": int(used_ring(r, q)["idx"]),
+                    "size": qi.num,
+                    "avail_idx": None if vhost else _u16(r, qi.avail + 2),
+                    "used_idx": dev.used_idx if vhost else _u16(r, qi.used + 2),
                     "last_avail_idx": dev.last_avail_idx,
                     "inflight": dev.inflight,
-                    "broken": bool(broken),
-                    "broken_reason": broken_reason(broken),
+                    "broken": bool(dev.broken),
+                    "broken_reason": _reason(dev.broken),
                     "kicks_taken": dev.kicks_taken,
                     "interrupts": dev.interrupts,
                     "interrupts_suppressed": dev.interrupts_suppressed,
@@ -61,12 +102,16 @@ def device_status(name):
                     "requests": {n: dev.req[i] for i, n in enumerate(REQ_NAMES)},
                     "bytes_read": dev.bytes_read,
                     "bytes_written": dev.bytes_written,
-                    "lock": SharedLock.of_queue(r, q).stats(),
+                    "lock": SharedLock(r, ffi.addressof(sh[0], "lock")).stats(),
                 }
             )
         return out
     finally:
         r.close()
+
+
+def _avail(q):
+    return "" if q["avail_idx"] is None else f"avail {q['avail_idx']} "
 
 
 def format_status(st):
@@ -81,10 +126,12 @@ def format_status(st):
         f"event_idx {'on' if c['event_idx'] else 'off'}",
         f"  features {' '.join(c['features'])}",
     ]
+    if st.get("vhost_user"):
+        lines.append(f"  transport vhost-user, socket {st['vhost_user']}")
     for q in st["queues"]:
         state = f"BROKEN ({q['broken_reason']})" if q["broken"] else "ok"
         lines.append(
-            f"  queue {q['index']}: size {q['size']} avail {q['avail_idx']} "
+            f"  queue {q['index']}: size {q['size']} {_avail(q)}"
             f"used {q['used_idx']} last_avail {q['last_avail_idx']} "
             f"inflight {q['inflight']} {state}"
         )

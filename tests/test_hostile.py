@@ -14,7 +14,7 @@ import pytest
 
 import procs
 from mockring import F_INDIRECT, F_NEXT, F_WRITE, MockRing
-from virtio_py import ConfigError, DeviceQueue, Region, RingError, Virtqueue, used_ring
+from virtio_py import DeviceQueue, Region, RingError, Virtqueue, used_ring
 from virtio_py._lowlevel import ffi, lib
 
 NUM = 8
@@ -413,11 +413,11 @@ def test_push_of_a_head_not_in_flight(region):
     assert used_ring(region, 0)["idx"] == 0
 
 
-@pytest.mark.parametrize("where", ["end", "top", "wraps", "misaligned"])
-def test_device_refuses_stats_block_outside_region(region, where):
-    """The device takes its rings from its own layout; the one place it
-    reads from the guest-writable queue table is where its stats go, and
-    that must be inside the region and aligned."""
+@pytest.mark.parametrize("where", ["end", "top", "wraps", "misaligned", "the avail ring"])
+def test_device_counts_where_it_laid_the_stats_block_out(region, where):
+    """The device takes its rings and the place of its counters from its own
+    layout: whatever a guest writes into the queue table's `shared`, the
+    queue opens and its counters land in the block the device laid out."""
     gpa = ffi.offsetof("struct vp_region_header", "queue") + ffi.offsetof(
         "struct vp_queue_info", "shared"
     )
@@ -426,17 +426,24 @@ def test_device_refuses_stats_block_outside_region(region, where):
         "top": 2**64 - 64,
         "wraps": 2**64 - 8,
         "misaligned": region.device_layout[0]["shared"] + 8,
+        "the avail ring": region.device_layout[0]["avail"],
     }[where]
     region.poke(gpa, bad, 8)
 
     def device(region):
-        try:
-            DeviceQueue(region, 0, notifiers=False)
-            return None
-        except ConfigError as e:
-            return e.code
+        dq = DeviceQueue(region, 0, notifiers=False)
+        dq.mark_broken(lib.VP_EHEAD)
+        return dq.broken
 
-    assert procs.run(device, region) == errno.EINVAL
+    assert procs.run(device, region) == lib.VP_EHEAD
+    broken = (
+        region.device_layout[0]["shared"]
+        + ffi.offsetof("struct vp_queue_shared", "dev")
+        + ffi.offsetof("struct vp_device_stats", "broken")
+    )
+    assert int.from_bytes(region.read(broken, 4), "little") == lib.VP_EHEAD
+    avail = region.device_layout[0]["avail"]
+    assert region.read(avail, 64) == bytes(64)  # no counter landed on the ring
 
 
 @pytest.mark.parametrize("part", ["desc", "avail", "used"])

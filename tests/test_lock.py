@@ -8,13 +8,17 @@ import pytest
 import procs
 from procs import lock_waiter_queued, wait_for
 from virtio_py import LOCKSTAT_COLUMNS, Region, SharedLock
-from virtio_py._lowlevel import ffi
+from virtio_py._lowlevel import ffi, lib
+from virtio_py.lock import HIST_BUCKETS, bucket_bounds, hist_percentile, lock_histograms
 
-KINDS = ["spin", "spinyield", "mutex"]
+KINDS = ["spin", "spinyield", "mutex", "pvspin"]
 PROCS = 4
 # A ticket spinlock with four processes on two cores hands the lock to
 # waiters that are often not running: keep its share small.
-ITERS = {"spin": 1500, "spinyield": 5000, "mutex": 5000}
+ITERS = {"spin": 1500, "spinyield": 5000, "mutex": 5000, "pvspin": 5000}
+# The kinds whose waiters sleep, and are woken by the unlocker.
+SLEEPING = {"mutex", "pvspin"}
+PV_WAITERS = lib.VP_LOCK_PV_WAITERS
 
 
 def hammer(name, iters, counter_gpa, go_gpa):
@@ -30,6 +34,26 @@ def hammer(name, iters, counter_gpa, go_gpa):
             r.write_data(counter_gpa, (v + 1).to_bytes(8, "little"))
     r.close()
     return iters
+
+
+def check_histograms(raw):
+    """The hold histogram counts every acquisition, the wait histogram every
+    contention, each in the log2 bucket of its time: the buckets with a count
+    lie between the min and the max lockstat kept."""
+    for kind, n in (("hold", raw["acquisitions"]), ("wait", raw["contentions"])):
+        hist = raw[f"{kind}_hist"]
+        assert len(hist) == HIST_BUCKETS
+        assert sum(hist) == n, (kind, sum(hist), n)
+        used = [b for b, c in enumerate(hist) if c]
+        if not n:
+            continue
+        lo, hi = raw[f"{kind}_min"], raw[f"{kind}_max"]
+        first_lo, first_hi = bucket_bounds(used[0])
+        last_lo, last_hi = bucket_bounds(used[-1])
+        assert first_lo <= lo and (first_hi is None or lo < first_hi)
+        assert last_lo <= hi and (last_hi is None or hi < last_hi)
+        p50, p99, p999 = (hist_percentile(hist, q, hi) for q in (50, 99, 99.9))
+        assert lo <= p50 <= p99 <= p999 <= hi
 
 
 def check_invariants(st):
@@ -72,8 +96,16 @@ def test_four_processes(name, kind):
         # Microseconds with two decimals, from the nanoseconds kept.
         assert st["holdtime-total"] == round(raw["hold_total"] / 1000, 2)
         assert st["waittime-max"] == round(raw["wait_max"] / 1000, 2)
+        check_histograms(raw)
+        # Every sleep a wake-up ended was counted by the unlocker that woke it.
+        assert raw["sleeps"] == raw["wakeups"]
+        if kind not in SLEEPING:
+            assert raw["sleeps"] == 0
         lock.reset()
         assert lock.stats() == dict.fromkeys(LOCKSTAT_COLUMNS, 0)
+        raw = lock.raw_stats()
+        assert raw["hold_hist"] == raw["wait_hist"] == [0] * HIST_BUCKETS
+        assert raw["sleeps"] == raw["wakeups"] == 0
         assert r.queue_shared(0).lock.last_cpu == -1
         # The lock still works after a reset, and counts from zero.
         with lock:
@@ -142,3 +174,136 @@ def test_one_contention_and_bounce(name, kind):
         st = lock.stats()
         assert st["acquisitions"] == 100
         assert st["contentions"] == st["con-bounces"] == st["acq-bounces"] == 0
+
+
+def _asleep(pid):
+    """True while the process sleeps (state S in /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "S"
+    except FileNotFoundError:
+        return False
+
+
+def take_in_turn(name, me, log_gpa):
+    """Take the lock once; under it, append me to the log (a count, then the
+    entries)."""
+    r = Region.attach(name)
+    lock = SharedLock.of_queue(r, 0)
+    with lock:
+        n = int.from_bytes(r.read(log_gpa, 8), "little")
+        r.write_data(log_gpa + 8 + 8 * n, me.to_bytes(8, "little"))
+        r.write_data(log_gpa, (n + 1).to_bytes(8, "little"))
+    r.close()
+    return me
+
+
+def test_pvspin_unlock_wakes_the_next_ticket_only(name):
+    """Three waiters queue on a held pvspin lock one after the other, and each
+    spins, then goes to sleep.  Each unlock kicks the head of the line and
+    no one else: they take the lock in the order they queued, and there are
+    three sleeps and three wake-ups in all (waking any other sleeper would
+    add a sleep, or leave the head asleep for good)."""
+    with Region.create(name, queue_size=8, data_size=1 << 16, lock="pvspin") as r:
+        lock = SharedLock.of_queue(r, 0)
+        sh = r.queue_shared(0)
+        log = r.queue_info(0)["data"]
+        with procs.Children() as kids:
+            lock.acquire()
+            ks = []
+            try:
+                for i in range(3):
+                    ks.append(kids.start(take_in_turn, name, i, log))
+                    t = sh.lock.owner + 1 + i  # the ticket it takes
+                    wait_for(lambda t=t: sh.lock.next == t + 1, f"waiter {i} to take a ticket")
+                    # It announced the sleep in its ticket's word, then slept.
+                    wait_for(
+                        lambda t=t, k=ks[-1]: (
+                            sh.lock.pv_halted[t % PV_WAITERS] == (t << 1 | 1) and _asleep(k.pid)
+                        ),
+                        f"waiter {i} to sleep",
+                    )
+                assert all(_asleep(k.pid) for k in ks)
+                assert sh.lock.wakeups == 0
+            finally:
+                lock.release()
+            assert [k.join(timeout=60, watch=ks) for k in ks] == [0, 1, 2]
+        n = int.from_bytes(r.read(log, 8), "little")
+        order = [int.from_bytes(r.read(log + 8 + 8 * i, 8), "little") for i in range(n)]
+        assert order == [0, 1, 2]
+        raw = lock.raw_stats()
+        assert raw["acquisitions"] == 4 and raw["contentions"] == 3
+        assert raw["sleeps"] == raw["wakeups"] == 3
+        check_histograms(raw)
+
+
+@pytest.mark.parametrize("kind", sorted(SLEEPING))
+def test_a_run_reports_distributions_and_wakeups_that_add_up(device, kind):
+    """A guest run on a daemon's queue lock: the RFC's ten columns as they
+    were, beside them hold and wait histograms whose counts are the
+    acquisitions and the contentions (also after merging queues), the lock's
+    sleeps each ended by a counted wake-up, and wake-ups per request that
+    are the workers' voluntary context switches over the requests."""
+    from virtio_py.workload import JobSpec, run_job
+
+    d = device(lock=kind, exit="async", iodepth=2)
+    res = run_job(
+        JobSpec(d.name, workers=4, rw="randrw", bs=4096, iodepth=2, size=1 << 20,
+                strategy="release", timeout=30.0)
+    )  # fmt: skip
+    assert res["config"]["lock"] == kind
+    assert list(res["lockstat"]) == list(LOCKSTAT_COLUMNS)
+    ls, lh = res["lockstat"], res["lock_hist"]
+    assert lh["hold"]["count"] == ls["acquisitions"] > res["ios"] > 0
+    assert lh["wait"]["count"] == ls["contentions"]
+    assert (lh["hold"]["over"], lh["wait"]["over"]) == ("acquisitions", "contentions")
+    assert sum(b["count"] for b in lh["hold"]["buckets"]) == ls["acquisitions"]
+    for dist, col in ((lh["hold"], "holdtime"), (lh["wait"], "waittime")):
+        assert dist["p50"] <= dist["p99"] <= dist["p99.9"] <= ls[f"{col}-max"]
+    assert lh["sleeps"] == lh["wakeups"]
+    wk = res["wakeups"]
+    vol = sum(w["ctx_switches_voluntary"] for w in res["workers"])
+    assert wk["guest_ctxsw_voluntary"] == vol > 0
+    assert wk["guest_per_request"] == round(vol / res["ios"], 3)
+    assert wk["lock_sleeps"] == lh["sleeps"] and wk["lock_wakeups"] == lh["wakeups"]
+    assert wk["lock_sleeps"] <= vol  # each lock sleep is a voluntary switch of a worker
+
+
+def test_histograms_of_several_locks_add_up():
+    """merge_lockstats adds histograms bucket by bucket, like the counts, and
+    pooled runs keep counting every acquisition."""
+    from virtio_py.lock import merge_lockstats, pool_histograms
+
+    def raw(hold, wait):
+        hist_h = [0] * HIST_BUCKETS
+        hist_w = [0] * HIST_BUCKETS
+        for v in hold:
+            hist_h[v.bit_length() if v < 1 << (HIST_BUCKETS - 1) else HIST_BUCKETS - 1] += 1
+        for v in wait:
+            hist_w[v.bit_length()] += 1
+        return {
+            "con_bounces": 0, "contentions": len(wait), "wait_min": min(wait, default=0),
+            "wait_max": max(wait, default=0), "wait_total": sum(wait), "acq_bounces": 0,
+            "acquisitions": len(hold), "hold_min": min(hold), "hold_max": max(hold),
+            "hold_total": sum(hold), "hold_hist": hist_h, "wait_hist": hist_w,
+            "sleeps": 1, "wakeups": 1,
+        }  # fmt: skip
+
+    a = raw([100, 200, 3000], [50])
+    b = raw([0, 1, 1 << 50], [7, 9000])
+    m = merge_lockstats([a, b])
+    assert m["acquisitions"] == sum(m["hold_hist"]) == 6
+    assert m["contentions"] == sum(m["wait_hist"]) == 3
+    assert m["hold_hist"][0] == 1 and m["hold_hist"][HIST_BUCKETS - 1] == 1
+    assert m["sleeps"] == m["wakeups"] == 2
+    h = lock_histograms(m)
+    assert h["hold"]["count"] == 6 and h["wait"]["count"] == 3
+    # Percentiles are bucket upper edges (us, two decimals), capped at the
+    # max: the median of the six holds is the third, 100 ns, in [64, 128);
+    # the top wait, 9000 ns, is in [8192, 16384), above its max.
+    assert h["hold"]["p50"] == 0.13
+    assert h["wait"]["p99.9"] == 9.0
+    pooled = pool_histograms([lock_histograms(a), lock_histograms(b)])
+    assert pooled["hold"]["count"] == 6 and pooled["wait"]["count"] == 3
+    assert pooled["hold"]["p50"] == h["hold"]["p50"]
+    assert pooled["sleeps"] == 2

@@ -171,6 +171,7 @@ def test_doc_tables_match_region_h(tmp_path):
         "vp_queue_shared",
         "vp_lock",
         "vp_lockstat",
+        "vp_lockhist",
         "vp_driver_state",
         "vp_device_stats",
         "vp_guest_slot",
@@ -398,6 +399,7 @@ def run_example(example, name, mode):
         ("spin", "async", True),
         ("mutex", "sync", False),
         ("spinyield", "sync", True),
+        ("pvspin", "sync", False),
     ],
 )
 def test_attach_example_submits_a_request(example, name, lock, exit, event_idx):
@@ -458,11 +460,15 @@ def test_attach_example_delivers_a_virtio_py_guests_completion(example, name, lo
         assert sh.drv.num_free == region.queue_info(0)["num"]
 
 
-def test_attach_example_shares_a_queue_with_reaping_guests(example, name):
+@pytest.mark.parametrize("lock", ["mutex", "pvspin"])
+def test_attach_example_shares_a_queue_with_reaping_guests(example, name, lock):
     """The example and a virtio_py guest with its interrupt thread submit on
     one queue at once: whoever takes the call reaps for both, and every
-    request of both completes."""
-    with Region.create(name, lock="mutex") as region:
+    request of both completes (with a sleeping lock, the example's unlocks
+    wake the guest's threads that sleep on it).  The hold histogram still
+    counts every acquisition, and every sleep on the lock was ended by a
+    counted wake-up."""
+    with Region.create(name, lock=lock) as region:
         vq = Virtqueue(Region.attach(name), 0)
         g = GuestSlot(vq, depth=1, irq=True)
         dev = EchoDevice(region)
@@ -494,6 +500,9 @@ def test_attach_example_shares_a_queue_with_reaping_guests(example, name):
         sh = region.queue_shared(0)
         assert sh.drv.added == sh.drv.completed == 5 + guest["done"]
         assert sh.dev.broken == 0
+        raw = SharedLock.of_queue(region, 0).raw_stats()
+        assert sum(raw["hold_hist"]) == raw["acquisitions"]
+        assert raw["sleeps"] == raw["wakeups"]
 
 
 def test_attach_example_drives_every_request_type(example, name, blk_daemon):

@@ -99,6 +99,17 @@ class GuestSlot:
     def irq_acct(self) -> dict[str, int]:
         return acct_dict(lib.vp_guest_irq_acct(self._g))
 
+    @property
+    def direct_irq(self) -> bool:
+        """Whether a thread waiting for a completion takes the interrupt
+        itself (the default where the call notifier allows it) rather than
+        being woken by the interrupt thread that took it."""
+        return bool(lib.vp_guest_direct_irq(self._g))
+
+    @direct_irq.setter
+    def direct_irq(self, on: bool) -> None:
+        check(lib.vp_guest_set_direct_irq(self._g, int(on)), "direct interrupts")
+
     def close(self) -> None:
         if self._g is not None:
             self._finalizer()
@@ -133,12 +144,14 @@ class BlockDevice(Closeable):
         strategy: str = "prepare",
         timeout: float = DEFAULT_TIMEOUT,
         own_region: bool = False,
+        vq: Virtqueue | None = None,
     ) -> None:
         self._closed = False
         self.region = region
         self._own_region = own_region
         self.timeout = timeout
-        self.vq = Virtqueue(region, queue)
+        self.transport: Any = None  # a VhostUserDisk this device closes with it
+        self.vq = vq if vq is not None else Virtqueue(region, queue)
         try:
             self.slot = GuestSlot(self.vq, depth=1, strategy=strategy)
         except Exception:
@@ -157,6 +170,33 @@ class BlockDevice(Closeable):
             region.close()
             raise
 
+    @classmethod
+    def attach_vhost_user(
+        cls,
+        path: str,
+        queue: int = 0,
+        strategy: str = "prepare",
+        timeout: float = DEFAULT_TIMEOUT,
+        **opts: Any,
+    ) -> BlockDevice:
+        """A disk served by the vhost-user-blk back-end listening at path
+        (qemu-storage-daemon, virtio-hostd --vhost-user).  This process is
+        the front-end: it owns the queues (opts: queues, queue_size, lock,
+        event_idx, exit_cost_us, buffers, name; see VhostUserDisk.open) and
+        watches the connection, so a back-end that goes away fails the
+        request waiting on it with DeviceGoneError."""
+        from .vhost_front import VhostUserDisk
+
+        disk = VhostUserDisk.open(path, **opts)
+        try:
+            disk.watch()
+            dev = cls(disk.region, queue, strategy, timeout, vq=disk.virtqueue(queue))
+        except BaseException:
+            disk.close()
+            raise
+        dev.transport = disk
+        return dev
+
     def close(self) -> None:
         if self._closed:
             return
@@ -166,6 +206,8 @@ class BlockDevice(Closeable):
                 part.close()
         if self._own_region:
             self.region.close()
+        if getattr(self, "transport", None) is not None:
+            self.transport.close()
 
     # ---- requests ----
     def _request(self, rtype: int, sector: int, nbytes: int, what: str) -> int:
@@ -218,7 +260,9 @@ class BlockDevice(Closeable):
         """The device's serial: up to 20 bytes (NUL padding removed)."""
         used = self._request(T_GET_ID, 0, lib.VIRTIO_BLK_ID_BYTES, "get_id")
         n = max(0, min(used - 1, lib.VIRTIO_BLK_ID_BYTES))
-        return bytes(self.slot.data(0, n)).rstrip(b"\0")
+        # NUL-terminated when shorter than 20 bytes; a device may count the
+        # whole buffer as written (qemu-storage-daemon does).
+        return bytes(self.slot.data(0, n)).split(b"\0", 1)[0]
 
     def _range_request(self, rtype: int, offset: int, length: int, flags: int, what: str) -> None:
         self._check_range(offset, length)

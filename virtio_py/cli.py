@@ -1,6 +1,7 @@
 """virtio-emu: guest workloads and the RFC comparison.
 
 virtio-emu run --name NAME ...   workers on a device whose daemon runs
+virtio-emu run --vhost-user PATH workers on any vhost-user-blk back-end
 virtio-emu compare ...           the RFC benchmark with its own daemon
 """
 
@@ -50,7 +51,11 @@ def build_parser():
         "higher iodepth.  All share one virtqueue and its lock "
         "(worker i uses queue i mod queues on a multi-queue device).",
     )
-    r.add_argument("--name", required=True, type=name_arg, help="device name")
+    r.add_argument(
+        "--name",
+        type=name_arg,
+        help="device name (with --vhost-user: the name of the queues' shared memory)",
+    )
     r.add_argument(
         "--workers", type=limit_arg(limits.WORKERS), default=4, help="processes (default 4)"
     )
@@ -118,6 +123,53 @@ def build_parser():
     r.add_argument("--seed", type=int, default=1, help="random offsets (default 1)")
     r.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
     r.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    v = r.add_argument_group(
+        "a vhost-user device (this command is the front-end and lays out the queues)"
+    )
+    v.add_argument(
+        "--vhost-user",
+        metavar="PATH",
+        help="the socket of a vhost-user-blk back-end (qemu-storage-daemon, "
+        "virtio-hostd start --vhost-user) instead of a named device",
+    )
+    v.add_argument("--queues", type=limit_arg(limits.QUEUES), default=None, help="default 1")
+    v.add_argument(
+        "--queue-size",
+        type=limit_arg(limits.BLK_QUEUE_SIZE),
+        default=None,
+        help="entries per queue (default: room for every request in flight, at least 128)",
+    )
+    v.add_argument(
+        "--lock", **choice_arg(limits.LOCK), default=None, help=f"default {limits.LOCK_DEFAULT}"
+    )
+    v.add_argument(
+        "--event-idx",
+        dest="event_idx",
+        action="store_const",
+        const=True,
+        default=None,
+        help="VIRTIO_RING_F_EVENT_IDX (default)",
+    )
+    v.add_argument(
+        "--no-event-idx",
+        dest="event_idx",
+        action="store_const",
+        const=False,
+        help="the NO_NOTIFY / NO_INTERRUPT flags instead",
+    )
+    v.add_argument(
+        "--exit",
+        **choice_arg(limits.EXIT),
+        default=None,
+        help="async only: a vhost-user kick is an eventfd write",
+    )
+    v.add_argument(
+        "--exit-cost",
+        type=limit_arg(limits.EXIT_COST_US, parse_float),
+        default=None,
+        metavar="US",
+        help="extra microseconds spent inside every kick, to model the trap (default 0)",
+    )
 
     c = sub.add_parser(
         "compare",
@@ -184,7 +236,12 @@ def build_parser():
         const="mq",
         help="multi-queue: one queue (and lock) per worker",
     )
-    g.add_argument("--all", dest="all_rows", action="store_true", help="all five rows above")
+    g.add_argument(
+        "--all",
+        dest="all_rows",
+        action="store_true",
+        help="all five rows above (on a vhost-user device, those it can run)",
+    )
     g.add_argument(
         "--row",
         dest="rows",
@@ -236,6 +293,15 @@ def build_parser():
     b.add_argument("--chunk", type=limit_arg(limits.CHUNK, parse_size), default=BASE["chunk"])
     b.add_argument("--engine", **choice_arg(limits.ENGINE), default=BASE["engine"])
     c.add_argument(
+        "--device",
+        default="native",
+        metavar="DEVICE",
+        help="what serves the runs: native (our daemon, default), qsd (a "
+        "qemu-storage-daemon started on a raw file of --size, QEMU's own virtio-blk "
+        "device, over vhost-user) or vhost-user:PATH (any vhost-user-blk back-end "
+        "listening at PATH).  A vhost-user device exits async in every row",
+    )
+    c.add_argument(
         "--workdir",
         default=None,
         metavar="DIR",
@@ -248,14 +314,53 @@ def build_parser():
     return p
 
 
+VHOST_USER_OPTIONS = ("queues", "queue_size", "lock", "event_idx", "exit", "exit_cost")
+
+
+def _check_device_args(a):
+    """The device's name; one line for options that do not go together."""
+    given = [o for o in VHOST_USER_OPTIONS if getattr(a, o) is not None]
+    if a.vhost_user:
+        from .vhost_front import SYNC_EXIT_REFUSED, default_name
+
+        if a.exit == "sync":
+            raise CliError(f"--exit sync: {SYNC_EXIT_REFUSED}")
+        return a.name or default_name()
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise CliError(f"{flag} shapes the queues of a --vhost-user device; a named "
+                       "device has them from its daemon")  # fmt: skip
+    if not a.name:
+        raise CliError("give --name NAME (a device whose daemon runs) or --vhost-user PATH")
+    return a.name
+
+
+def _open_vhost_user(a, name):
+    """The front-end of `run --vhost-user`: connected, its queues laid out and running."""
+    from .vhost_front import VhostUserDisk, queue_size_for
+
+    queues = a.queues or 1
+    return VhostUserDisk.open(
+        a.vhost_user,
+        name=name,
+        queues=queues,
+        queue_size=a.queue_size or queue_size_for(a.workers, a.iodepth, queues),
+        lock=a.lock or limits.LOCK_DEFAULT,
+        event_idx=True if a.event_idx is None else a.event_idx,
+        exit_cost_us=a.exit_cost or 0.0,
+    )
+
+
 def cmd_run(a):
+    import contextlib
+
     from .console import Progress, sigterm_as_interrupt
     from .workload import JobSpec, format_result, run_job, write_json
 
     if a.json:
         check_output(a.json, "--json")
     spec = JobSpec(
-        a.name,
+        _check_device_args(a),
         workers=a.workers,
         rw=a.rw,
         bs=a.bs,
@@ -269,15 +374,15 @@ def cmd_run(a):
         strategy=a.strategy,
         engine=a.engine,
         seed=a.seed,
-    )
+    ).check()
     prog = Progress(sys.stderr)
-    try:
-        # SIGTERM must stop the workers cleanly too: one killed holding the
-        # queue lock would hang the device for every later guest.
-        with sigterm_as_interrupt():
-            res = run_job(spec, progress=None if a.quiet else prog, label=a.strategy)
-    finally:
-        prog.clear()
+    # SIGTERM must stop the workers cleanly too: one killed holding the
+    # queue lock would hang the device for every later guest.
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sigterm_as_interrupt())
+        stack.callback(prog.clear)
+        device = stack.enter_context(_open_vhost_user(a, spec.name)) if a.vhost_user else None
+        res = run_job(spec, progress=None if a.quiet else prog, label=a.strategy, device=device)
     if a.json:
         write_json(res, a.json)
     if not a.quiet:
@@ -306,12 +411,20 @@ def cmd_compare(a):
     rows = [] if a.no_rfc_row else [""]
     extra = list(a.rows or [])
     if a.all_rows:
-        extra += [r for r in ("event-idx", "async", "poll", "shm", "mq") if r not in extra]
+        every = ["event-idx", "async", "poll", "shm", "mq"]
+        if a.device != "native":
+            # Async exit is a vhost-user device's base row; poll mode and
+            # (for a running back-end) the store are not ours to change.
+            every = ["event-idx", "mq"] + (["shm"] if a.device == "qsd" else [])
+        extra += [r for r in every if r not in extra]
     rows += extra
     if not rows:
         print(f"{PROG}: error: no rows to run", file=sys.stderr)
         return 2
     # Fail now, not after the runs.
+    from .compare.config import parse_device
+
+    parse_device(a.device)
     if a.workdir and not os.path.isdir(a.workdir):
         raise CliError(f"--workdir {a.workdir}: not a directory")
     if a.json:
@@ -344,6 +457,7 @@ def cmd_compare(a):
         workdir=a.workdir,
         verbose=not a.quiet,
         repeat=a.repeat,
+        device=a.device,
     )
     print(format_tables(result))
     if a.json:

@@ -131,8 +131,17 @@ BLK_QUEUE_SIZE: Limit = Limit("queue size", 2, lib.VP_MAX_QUEUE_SIZE, power_of_t
 EXIT_COST_US: Limit = Limit("exit cost", 0, MAX_EXIT_COST_US, integer=False, unit=" us")
 LOCK: Choice = Choice(
     "lock kind",
-    {"spin": lib.VP_LOCK_SPIN, "spinyield": lib.VP_LOCK_SPINYIELD, "mutex": lib.VP_LOCK_MUTEX},
+    {
+        "spin": lib.VP_LOCK_SPIN,
+        "spinyield": lib.VP_LOCK_SPINYIELD,
+        "mutex": lib.VP_LOCK_MUTEX,
+        "pvspin": lib.VP_LOCK_PVSPIN,
+    },
 )
+# The lock of a new device (daemon, compare, front-end), unless asked for
+# another: the ticket lock that sleeps once it has spun, as a paravirtual
+# guest's spinlock does (docs/COMPARE.md, "The lock kind").
+LOCK_DEFAULT = "pvspin"
 EXIT: Choice = Choice("exit", {"async": lib.VP_EXIT_ASYNC, "sync": lib.VP_EXIT_SYNC})
 MODE: Choice = Choice("mode", {"notify": lib.VP_MODE_NOTIFY, "poll": lib.VP_MODE_POLL})
 STRATEGY: Choice = Choice(
@@ -180,7 +189,7 @@ def check_region(
     *,
     queues: int = 1,
     queue_size: int = 128,
-    lock: str = "spin",
+    lock: str = LOCK_DEFAULT,
     exit: str = "async",
     exit_cost_us: float = 0,
     mode: str = "notify",
@@ -211,6 +220,7 @@ __all__ = [
     "BLK_QUEUE_SIZE",
     "EXIT_COST_US",
     "LOCK",
+    "LOCK_DEFAULT",
     "EXIT",
     "MODE",
     "STRATEGY",

@@ -2,8 +2,10 @@
 header, and the notifier semaphores that belong to it.
 
 Whoever creates a region owns it: it unlinks the shared memory and every
-semaphore, on close, on error and (through ``unlink``) on demand.
-Attachers only map and unmap.
+semaphore, on close, on error and (through ``unlink``) on demand, and only
+while the name still leads to the object it created.  The object is
+created with mode 0 and opened to its user (0600) once it is laid out.
+Attachers only map and unmap, and only objects of their own user.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import posix_ipc
 from ._lowlevel import check, ffi, lib
 from ._resource import Closeable
 from .errors import ConfigError, RegionError
-from .limits import EXIT, LOCK, MODE, check_region
+from .limits import EXIT, LOCK, LOCK_DEFAULT, MODE, check_region
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,47}$")
 
@@ -77,31 +79,79 @@ def ipc_paths(name: str, queues: int | None = None) -> list[str]:
     return paths
 
 
-def destroy(name: str) -> list[str]:
-    """Unlink every object a device of this name may have left; returns what was removed."""
-    removed = []
+def object_path(kind: str, posix_name: str) -> str:
+    """Where glibc keeps a POSIX object: /dev/shm/NAME, /dev/shm/sem.NAME."""
+    return "/dev/shm/" + ("" if kind == "shm" else "sem.") + posix_name[1:]
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of path itself, None if there is nothing."""
     try:
-        posix_ipc.unlink_shared_memory(shm_name(name))
-        removed.append(shm_name(name))
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _unlink(kind: str, posix_name: str) -> None:
+    try:
+        if kind == "shm":
+            posix_ipc.unlink_shared_memory(posix_name)
+        else:
+            posix_ipc.unlink_semaphore(posix_name)
     except posix_ipc.ExistentialError:
         pass
+
+
+def _objects(name: str) -> list[tuple[str, str]]:
+    objs = [("shm", shm_name(name))]
     for q in range(lib.VP_MAX_QUEUES):
         for role in NOTIFIER_ROLES:
-            s = sem_name(name, q, role)
-            try:
-                posix_ipc.unlink_semaphore(s)
-                removed.append(s)
-            except posix_ipc.ExistentialError:
-                pass
+            objs.append(("sem", sem_name(name, q, role)))
+    return objs
+
+
+def foreign_objects(name: str) -> list[str]:
+    """The /dev/shm paths of device name that belong to another user."""
+    out = []
+    for kind, n in _objects(name):
+        path = object_path(kind, n)
+        try:
+            if os.lstat(path).st_uid != os.geteuid():
+                out.append(path)
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def destroy(name: str) -> list[str]:
+    """Unlink every object of this user that a device of this name may have
+    left; returns what was removed.  Another user's objects stay.  A dead
+    daemon's pidfile goes too (not counted); a live one's stays."""
+    from .pidfile import remove_stale
+
+    remove_stale(name)
+    removed = []
+    for kind, n in _objects(name):
+        try:
+            if os.lstat(object_path(kind, n)).st_uid != os.geteuid():
+                continue
+        except FileNotFoundError:
+            continue
+        _unlink(kind, n)
+        removed.append(n)
     return removed
 
 
 def exists(name: str) -> bool:
-    return os.path.exists("/dev/shm" + shm_name(name))
+    return os.path.lexists("/dev/shm" + shm_name(name))
 
 
 def _queue_info(header: Any, index: int) -> dict[str, int]:
-    qi = header.queue[index]
+    return _queue_info_of(header.queue[index])
+
+
+def _queue_info_of(qi: Any) -> dict[str, int]:
     return {
         "num": qi.num,
         "desc": qi.desc,
@@ -131,7 +181,7 @@ class Region(Closeable):
         size: int,
         owner: bool,
         *,
-        created: list[tuple[str, str]] | None = None,
+        created: list[tuple[str, str, tuple[int, int] | None]] | None = None,
         device_layout: list[dict[str, int]] | None = None,
         device_event_idx: bool = False,
         device_exit_mode: int = lib.VP_EXIT_ASYNC,
@@ -141,8 +191,11 @@ class Region(Closeable):
         self.size = size
         self.owner = owner
         self._unlinked = not owner
-        # What the owner must unlink: filled as it creates them.
-        self._created: list[tuple[str, str]] = created if created is not None else []
+        # What the owner must unlink, with the (st_dev, st_ino) it created:
+        # filled as it creates them.
+        self._created: list[tuple[str, str, tuple[int, int] | None]] = (
+            created if created is not None else []
+        )
         self.device_layout = device_layout
         self.device_event_idx = device_event_idx
         self.device_exit_mode = device_exit_mode
@@ -160,7 +213,7 @@ class Region(Closeable):
         capacity: int = 0,
         blk_size: int = 512,
         seg_max: int | None = None,
-        lock: str = "spin",
+        lock: str = LOCK_DEFAULT,
         exit: str = "async",
         exit_cost_us: float = 0,
         mode: str = "notify",
@@ -204,30 +257,36 @@ class Region(Closeable):
         size_p = ffi.new("uint64_t *")
         check(lib.vp_region_size(params, size_p), "region layout")
         size = size_p[0]
+        # The device's copy of its layout, from the parameters alone: a
+        # guest may rewrite the header as soon as it can open the object.
+        layout = []
+        qi = ffi.new("struct vp_queue_info *")
+        for q in range(queues):
+            check(lib.vp_region_layout(params, q, qi), "region layout")
+            layout.append(_queue_info_of(qi))
 
-        created: list[tuple[str, str]] = []
+        created: list[tuple[str, str, tuple[int, int] | None]] = []
         region = None
         try:
             try:
-                shm = posix_ipc.SharedMemory(
-                    shm_name(name), posix_ipc.O_CREX, mode=0o600, size=size
-                )
+                # Mode 0 until laid out: no one of our user opens it half made.
+                shm = posix_ipc.SharedMemory(shm_name(name), posix_ipc.O_CREX, mode=0, size=size)
             except posix_ipc.ExistentialError:
                 raise RegionError(
                     f"a device named {name!r} exists already (/dev/shm{shm_name(name)})"
                 ) from None
-            created.append(("shm", shm_name(name)))
             try:
+                st = os.fstat(shm.fd)
+                created.append(("shm", shm_name(name), (st.st_dev, st.st_ino)))
                 base = _map_fd(shm.fd, size)
+                try:
+                    check(lib.vp_region_init(base, size, params), "region init")
+                    os.fchmod(shm.fd, 0o600)
+                except BaseException:
+                    lib.vp_unmap(base, size)
+                    raise
             finally:
                 shm.close_fd()
-            try:
-                check(lib.vp_region_init(base, size, params), "region init")
-                header = ffi.cast("struct vp_region_header *", base)
-                layout = [_queue_info(header, q) for q in range(queues)]
-            except Exception:
-                lib.vp_unmap(base, size)
-                raise
             region = cls(
                 name,
                 base,
@@ -248,7 +307,7 @@ class Region(Closeable):
                             f"semaphore {s} exists already: stale objects of {name!r}"
                         ) from None
                     sem.close()
-                    created.append(("sem", s))
+                    created.append(("sem", s, _identity(object_path("sem", s))))
             return region
         except BaseException:
             if region is not None:
@@ -263,10 +322,20 @@ class Region(Closeable):
             shm = posix_ipc.SharedMemory(shm_name(name))
         except posix_ipc.ExistentialError:
             raise RegionError(f"no device named {name!r} (is the daemon running?)") from None
+        except posix_ipc.PermissionsError:
+            raise RegionError(
+                f"device {name!r} is not ours to open (/dev/shm{shm_name(name)})"
+            ) from None
         try:
-            size = os.fstat(shm.fd).st_size
-            if size == 0:
-                raise RegionError(f"device {name!r} is not set up yet (empty region)")
+            st = os.fstat(shm.fd)
+            if st.st_uid != os.geteuid():
+                raise RegionError(
+                    f"device {name!r} belongs to uid {st.st_uid}, not to this user "
+                    f"(uid {os.geteuid()}): refusing to attach"
+                )
+            size = st.st_size
+            if size == 0 or st.st_mode & 0o777 == 0:
+                raise RegionError(f"device {name!r} is not set up yet")
             base = _map_fd(shm.fd, size)
         finally:
             shm.close_fd()
@@ -316,8 +385,17 @@ class Region(Closeable):
             raise ConfigError(f"queue {index} out of range (device has {self.header.num_queues})")
 
     def queue_shared(self, index: int) -> Any:
+        """Queue index's struct vp_queue_shared: where the owner laid it out,
+        or where the header says, checked to lie inside the region."""
         self._check_index(index)
-        return ffi.cast("struct vp_queue_shared *", self.base + self.header.queue[index].shared)
+        if self.device_layout is not None:
+            gpa = self.device_layout[index]["shared"]
+        else:
+            gpa = int(self.header.queue[index].shared)
+        n = ffi.sizeof("struct vp_queue_shared")
+        if gpa % 64 or gpa > self.size or n > self.size - gpa:
+            raise RegionError(f"queue {index}: shared block {gpa:#x} outside the region")
+        return ffi.cast("struct vp_queue_shared *", self.base + gpa)
 
     @property
     def features(self) -> int:
@@ -379,12 +457,9 @@ def _map_fd(fd: int, size: int) -> Any:
     return ffi.cast("uint8_t *", pp[0])
 
 
-def _unlink_all(created: list[tuple[str, str]]) -> None:
-    for kind, n in created:
-        try:
-            if kind == "shm":
-                posix_ipc.unlink_shared_memory(n)
-            else:
-                posix_ipc.unlink_semaphore(n)
-        except posix_ipc.ExistentialError:
-            pass
+def _unlink_all(created: list[tuple[str, str, tuple[int, int] | None]]) -> None:
+    """Unlink what we created, where the name still leads to it: an object
+    someone put in its place since is theirs."""
+    for kind, n, ident in created:
+        if ident is not None and _identity(object_path(kind, n)) == ident:
+            _unlink(kind, n)

@@ -8,8 +8,16 @@
  * overwrite a descriptor field, the avail ring, any guest byte, kick) and
  * device operations (pop, complete one popped request, drain as the
  * daemon's serve loop does, push any head, interrupt, notify suppression,
- * set_base, set_mem).  Every loop is bounded by the input's length or the
- * queue size.
+ * set_base, set_mem, ack sync exits).  Every loop is bounded by the
+ * input's length or the queue size.
+ *
+ * A racing pop lands guest writes between the device's own reads inside
+ * one vp_devq_pop: build.sh compiles the core with a compiler.h that wraps
+ * the core's and routes every READ_ONCE through fuzz_guest_read() below,
+ * which counts the reads of guest memory and applies the write scheduled
+ * for the k-th.  No model can say what such a pop returns, so the target
+ * checks that whatever it returns obeys every rule by itself (a value
+ * checked and then read again would not).
  *
  * Guest memory is either the native transport's region (vp_region_init
  * over a memfd, mapped by vp_map between guard pages; two queues, one
@@ -148,8 +156,9 @@ struct fz {
 	int striped;
 	const char *serial;
 	/* notifiers */
-	struct vp_notifier *kick, *call;
+	struct vp_notifier *kick, *call, *ack;
 	uint64_t kicks_pending;
+	int kicks_taken;          /* by the last wait_kick: what the daemon acks */
 	/* guest */
 	uint16_t g_avail, g_last_used;
 	unsigned g_next_desc;
@@ -160,7 +169,7 @@ struct fz {
 	uint8_t pattern;
 	int dirty;
 	/* FUZZ_DEVQ_VERBOSE: what an input did, to check a seed's intent */
-	unsigned n_pops, n_done[4], n_irq, n_frame;                /* a device step ran since memory was compared */
+	unsigned n_pops, n_done[4], n_irq, n_frame, n_raced;                /* a device step ran since memory was compared */
 };
 
 static struct area *area_of(struct fz *f, const void *p, uint64_t len)
@@ -401,6 +410,142 @@ static int do_pop(struct fz *f)
 	return r;
 }
 
+/* ------------------------------------------------------------ racing pop */
+
+/* Guest writes scheduled at the device's k-th read of guest memory. */
+struct race {
+	unsigned at;
+	void *p;
+	uint8_t v[8];
+	unsigned w;
+	int done;
+};
+static struct fz *race_f;   /* set while a racing pop runs */
+static struct race races[4];
+static unsigned nraces, race_reads;
+
+const volatile void *fuzz_guest_read(const volatile void *p, unsigned long n);
+
+/* The core's READ_ONCE, in the fuzz build: p is about to be read. */
+const volatile void *fuzz_guest_read(const volatile void *p, unsigned long n)
+{
+	struct fz *f = race_f;
+	if (f && area_of(f, (const void *)p, n)) {
+		for (unsigned i = 0; i < nraces; i++)
+			if (!races[i].done && races[i].at == race_reads) {
+				races[i].done = 1;
+				f->n_raced++;
+				guest_store(f, races[i].p, races[i].v, races[i].w);
+			}
+		race_reads++;
+	}
+	return p;
+}
+
+/* A popped chain obeys every rule on its own: what it says is what the
+ * device uses, so a field checked and read again would show here. */
+static void check_chain(struct fz *f, const struct vp_chain *c,
+			const struct vp_seg *segs)
+{
+	struct model *m = &f->m;
+	CHECK(c->head < m->num && !m->map[c->head] && m->inflight < m->num,
+	      "racing pop took head %u (in flight %u)", c->head,
+	      c->head < m->num ? m->map[c->head] : 0);
+	CHECK(c->nseg >= 1 && c->nseg <= m->num && c->nseg <= f->max_segs &&
+	      c->n_out + c->n_in == c->nseg, "racing pop: %u segments "
+	      "(%u out, %u in)", c->nseg, c->n_out, c->n_in);
+	uint64_t out = 0, in = 0;
+	for (unsigned i = 0; i < c->nseg; i++) {
+		const struct vp_seg *s = &segs[i];
+		CHECK(s->len && s->write == (i >= c->n_out),
+		      "racing pop: segment %u len %u write %u", i, s->len,
+		      s->write);
+		CHECK(s->host && s->host == model_translate(m, s->addr, s->len),
+		      "racing pop: segment %u gpa %llx len %u is not where "
+		      "the table puts it", i, (unsigned long long)s->addr,
+		      s->len);
+		CHECK(area_of(f, s->host, s->len), "racing pop: segment %u "
+		      "outside guest memory", i);
+		if (s->write)
+			in += s->len;
+		else
+			out += s->len;
+	}
+	CHECK(c->out_len == (out > UINT32_MAX ? UINT32_MAX : out) &&
+	      c->in_len == (in > UINT32_MAX ? UINT32_MAX : in),
+	      "racing pop: lengths %u/%u, segments say %llu/%llu",
+	      c->out_len, c->in_len, (unsigned long long)out,
+	      (unsigned long long)in);
+}
+
+/* OP_POP_RACE: a pop with guest writes between its reads. */
+static void do_pop_race(struct fz *f, struct rd *in)
+{
+	nraces = 1 + u8(in) % 3;
+	for (unsigned i = 0; i < nraces; i++) {
+		struct race *r = &races[i];
+		uint8_t at = u8(in), what = u8(in), idx = u8(in);
+		struct vring_desc *d = &f->vr.desc[idx % f->num];
+		r->at = at % 32;
+		r->done = 0;
+		switch (what % 6) {
+		case 0: r->p = &d->addr; r->w = 8; break;
+		case 1: r->p = &d->len; r->w = 4; break;
+		case 2: r->p = &d->flags; r->w = 2; break;
+		case 3: r->p = &d->next; r->w = 2; break;
+		case 4: r->p = &f->vr.avail->idx; r->w = 2; break;
+		default:
+			r->p = &f->vr.avail->ring[idx % f->num];
+			r->w = 2;
+			break;
+		}
+		for (unsigned k = 0; k < r->w; k++)
+			r->v[k] = u8(in);
+		/* Addresses: mostly a GPA near guest RAM, to pass or
+		 * nearly pass the checks. */
+		if (r->w == 8 && !(what & 0x80)) {
+			const struct ram *ra = &f->ram[(what >> 3) % f->nram];
+			uint64_t a = ra->gpa + (r->v[0] | (r->v[1] << 8));
+			memcpy(r->v, &a, 8);
+		}
+	}
+	struct model *m = &f->m;
+	struct vp_chain c;
+	int was_broken = m->broken;
+	race_reads = 0;
+	race_f = f;
+	int r = vp_devq_pop(f->q, &c, f->segs, f->max_segs);
+	race_f = NULL;
+	/* Writes the device read past land now: the guest made them anyway. */
+	for (unsigned i = 0; i < nraces; i++)
+		if (!races[i].done)
+			guest_store(f, races[i].p, races[i].v, races[i].w);
+	f->dirty = 1;
+	if (was_broken) {
+		CHECK(r == -VP_EBROKEN, "pop on a broken queue returned %d", r);
+	} else if (r < 0) {
+		CHECK(-r > VP_EBASE && -r <= VP_ELAST && vp_devq_broken(f->q) == -r,
+		      "racing pop returned %d, queue says %d", r,
+		      vp_devq_broken(f->q));
+		model_break(f);
+	} else if (r == 1) {
+		check_chain(f, &c, f->segs);
+		CHECK(f->npop < f->num, "more chains popped than the queue holds");
+		struct popped *p = &f->pop[f->npop++];
+		p->c = c;
+		p->segs = malloc(c.nseg * sizeof(f->segs[0]));
+		CHECK(p->segs, "out of memory");
+		memcpy(p->segs, f->segs, c.nseg * sizeof(f->segs[0]));
+		f->n_pops++;
+		m->map[c.head] = 1;
+		m->inflight++;
+		m->last_avail++;
+	} else {
+		CHECK(r == 0, "racing pop returned %d", r);
+	}
+	check_state(f);
+}
+
 /* --------------------------------------------------- model: push, notify */
 
 static int do_push(struct fz *f, unsigned head, uint32_t len)
@@ -538,15 +683,31 @@ static void do_set_base(struct fz *f, uint16_t la, uint16_t ui)
 	check_state(f);
 }
 
+/* A take empties the notifier at once, whatever the guest wrote there, and
+ * counts at most the queue size. */
 static void do_wait_kick(struct fz *f)
 {
 	int r = vp_devq_wait_kick(f->q, 0);
-	CHECK(r >= 0 && (uint64_t)r <= f->kicks_pending,
-	      "wait_kick took %d of %llu", r,
-	      (unsigned long long)f->kicks_pending);
-	CHECK(!f->kicks_pending || r > 0, "wait_kick took none of %llu",
-	      (unsigned long long)f->kicks_pending);
-	f->kicks_pending -= (uint64_t)r;
+	uint64_t want = f->kicks_pending < f->num ? f->kicks_pending : f->num;
+	CHECK(r >= 0 && (uint64_t)r == want, "wait_kick took %d of %llu",
+	      r, (unsigned long long)f->kicks_pending);
+	f->kicks_pending = 0;
+	f->kicks_taken = r;
+}
+
+static int ack_fd = -1;
+
+/* The daemon acks the kicks it took: a sync exit returns per ack.  No more
+ * acks than kicks taken (and those are at most the queue size). */
+static void do_ack(struct fz *f)
+{
+	int n = f->kicks_taken;
+	f->kicks_taken = 0;
+	int r = vp_devq_ack_kicks(f->q, n);
+	CHECK(r == 0, "ack_kicks(%d) returned %d", n, r);
+	uint64_t posted = efd_take(f->ack, ack_fd);
+	CHECK(posted <= (uint64_t)n, "%llu acks for %d kicks",
+	      (unsigned long long)posted, n);
 }
 
 /* --------------------------------------------------- model: the request */
@@ -1014,7 +1175,9 @@ static void setup_once(void)
 	done = 1;
 	kick_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	call_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-	CHECK(kick_fd >= 0 && call_fd >= 0, "eventfd: %s", strerror(errno));
+	ack_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	CHECK(kick_fd >= 0 && call_fd >= 0 && ack_fd >= 0, "eventfd: %s",
+	      strerror(errno));
 	for (int i = 0; i < NSTRIPES_MAX; i++) {
 		stripe_fd[i] = memfd_create("fuzz_stripe", MFD_CLOEXEC);
 		CHECK(stripe_fd[i] >= 0, "memfd: %s", strerror(errno));
@@ -1057,6 +1220,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	f->cap = (uint64_t)(c1 & 31) * 512;
 	f->serial = serials[(c1 >> 5) & 3];
 	f->striped = (c0 >> 6) >= 2;
+	uint32_t exit_mode = c3 & 0x10 ? VP_EXIT_SYNC : VP_EXIT_ASYNC;
 	f->pop = calloc(f->num, sizeof(*f->pop));
 	f->segs = malloc(f->max_segs * sizeof(*f->segs));
 	CHECK(f->pop && f->segs, "out of memory");
@@ -1081,7 +1245,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		struct vp_queue_info qi = h->queue[f->qindex];
 		f->q = vp_devq_open(b, n->size, qi.data, qi.data + qi.data_size,
 				    f->qindex, f->num, qi.desc, qi.avail, qi.used,
-				    f->m.event_idx, VP_EXIT_ASYNC, &err);
+				    f->m.event_idx, exit_mode, &err);
 		CHECK(f->q, "vp_devq_open: %d", err);
 		vring_init(&f->vr, f->num, b + qi.desc, VP_RING_ALIGN);
 		CHECK((uint8_t *)f->vr.avail == b + qi.avail &&
@@ -1176,7 +1340,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		}
 		f->q = vp_devq_open_mem(&f->m.mem, 0, f->num, desc, avail, used,
 					priv_stats, f->m.event_idx,
-					VP_EXIT_ASYNC, &err);
+					exit_mode, &err);
 		CHECK(f->q, "vp_devq_open_mem: %d", err);
 	}
 	for (unsigned i = 0; i < f->nareas; i++) {
@@ -1192,10 +1356,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		;
 	while (read(call_fd, &junk, 8) == 8)
 		;
+	while (read(ack_fd, &junk, 8) == 8)
+		;
 	f->kick = vp_notifier_open_eventfd(kick_fd, &err);
 	f->call = vp_notifier_open_eventfd(call_fd, &err);
-	CHECK(f->kick && f->call, "notifier: %d", err);
-	vp_devq_set_notify(f->q, f->kick, f->call, NULL);
+	f->ack = vp_notifier_open_eventfd(ack_fd, &err);
+	CHECK(f->kick && f->call && f->ack, "notifier: %d", err);
+	vp_devq_set_notify(f->q, f->kick, f->call, f->ack);
 
 	/* The store: memory, or RAID-0 over memfds (c3: stripes, chunk,
 	 * O_DIRECT's alignment rules with a bounce buffer). */
@@ -1217,11 +1384,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	enum { OP_REQ, OP_DESC, OP_AVAIL, OP_RAW, OP_POP, OP_COMPLETE,
 	       OP_DRAIN, OP_PUSH, OP_INTERRUPT, OP_NEED_INTERRUPT,
 	       OP_DISABLE, OP_ENABLE, OP_SET_BASE, OP_KICK, OP_WAIT_KICK,
-	       OP_SET_MEM, OP_COUNT };
+	       OP_SET_MEM, OP_POP_RACE, OP_ACK, OP_COUNT };
 	while (in.i < in.n) {
 		cur_op++;
 		uint8_t op = u8(&in) % OP_COUNT;
-		if (op <= OP_RAW || op == OP_KICK)
+		if (op <= OP_RAW || op == OP_KICK || op == OP_POP_RACE)
 			settle(f);   /* the guest writes: compare first */
 		switch (op) {
 		case OP_REQ: guest_request(f, &in); break;
@@ -1262,6 +1429,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		}
 		case OP_KICK: guest_kick(f, u8(&in)); break;
 		case OP_WAIT_KICK: do_wait_kick(f); break;
+		case OP_POP_RACE: do_pop_race(f, &in); break;
+		case OP_ACK: do_ack(f); break;
 		case OP_SET_MEM: {
 			uint8_t mask = u8(&in);
 			if (f->native)
@@ -1296,14 +1465,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	CHECK(vp_devq_inflight(f->q) == 0, "requests left in flight");
 	if (getenv("FUZZ_DEVQ_VERBOSE"))
 		fprintf(stderr, "%s num %u: %u popped, ok %u ioerr %u unsupp %u, "
-			"no frame %u, %u interrupts, broken %d, used idx %u\n",
+			"no frame %u, %u interrupts, broken %d, used idx %u, "
+			"%u writes landed inside a pop\n",
 			f->native ? "native" : "multi", f->num, f->n_pops,
 			f->n_done[0], f->n_done[1], f->n_done[2], f->n_frame,
-			f->n_irq, vp_devq_broken(f->q), f->m.used_idx);
+			f->n_irq, vp_devq_broken(f->q), f->m.used_idx, f->n_raced);
 
 	vp_devq_close(f->q);
 	vp_notifier_close(f->kick);
 	vp_notifier_close(f->call);
+	vp_notifier_close(f->ack);
 	vp_store_close(f->st);
 	free(f->store_buf);
 	for (unsigned i = 0; i < f->nareas; i++)

@@ -11,24 +11,9 @@ import os
 import struct
 import sys
 
-(
-    REQ,
-    DESC,
-    AVAIL,
-    RAW,
-    POP,
-    COMPLETE,
-    DRAIN,
-    PUSH,
-    INTERRUPT,
-    NEED_INTERRUPT,
-    DISABLE,
-    ENABLE,
-    SET_BASE,
-    KICK,
-    WAIT_KICK,
-    SET_MEM,
-) = range(16)
+# Opcodes, in the order of the target's enum.
+(REQ, DESC, AVAIL, RAW, POP, COMPLETE, DRAIN, PUSH, INTERRUPT, NEED_INTERRUPT) = range(10)
+(DISABLE, ENABLE, SET_BASE, KICK, WAIT_KICK, SET_MEM, POP_RACE, ACK) = range(10, 18)
 IN, OUT, FLUSH, GET_ID, DISCARD, WZ = range(6)
 # lay bits
 SPLIT1, SPLIT2, SPLIT4 = 0, 1, 3
@@ -90,6 +75,16 @@ def set_base(la, ui):
 
 def push(head, length=0):
     return bytes([PUSH]) + struct.pack("<H", head) + bytes([length])
+
+
+def race(*writes):
+    """A pop with guest writes at the device's k-th read of guest memory:
+    (at, what, idx, value bytes); what 0 addr, 1 len, 2 flags, 3 next (of
+    descriptor idx), 4 avail idx, 5 avail ring[idx]."""
+    b = bytes([POP_RACE, len(writes) - 1])
+    for at, what, idx, value in writes:
+        b += bytes([at, what, idx]) + value
+    return b
 
 
 def raw(off, width_code, value):
@@ -154,6 +149,28 @@ SEEDS = {
     + avail_flags(0)
     + req(IN)
     + bytes([DRAIN, NEED_INTERRUPT]),
+    "kicks-acked": config(c3=0x10)
+    + bytes([KICK, 3, WAIT_KICK, ACK, ACK, KICK, 1, KICK, 2, WAIT_KICK])
+    + req(IN)
+    + bytes([DRAIN, ACK]),
+    # guest writes between the device's reads inside one pop (reads: 0 the
+    # avail entry, then addr, len, flags, next of each descriptor)
+    "race-len-after-check": config() + req(IN) + race((7, 1, 1, b"\xff" * 4)) + bytes([DRAIN]),
+    "race-len-before-read": config() + req(IN) + race((6, 1, 1, b"\0\1\0\0")) + bytes([DRAIN]),
+    "race-next-loop": config() + req(IN) + race((4, 3, 0, b"\0\0")) + bytes([DRAIN]),
+    "race-addr": config()
+    + req(OUT, 0, 1)
+    + race((5, 0, 1, b"\x00\x10"), (9, 2, 1, b"\x03\x00"))
+    + bytes([DRAIN]),
+    "race-head": config()
+    + req(IN)
+    + req(IN)
+    + race((0, 5, 0, b"\x03\x00"), (2, 4, 0, b"\x09\x00"))
+    + bytes([POP, DRAIN]),
+    "race-multi": config(**MULTI4)
+    + req(IN, 0, 2, lay=SPLIT2, place=SPREAD)
+    + race((5, 0x80, 1, b"\0" * 6 + b"\xff\xff"), (13, 1, 2, b"\x10\0\0\0"))
+    + bytes([DRAIN]),
     "kicks": config() + bytes([KICK, 3, WAIT_KICK, KICK, 0xFF, KICK, 1, WAIT_KICK, WAIT_KICK]),
     "set-base": config()
     + set_base(0xFFFE, 0xFFFE)

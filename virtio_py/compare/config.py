@@ -16,7 +16,7 @@ STRATEGY_ORDER = limits.STRATEGY.names  # hold first: the others are compared wi
 BASE: dict[str, Any] = {
     "workers": 4, "rw": "read", "bs": 4096, "iodepth": 1, "queues": 1,
     "exit": "sync", "exit_cost_us": 0.0, "mode": "notify", "event_idx": False,
-    "lock": "mutex", "store": "disk", "stripes": 12, "chunk": 64 << 10,
+    "lock": limits.LOCK_DEFAULT, "store": "disk", "stripes": 12, "chunk": 64 << 10,
     "size": 1 << 30, "area": 32 << 20, "prewrite": True, "queue_size": 128,
     "io_threads": None, "engine": "c",
 }  # fmt: skip
@@ -52,6 +52,38 @@ def parse_row(text: str) -> tuple[str, dict[str, Any]]:
                 f"{', '.join(k + '=N' for k in ROW_KEYS)}, joined by '+'"
             )
     return text, over
+
+
+# Devices the experiment can run on: its own daemon (native), a
+# qemu-storage-daemon it starts on a raw file (qsd), or any vhost-user-blk
+# back-end already listening (vhost-user:PATH).
+DEVICE_KINDS = ("native", "qsd", "vhost-user:PATH")
+# What a vhost-user device changes in BASE: its kick is an eventfd write.
+VHOST_USER_BASE: dict[str, Any] = {"exit": "async"}
+
+
+def parse_device(text: str) -> tuple[str, str | None]:
+    """'native', 'qsd' or 'vhost-user:PATH' -> (kind, path or None)."""
+    if text in ("native", "qsd"):
+        return text, None
+    kind, colon, path = text.partition(":")
+    if kind == "vhost-user" and colon and path:
+        return kind, path
+    raise ConfigError(f"device must be one of {', '.join(DEVICE_KINDS)}, not {text!r}")
+
+
+def check_vhost_user_row(label: str, over: Mapping[str, Any], kind: str) -> None:
+    """Refuse a row a vhost-user device cannot run, in one line."""
+    from ..vhost_front import SYNC_EXIT_REFUSED
+
+    what = f"row {label!r}" if label else "the base row"
+    if over.get("exit") == "sync":
+        raise ConfigError(f"{what}: {SYNC_EXIT_REFUSED}")
+    if over.get("mode") == "poll":
+        raise ConfigError(f"{what}: poll mode is the native daemon's; a vhost-user back-end "
+                          "serves its queues its own way")  # fmt: skip
+    if kind == "vhost-user" and "store" in over:
+        raise ConfigError(f"{what}: a running vhost-user back-end has its own store")
 
 
 def resolve(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,9 @@
-"""The experiment's run loop: for each row its own daemon on a temporary
+"""The experiment's run loop: for each row its own device on a temporary
 store, every strategy run repeat times, interleaved, and the repeats
-combined.  Everything it starts is stopped and unlinked at the end, on
-error, on Ctrl-C and on SIGTERM."""
+combined.  The device is our daemon, a qemu-storage-daemon serving the
+store's one stripe as a raw file, or a running vhost-user back-end; for the
+last two this process is the vhost-user front-end.  Everything it starts
+is stopped and unlinked at the end, on error, on Ctrl-C and on SIGTERM."""
 
 from __future__ import annotations
 
@@ -15,11 +17,20 @@ from typing import IO, Any
 from .. import limits
 from ..console import Progress, sigterm_as_interrupt
 from ..errors import ConfigError
+from ..qsd import QsdProcess, qsd_path
 from ..region import check_name
-from ..store import prewrite
+from ..store import prewrite, stripe_path
 from ..units import format_size
 from ..workload import JobSpec, describe, run_job
-from .config import BASE, STRATEGY_ORDER, parse_row, resolve
+from .config import (
+    BASE,
+    STRATEGY_ORDER,
+    VHOST_USER_BASE,
+    check_vhost_user_row,
+    parse_device,
+    parse_row,
+    resolve,
+)
 from .daemon import DaemonProcess
 from .results import add_changes, combine
 
@@ -70,14 +81,88 @@ class Stores:
 
 
 def annotate(
-    res: dict[str, Any], label: str, cfg: Mapping[str, Any], daemon: DaemonProcess
+    res: dict[str, Any], label: str, cfg: Mapping[str, Any], daemon: Any
 ) -> dict[str, Any]:
-    """Add the row label and the setup's configuration to a run's result."""
+    """Add the row label and the setup's configuration to a run's result.
+    daemon: what served it (anything with a pid; None: a running back-end)."""
     res["row"] = label
-    res["config"].update({k: cfg[k] for k in ("store", "stripes", "chunk", "prewrite", "area")})
-    res["config"]["disk_size"] = cfg["size"]
-    res["config"]["daemon_pid"] = daemon.pid
+    if cfg.get("store") is not None:
+        keys = ("store", "stripes", "chunk", "prewrite", "area")
+        res["config"].update({k: cfg[k] for k in keys})
+        res["config"]["disk_size"] = cfg["size"]
+    else:
+        res["config"]["area"] = cfg["area"]
+    if daemon is not None:
+        res["config"]["daemon_pid"] = daemon.pid
+    if cfg.get("served_by"):
+        res["config"]["served_by"] = cfg["served_by"]
     return res
+
+
+def qsd_version() -> str:
+    """'qemu-storage-daemon 7.2.22', or the bare name."""
+    import subprocess
+
+    binary = qsd_path()
+    if binary is None:
+        raise ConfigError("qemu-storage-daemon is not installed (Debian: qemu-system-common)")
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+        words = out.stdout.split()
+        return f"qemu-storage-daemon {words[2]}" if len(words) > 2 else "qemu-storage-daemon"
+    except (OSError, subprocess.SubprocessError):
+        return "qemu-storage-daemon"
+
+
+def raw_image(store_dir: str, size: int) -> str:
+    """The store's one stripe as a raw image of size bytes (sparse beyond
+    what was written): a one-stripe store is a plain raw file."""
+    path = stripe_path(store_dir, 0)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    return path
+
+
+def open_device(
+    stack: contextlib.ExitStack,
+    kind: str,
+    path: str | None,
+    name: str,
+    cfg: Mapping[str, Any],
+    store: str | None,
+    sock_dir: str | None,
+) -> tuple[Any, Any]:
+    """Start a row's device on stack: (what serves it, the vhost-user device
+    or None).  native: our daemon on the store directory; qsd:
+    qemu-storage-daemon on store, a raw image, then our front-end on it;
+    vhost-user: our front-end on path."""
+    if kind == "native":
+        assert store is not None
+        return stack.enter_context(DaemonProcess(name, store, cfg)), None
+    from ..vhost_front import VhostUserDisk
+
+    server = None
+    if kind == "qsd":
+        assert store is not None and sock_dir is not None
+        path = os.path.join(sock_dir, f"{name}.sock")
+        server = stack.enter_context(QsdProcess(store, path, num_queues=cfg["queues"]))
+    assert path is not None
+    disk = stack.enter_context(
+        VhostUserDisk.open(
+            path,
+            name=name,
+            queues=cfg["queues"],
+            queue_size=cfg["queue_size"],
+            lock=cfg["lock"],
+            event_idx=cfg["event_idx"],
+            exit_cost_us=cfg["exit_cost_us"],
+        )
+    )
+    return server, disk
 
 
 def compare(
@@ -90,16 +175,41 @@ def compare(
     progress_stream: IO[str] | None = None,
     verbose: bool = True,
     repeat: int = 3,
+    device: str = "native",
 ) -> dict[str, Any]:
     """Run every row (a configuration) repeat times per strategy, the
     strategies interleaved; returns {"runs": [...]} with one entry per row
     and strategy whose figures are medians over the repeats (every repeat
     is kept under "repeats").  Every parameter is checked before anything
-    starts."""
+    starts.
+
+    device: "native" (our daemon), "qsd" (qemu-storage-daemon on a raw file
+    of the store's size) or "vhost-user:PATH" (a back-end listening at
+    PATH).  On a vhost-user device every row exits async (the base row
+    too): its kick is an eventfd write; exit_cost_us models the trap."""
     limits.REPEAT.check(repeat)
     limits.RUNTIME.check(runtime)
-    base = dict(BASE, **(base or {}))
-    plans = [(label, resolve(base, over)) for label, over in (parse_row(r) for r in rows)]
+    kind, path = parse_device(device)
+    vhost = kind != "native"
+    base = dict(BASE, **(VHOST_USER_BASE if vhost else {}), **(base or {}))
+    if kind == "qsd":
+        base["stripes"] = 1  # one raw file: a one-stripe store is exactly that
+    parsed = [parse_row(r) for r in rows]
+    if vhost:
+        check_vhost_user_row("", {k: base[k] for k in ("exit", "mode")}, kind)
+        for label, over in parsed:
+            check_vhost_user_row(label, over, kind)
+    plans = [(label, resolve(base, over)) for label, over in parsed]
+    served_by = None
+    if kind == "qsd":
+        served_by = qsd_version() + " (vhost-user)"
+    elif kind == "vhost-user":
+        served_by = f"vhost-user {path}"
+    for _, cfg in plans:
+        if served_by:
+            cfg["served_by"] = served_by
+        if kind == "vhost-user":
+            cfg["store"] = None
     for s in strategies:
         limits.STRATEGY.check(s)
     for _, cfg in plans:
@@ -115,11 +225,28 @@ def compare(
     with contextlib.ExitStack() as stack, sigterm_as_interrupt():
         stack.callback(prog.clear)
         stores = Stores(stack, name_prefix, workdir, note)
+        sock_dir = None
+        if kind == "qsd":
+            # Short: a socket path has at most 107 bytes.
+            sock_dir = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=f"{name_prefix}{os.getpid()}-sock-")
+            )
+        if vhost:
+            note(
+                f"virtio-emu compare: device {served_by}: every row exits async (a vhost-user "
+                f"kick is an eventfd write, not the native default's sync exit), "
+                f"+{base['exit_cost_us']:g} us per kick (--exit-cost) for the trap"
+            )
         for n, (label, cfg) in enumerate(plans):
             name = check_name(f"{name_prefix}{os.getpid()}-{n}")
-            store_dir = stores.get(cfg)
+            store = None
+            if cfg["store"] is not None:
+                store = stores.get(cfg)
+                if kind == "qsd":
+                    store = raw_image(store, cfg["size"])
             note(f"virtio-emu compare: {label or 'RFC setup'}: {describe(cfg)}")
-            with DaemonProcess(name, store_dir, cfg) as daemon:
+            with contextlib.ExitStack() as row:
+                daemon, disk = open_device(row, kind, path, name, cfg, store, sock_dir)
                 reps: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
                 for rep in range(repeat):
                     for strategy in strategies:
@@ -128,7 +255,10 @@ def compare(
                                        strategy=strategy, engine=cfg["engine"])  # fmt: skip
                         tag = f" [{rep + 1}/{repeat}]" if repeat > 1 else ""
                         res = run_job(
-                            spec, progress=prog, label=f"{label or 'rfc'} {strategy}{tag}"
+                            spec,
+                            progress=prog,
+                            label=f"{label or 'rfc'} {strategy}{tag}",
+                            device=disk,
                         )
                         annotate(res, label, cfg, daemon)
                         reps[strategy].append(res)
@@ -146,4 +276,5 @@ def compare(
         "repeat": repeat,
         "cpus": os.cpu_count(),
         "base": dict(base),
+        "device": device,
     }

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..lock import LOCKSTAT_COLUMNS
+from ..lock import LOCKSTAT_COLUMNS, PERCENTILES, pool_histograms
 
 MEDIAN_KEYS = (
     "iops",
@@ -61,27 +61,64 @@ def combine(reps: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     out["latency_us"] = {k: _median([r["latency_us"][k] for r in reps]) for k in mid["latency_us"]}
     out["time_ms"] = {k: _median([r["time_ms"][k] for r in reps]) for k in mid["time_ms"]}
+    if all(r.get("lock_hist") for r in reps):
+        out["lock_hist"] = _combine_hists([r["lock_hist"] for r in reps])
+    if all(r.get("wakeups") for r in reps):
+        out["wakeups"] = {
+            k: None if any(r["wakeups"][k] is None for r in reps)
+            else _median([r["wakeups"][k] for r in reps])
+            for k in mid["wakeups"]
+        }  # fmt: skip
     for k in ("errors", "dup_completions", "queue_full"):
         out[k] = sum(r[k] for r in reps)
     out["repeat"] = len(reps)
-    out["repeats"] = [
-        {
-            k: r[k]
-            for k in (
-                "ios",
-                "iops",
-                "mbps",
-                "lockstat",
-                "latency_us",
-                "guest_cpu_pct",
-                "host_cpu_pct",
-                "kicks_per_request",
-                "time_ms",
-                "wall_s",
-            )
+    out["repeats"] = [_repeat_summary(r) for r in reps]
+    return out
+
+
+def _combine_hists(hists: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The repeats' lock distributions as one: like every other figure, the
+    count, max and percentiles are medians over the repeats (so a count is
+    the combined lockstat's acquisitions or contentions, and no percentile
+    exceeds the combined max); "pooled" has the buckets of all repeats
+    added up, with the percentiles of that pool."""
+    out: dict[str, Any] = {}
+    for kind in ("hold", "wait"):
+        ds = [h[kind] for h in hists]
+        out[kind] = {"over": ds[0]["over"]}
+        for k in ("count", "max", *PERCENTILES):
+            out[kind][k] = _median([d[k] for d in ds])
+    for k in ("sleeps", "wakeups"):
+        if all(k in h for h in hists):
+            out[k] = _median([h[k] for h in hists])
+    out["pooled"] = pool_histograms(hists)
+    return out
+
+
+def _repeat_summary(r: dict[str, Any]) -> dict[str, Any]:
+    """What the JSON keeps of each repeat: enough to see the spread."""
+    out = {
+        k: r[k]
+        for k in (
+            "ios",
+            "iops",
+            "mbps",
+            "lockstat",
+            "latency_us",
+            "guest_cpu_pct",
+            "host_cpu_pct",
+            "kicks_per_request",
+            "time_ms",
+            "wall_s",
+        )
+    }
+    if r.get("lock_hist"):
+        out["lock_hist"] = {
+            kind: {p: r["lock_hist"][kind][p] for p in (*PERCENTILES, "count", "max")}
+            for kind in ("hold", "wait")
         }
-        for r in reps
-    ]
+    if r.get("wakeups"):
+        out["wakeups"] = r["wakeups"]
     return out
 
 

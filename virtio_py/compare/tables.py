@@ -3,7 +3,7 @@ change against hold, then throughput, kicks and CPU."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..workload.report import describe
@@ -11,6 +11,7 @@ from .results import pct_change
 
 WAIT_COLS = ("con-bounces", "contentions", "waittime-min", "waittime-max", "waittime-total")
 HOLD_COLS = ("acq-bounces", "acquisitions", "holdtime-min", "holdtime-max", "holdtime-total")
+DIST_COLS = ("hold p50", "hold p99", "hold p99.9", "wait p50", "wait p99", "wait p99.9")
 
 
 def _fmt_num(v: Any) -> str:
@@ -27,8 +28,22 @@ def _fmt_pct(p: float | None) -> str:
     return f" ({p:+.0f}%)"
 
 
+def _lockstat(r: Mapping[str, Any], c: str) -> Any:
+    return r["lockstat"][c]
+
+
+def _dist(r: Mapping[str, Any], c: str) -> Any:
+    """'hold p99' -> the run's hold-time p99 (us); None without histograms."""
+    kind, p = c.split()
+    d = (r.get("lock_hist") or {}).get(kind)
+    return None if d is None else float(d[p])
+
+
 def _table(
-    rows: Sequence[tuple[Mapping[str, Any], Any]], cols: Sequence[str], names: Sequence[str]
+    rows: Sequence[tuple[Mapping[str, Any], Any]],
+    cols: Sequence[str],
+    names: Sequence[str],
+    get: Callable[[Mapping[str, Any], str], Any] = _lockstat,
 ) -> list[str]:
     widths = [max(len(names[0]), *(len(n) for n in names[1:]))]
     hold = next((r for r, _ in rows if r["strategy"] == "hold"), None)
@@ -36,10 +51,14 @@ def _table(
     for r, _ in rows:
         line = []
         for c in cols:
+            v = get(r, c)
+            if v is None:
+                line.append("-")
+                continue
             pct = None
-            if hold is not None and r is not hold:
-                pct = pct_change(r["lockstat"][c], hold["lockstat"][c])
-            line.append(_fmt_num(r["lockstat"][c]) + _fmt_pct(pct))
+            if hold is not None and r is not hold and get(hold, c) is not None:
+                pct = pct_change(v, get(hold, c))
+            line.append(_fmt_num(v) + _fmt_pct(pct))
         cells.append(line)
     for j, c in enumerate(cols):
         widths.append(max(len(c), *(len(line[j]) for line in cells)))
@@ -75,6 +94,14 @@ def format_tables(result: Mapping[str, Any]) -> str:
         out.append("")
         out += _table(rows, HOLD_COLS, names)
         out.append("")
+        if all(r.get("lock_hist") for r in rs):
+            out.append(
+                "Hold and wait time percentiles (us; upper edges of log2 buckets, at most the "
+                "max; hold over acquisitions, wait over contentions):"
+            )
+            out.append("")
+            out += _table(rows, DIST_COLS, names, _dist)
+            out.append("")
         hdr = (
             f"{'name':<8} {'IOPS':>9} {'vs hold':>7} {'MB/s':>7} {'p50us':>7} {'p99us':>8} "
             f"{'maxus':>9} "
@@ -95,6 +122,23 @@ def format_tables(result: Mapping[str, Any]) -> str:
                 f"{r['host_cpu_pct']:>6.1f} {r['guest_cpu_us_per_request']:>12.1f}"
             )
         out.append("")
+        if all(r.get("wakeups") for r in rs):
+            out.append(
+                "Wake-ups per request (voluntary context switches; guest: workers and their "
+                "interrupt threads, host: the daemon's threads):"
+            )
+            out.append(
+                f"{'name':<8} {'guest':>8} {'host':>8} {'kicks':>8} {'irqs':>8} {'lock sleeps':>12}"
+            )
+            for r in rs:
+                w = r["wakeups"]
+                host = "?" if w["host_per_request"] is None else f"{w['host_per_request']:.2f}"
+                out.append(
+                    f"{r['strategy']:<8} {w['guest_per_request']:>8.2f} {host:>8} "
+                    f"{r['kicks_per_request']:>8.3f} {r['interrupts_per_request']:>8.3f} "
+                    f"{w['lock_sleeps_per_request']:>12.3f}"
+                )
+            out.append("")
         out.append("Where the guest's time went (all workers, ms; CPU user/sys in s):")
         out.append(
             f"{'name':<8} {'lock wait':>10} {'lock hold':>10} {'in kick':>10} "

@@ -13,7 +13,13 @@ import numpy as np
 
 from .._lowlevel import lib
 from ..limits import SECTOR
-from ..lock import LOCKSTAT_COLUMNS, lockstat_from_raw
+from ..lock import (
+    LOCKSTAT_COLUMNS,
+    LOCKSTAT_FIELDS,
+    PERCENTILES,
+    lock_histograms,
+    lockstat_from_raw,
+)
 from ..region import Region
 from ..units import format_size
 from .spec import JobSpec
@@ -36,10 +42,16 @@ def describe(cfg: Mapping[str, Any]) -> str:
     )
     if cfg.get("exit_cost_us"):
         line += f" +{cfg['exit_cost_us']:g}us"
-    line += f", {cfg['mode']}, event_idx {'on' if cfg['event_idx'] else 'off'}, lock {cfg['lock']}"
-    if "store" in cfg:
+    # A vhost-user back-end serves its own way: no mode of ours, and its
+    # store is one raw file.
+    served = cfg.get("served_by")
+    line += f", {served or cfg['mode']}"
+    line += f", event_idx {'on' if cfg['event_idx'] else 'off'}, lock {cfg['lock']}"
+    if cfg.get("store") is not None:
         line += f", store {cfg['store']}"
-        if cfg["store"] == "disk" and "stripes" in cfg:
+        if served:
+            line += " (raw file)"
+        elif cfg["store"] == "disk" and "stripes" in cfg:
             line += f" ({cfg['stripes']}x{format_size(cfg['chunk'])} stripes)"
     return line
 
@@ -55,6 +67,59 @@ def percentiles(lat_ns: Any) -> dict[str, float]:
         "p99": round(float(p[2]), 2),
         "p99.9": round(float(p[3]), 2),
     }
+
+
+def proc_ctx_switches(pid: int) -> dict[str, int] | None:
+    """Voluntary and involuntary context switches of every thread of a
+    process so far (/proc/PID/task/*/status), or None if it cannot be read.
+    A voluntary switch is a sleep: each is one wake-up to come."""
+    tot = {"voluntary": 0, "involuntary": 0}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        tot["voluntary"] += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        tot["involuntary"] += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return tot
+
+
+def wakeups(
+    results: Sequence[Mapping[str, Any]],
+    ios: int,
+    lock_hist: Mapping[str, Any],
+    daemon_ctx: Mapping[str, int] | None,
+) -> dict[str, Any]:
+    """Wake-ups of a run, in total and per request.  Every voluntary context
+    switch is a sleep that a wake-up ended: the guest's are the workers' (main
+    and interrupt thread, getrusage), the host's the daemon's threads'; the
+    lock's sleeps are among the guest's."""
+    per = max(ios, 1)
+    g_vol = sum(r["ctx_vol"] for r in results)
+    g_inv = sum(r["ctx_invol"] for r in results)
+    out: dict[str, Any] = {
+        "guest_ctxsw_voluntary": g_vol,
+        "guest_ctxsw_involuntary": g_inv,
+        "guest_per_request": round(g_vol / per, 3),
+        "host_ctxsw_voluntary": None,
+        "host_ctxsw_involuntary": None,
+        "host_per_request": None,
+        "lock_sleeps": lock_hist.get("sleeps", 0),
+        "lock_wakeups": lock_hist.get("wakeups", 0),
+        "lock_sleeps_per_request": round(lock_hist.get("sleeps", 0) / per, 3),
+    }
+    if daemon_ctx is not None:
+        out["host_ctxsw_voluntary"] = daemon_ctx["voluntary"]
+        out["host_ctxsw_involuntary"] = daemon_ctx["involuntary"]
+        out["host_per_request"] = round(daemon_ctx["voluntary"] / per, 3)
+    return out
 
 
 def _worker_row(r: Mapping[str, Any]) -> dict[str, Any]:
@@ -96,8 +161,12 @@ def summarise(
     daemon_cpu: float,
     wall_parent: float,
     used_q: Sequence[int],
+    daemon_ctx: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Everything a run measures, as one JSON-ready dict."""
+    """Everything a run measures, as one JSON-ready dict.  raw: the merged
+    lock counters (``merge_lockstats``), histograms included; daemon_ctx:
+    the daemon's context switches over the run ({"voluntary", "involuntary"},
+    see ``proc_ctx_switches``), if they were sampled."""
     delta = {k: sum(c1[q][k] - c0[q][k] for q in used_q) for k in c0[used_q[0]]}
     t_start = min(r["t_start_ns"] for r in results)
     t_end = max(r["t_end_ns"] for r in results)
@@ -131,6 +200,7 @@ def summarise(
             }
     h = region.header
     lockstat = lockstat_from_raw(raw)
+    lock_hist = lock_histograms(raw)
     return {
         "strategy": spec.strategy,
         "config": {
@@ -143,7 +213,8 @@ def summarise(
             "cpus": NCPU,
         },
         "lockstat": lockstat,
-        "lockstat_ns": dict(raw),
+        "lockstat_ns": {f: raw[f] for f in LOCKSTAT_FIELDS},
+        "lock_hist": lock_hist,
         "ios": ios,
         "bytes": nbytes,
         "wall_s": round(wall, 4),
@@ -160,6 +231,7 @@ def summarise(
         "requests_added": delta["added"],
         "requests_completed": delta["completed"],
         "lock_acquisitions_per_request": round(lockstat["acquisitions"] / per_req, 3),
+        "wakeups": wakeups(results, ios, lock_hist, daemon_ctx),
         "guest_cpu_s": round(cpu_total, 4),
         "guest_cpu_pct": round(100.0 * cpu_total / wall, 1),
         "guest_cpu_pct_of_machine": round(100.0 * cpu_total / wall / NCPU, 1),
@@ -204,8 +276,26 @@ def format_result(res: Mapping[str, Any]) -> str:
         f"{res['guest_cpu_us_per_request']:.1f} us/req; host daemon CPU "
         f"{res['host_cpu_s']:.3f} s = {res['host_cpu_pct']:.1f}%"
     )
+    wk = res.get("wakeups")
+    if wk:
+        host = "?" if wk["host_per_request"] is None else f"{wk['host_per_request']:.2f}"
+        lines.append(
+            f"  wake-ups per request (voluntary context switches): guest "
+            f"{wk['guest_per_request']:.2f}, host daemon {host}; lock sleeps "
+            f"{wk['lock_sleeps_per_request']:.3f} ({wk['lock_sleeps']} sleeps, "
+            f"{wk['lock_wakeups']} wake-ups)"
+        )
     ls = res["lockstat"]
     lines.append("  lockstat " + " ".join(f"{k}={ls[k]}" for k in LOCKSTAT_COLUMNS))
+    lh = res.get("lock_hist")
+    if lh:
+        for kind, col in (("hold", "holdtime"), ("wait", "waittime")):
+            d = lh[kind]
+            lines.append(
+                f"  lock {kind} us: "
+                + "  ".join(f"{p} {d[p]:.2f}" for p in PERCENTILES)
+                + f"  max {ls[col + '-max']:.2f}  ({d['count']} {d['over']})"
+            )
     lines.append(
         "  worker    pid    ios  user_s   sys_s  cpu%  lockwait_ms lockhold_ms "
         "  kick_ms  iowait_ms  irqs  reaped"

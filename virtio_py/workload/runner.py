@@ -14,16 +14,19 @@ import ctypes
 import multiprocessing
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, VirtioError
+from ..errors import ConfigError, DeviceGoneError, VirtioError
 from ..limits import SECTOR
 from ..lock import SharedLock, merge_lockstats
 from ..proc import proc_cpu_seconds
 from ..region import Region
-from .report import summarise
+from .report import proc_ctx_switches, summarise
 from .spec import JobSpec, plan_areas
 from .worker import worker_main
+
+if TYPE_CHECKING:
+    from ..vhost_front import VhostUserDisk
 
 # progress(label, elapsed seconds, runtime or None, requests completed)
 Progress = Callable[[str, float, "float | None", int], None]
@@ -51,16 +54,28 @@ def queue_counters(region: Region, q: int) -> dict[str, int]:
 
 
 def run_job(
-    spec: JobSpec, progress: Progress | None = None, label: str | None = None
+    spec: JobSpec,
+    progress: Progress | None = None,
+    label: str | None = None,
+    device: VhostUserDisk | None = None,
 ) -> dict[str, Any]:
     """Run a job on a device whose daemon is running; returns the result dict
     (see report.summarise).
+
+    device: a vhost-user device this process opened (its region's name is
+    spec.name); the workers kick and take interrupts through its eventfds,
+    and a back-end that goes away fails the run with DeviceGoneError.
 
     progress(label, elapsed, runtime, ios): called about 4 times a second
     while the workers run (for the terminal).  Ctrl-C stops the workers
     cleanly and re-raises KeyboardInterrupt.
     """
     spec.check()
+    if device is not None:
+        if device.name != spec.name:
+            raise ConfigError(f"job for {spec.name!r} on vhost-user device {device.name!r}")
+        device.raise_if_gone()
+        return _run(spec, device.region, progress, label or spec.strategy, device)
     region = Region.attach(spec.name)
     try:
         return _run(spec, region, progress, label or spec.strategy)
@@ -68,15 +83,34 @@ def run_job(
         region.close()
 
 
-def _run(spec: JobSpec, region: Region, progress: Progress | None, label: str) -> dict[str, Any]:
+def _cpu_seconds(pid: int) -> float:
+    """A device process's CPU so far; 0 when it is unknown or gone."""
+    try:
+        return proc_cpu_seconds(pid) if pid > 0 else 0.0
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _run(
+    spec: JobSpec,
+    region: Region,
+    progress: Progress | None,
+    label: str,
+    device: VhostUserDisk | None = None,
+) -> dict[str, Any]:
     capacity = region.header.blk.capacity * SECTOR
     areas = plan_areas(spec, capacity)
     nq = region.num_queues
     queues = [i % nq for i in range(spec.workers)]
     used_q = sorted(set(queues))
-    daemon_pid = region.daemon_pid
-    if daemon_pid <= 0:
-        raise ConfigError(f"device {spec.name!r} has no daemon serving it")
+    notify_fds = None
+    if device is not None:
+        notify_fds = device.queue_fds()
+        daemon_pid = device.backend_pid
+    else:
+        daemon_pid = region.daemon_pid
+        if daemon_pid <= 0:
+            raise ConfigError(f"device {spec.name!r} has no daemon serving it")
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(spec.workers + 1)
     done_barrier = ctx.Barrier(spec.workers)
@@ -91,7 +125,7 @@ def _run(spec: JobSpec, region: Region, progress: Progress | None, label: str) -
                 target=worker_main,
                 name=f"virtio-emu-worker-{i}",
                 args=(i, spec, queues[i], areas[i][0], areas[i][1], barrier, done_barrier,
-                      stop, w),
+                      stop, w, notify_fds),
             )  # fmt: skip
             p.start()
             w.close()
@@ -106,13 +140,15 @@ def _run(spec: JobSpec, region: Region, progress: Progress | None, label: str) -
         for lk in locks:
             lk.reset()
         c0 = {q: queue_counters(region, q) for q in used_q}
-        d0 = proc_cpu_seconds(daemon_pid)
+        d0 = _cpu_seconds(daemon_pid)
+        x0 = proc_ctx_switches(daemon_pid) if daemon_pid > 0 else None
         t0 = time.monotonic()
         _parent_wait(barrier)  # go
         _wait_for_workers(spec, region, used_q, c0, conns, procs, results, t0, stop, progress,
-                          label)  # fmt: skip
+                          label, device)  # fmt: skip
         t1 = time.monotonic()
-        d1 = proc_cpu_seconds(daemon_pid)
+        d1 = _cpu_seconds(daemon_pid)
+        x1 = proc_ctx_switches(daemon_pid) if daemon_pid > 0 else None
         c1 = {q: queue_counters(region, q) for q in used_q}
         raw = merge_lockstats([lk.raw_stats() for lk in locks])
     except BaseException:
@@ -133,9 +169,33 @@ def _run(spec: JobSpec, region: Region, progress: Progress | None, label: str) -
             c.close()
     failure = _failure(results)
     if failure:
+        if device is not None and not device.check():
+            raise DeviceGoneError(f"{device.gone}; {failure}")
         raise JobError(failure)
     done = [r for r in results if r is not None]
-    return summarise(spec, region, done, raw, c0, c1, d1 - d0, t1 - t0, used_q)
+    switches = {k: x1[k] - x0[k] for k in x1} if x0 and x1 else None
+    res = summarise(spec, region, done, raw, c0, c1, d1 - d0, t1 - t0, used_q, daemon_ctx=switches)
+    if device is not None:
+        _vhost_user_figures(res, device)
+    return res
+
+
+def _vhost_user_figures(res: dict[str, Any], device: VhostUserDisk) -> None:
+    """What a vhost-user back-end does not count in the region: interrupts
+    are the ones the guests' interrupt threads took (several calls the
+    back-end sends between two reads of the eventfd are one interrupt, as
+    for an MSI-X vector)."""
+    irqs = sum(w["irqs"] for w in res["workers"])
+    res["interrupts"] = irqs
+    res["interrupts_per_request"] = round(irqs / max(res["ios"], 1), 4)
+    res["config"].update(
+        {
+            "transport": "vhost-user",
+            "served_by": f"vhost-user {device.path}",
+            "backend": device.path,
+            "backend_pid": device.backend_pid,
+        }
+    )
 
 
 def _parent_wait(barrier: Any, timeout: float = 60) -> None:
@@ -183,6 +243,7 @@ def _wait_for_workers(
     stop: Any,
     progress: Progress | None,
     label: str,
+    device: VhostUserDisk | None = None,
 ) -> None:
     last = 0.0
     interrupted = False
@@ -202,6 +263,9 @@ def _wait_for_workers(
                             "error": f"worker {i} (pid {procs[i].pid}) died "
                             f"(exit code {code}) without reporting"
                         }
+            if device is not None and not device.check():
+                # The workers' waits fail now (daemon_pid is 0); stop the rest.
+                stop.value = 1
             now = time.monotonic()
             if hard_deadline and now > hard_deadline:
                 raise JobError("workers did not stop")

@@ -65,16 +65,26 @@ def worker_main(
     done_barrier: Any,
     stop: Any,
     conn: Any,
+    notify_fds: dict[int, tuple[int, int]] | None = None,
 ) -> None:
-    """Body of worker process idx; it reports one dict through conn and exits."""
+    """Body of worker process idx; it reports one dict through conn and exits.
+
+    notify_fds: {queue: (kick_fd, call_fd)} of a vhost-user device, inherited
+    from the parent (default: the region's named semaphores)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us via `stop`
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     set_pdeathsig()
-    region = vq = slot = None
+    region = slot = None
+    vq: Virtqueue | None = None
     out: dict[str, Any] = {"worker": idx, "pid": os.getpid(), "queue": queue}
     try:
         region = Region.attach(spec.name)
-        vq = Virtqueue(region, queue)
+        if notify_fds is not None:
+            from ..vhost_front import EventfdVirtqueue
+
+            vq = EventfdVirtqueue(region, queue, *notify_fds[queue])
+        else:
+            vq = Virtqueue(region, queue)
         slot = GuestSlot(vq, depth=spec.iodepth, strategy=spec.strategy)
         if spec.bs > slot.max_data:
             raise ConfigError(

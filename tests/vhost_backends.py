@@ -1,0 +1,123 @@
+"""The vhost-user-blk back-ends the front-end tests drive: qemu-storage-daemon
+on a raw file, and our own daemon (virtio-hostd start --vhost-user) on a
+one-stripe store, which is a raw file too.  Either way ``image`` is the file
+whose bytes are the disk's, offset for offset.
+
+A back-end a test cannot have (no qemu-storage-daemon, a daemon without
+--vhost-user) skips that test with the reason.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from virtio_py.qsd import QSD_SERIAL, QsdProcess, qsd_path
+from virtio_py.region import destroy
+from virtio_py.store import stripe_path
+
+KINDS = ("qsd", "hostd")
+HOSTD = [sys.executable, "-m", "host_daemon"]
+
+
+def hostd_has_vhost_user():
+    p = subprocess.run(HOSTD + ["start", "--help"], capture_output=True, text=True, timeout=60)
+    return "--vhost-user" in p.stdout
+
+
+class Backend:
+    """One running back-end: ``sock``, ``image``, ``serial`` (what GET_ID
+    answers), ``pid``; ``kill()`` ends it as a crash would, ``stop()`` in order."""
+
+    kind = ""
+
+    def kill(self):
+        raise NotImplementedError
+
+    def stop(self):
+        raise NotImplementedError
+
+
+class QsdBackend(Backend):
+    kind = "qsd"
+
+    def __init__(self, directory, size, num_queues=1):
+        if qsd_path() is None:
+            pytest.skip("qemu-storage-daemon is not installed (Debian: qemu-system-common)")
+        self.image = os.path.join(directory, "disk.raw")
+        with open(self.image, "wb") as f:
+            f.truncate(size)
+        self.sock = os.path.join(directory, "qsd.sock")
+        self.serial = QSD_SERIAL
+        self.proc = QsdProcess(self.image, self.sock, num_queues=num_queues).start()
+        self.pid = self.proc.pid
+
+    def kill(self):
+        self.proc.kill()
+
+    def stop(self):
+        self.proc.stop()
+
+
+class HostdBackend(Backend):
+    """``virtio-hostd start --foreground --vhost-user SOCK --stripes 1``: a
+    child of the test, as compare runs its daemon."""
+
+    kind = "hostd"
+    _checked = None
+
+    def __init__(self, directory, size, name, num_queues=1):
+        if HostdBackend._checked is None:
+            HostdBackend._checked = hostd_has_vhost_user()
+        if not HostdBackend._checked:
+            pytest.skip("virtio-hostd has no --vhost-user yet")
+        self.name = name
+        store = os.path.join(directory, "store")
+        self.image = stripe_path(store, 0)
+        self.sock = os.path.join(directory, "hostd.sock")
+        self.serial = f"vpy-{name}".encode()[:20]
+        cmd = HOSTD + [
+            "start", "--foreground", "--name", name, "--store", store, "--size", str(size),
+            "--stripes", "1", "--queues", str(num_queues), "--vhost-user", self.sock,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        self.pid = self.proc.pid
+        lines = []
+        for line in self.proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if "ready:" in line:
+                return
+        self.stop()
+        pytest.fail(f"virtio-hostd --vhost-user did not get ready: {lines}")
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+        destroy(self.name)  # what a killed daemon left
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+
+
+def start(kind, directory, size, name, num_queues=1):
+    if kind == "qsd":
+        return QsdBackend(directory, size, num_queues)
+    return HostdBackend(directory, size, f"{name}-hd", num_queues)
