@@ -48,7 +48,8 @@ fuzz:
 
 # bench/bench_hostd.py compares the host daemon with fio (Debian's package).
 bench: $(STAMP)
-	@command -v fio >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq fio; }
+	@command -v fio >/dev/null 2>&1 && command -v qemu-storage-daemon >/dev/null 2>&1 \
+		|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends fio $(GUEST_PKGS); }
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-autosave \
 		--benchmark-columns=min,median,mean,ops,rounds
 

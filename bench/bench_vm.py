@@ -34,6 +34,8 @@ JOBS, COUNT = 4, 2048  # 4 x 8 MiB, each job at its own place
 SIZE = 64 << 20
 CHUNK = 64 << 10
 RESULTS = {}
+# The kernel's crypto self-tests only slow the boot.
+KERNEL_ARGS = "cryptomgr.notests=1"
 
 
 class OurDaemon:
@@ -91,7 +93,9 @@ def bed(request):
 
 
 def _guest(sock):
-    res = linux_guest.run_guest(sock, mode="bench", num_queues=1, jobs=JOBS, count=COUNT)
+    res = linux_guest.run_guest(
+        sock, mode="bench", num_queues=1, jobs=JOBS, count=COUNT, kernel_args=KERNEL_ARGS
+    )
     if not res.ok:
         pytest.fail("guest run failed:\n" + res.report())
     return res

@@ -13,10 +13,11 @@
  * thread waits on the call only while no thread of its process does.  So
  * the hop from an interrupt thread to the waiting worker, a cross-process
  * wake-up here but an in-guest task switch on a real guest, is paid only
- * when the completion is another process's.  A waiter that finds used
- * buffers before it sleeps reaps them at once.  Where one sleep cannot
- * cover both (an eventfd call, Linux < 5.16) the irq thread takes every
- * interrupt and wakes the owner, as before. */
+ * when the completion is another process's.  A worker also takes the
+ * interrupts pending when it starts a wait (a running vCPU takes one at
+ * once), and one that finds used buffers before it sleeps reaps them.
+ * Where one sleep cannot cover both (an eventfd call, Linux < 5.16) the
+ * irq thread takes every interrupt and wakes the owner, as before. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
@@ -346,10 +347,9 @@ static int done_in(struct vp_guest *g, uint64_t mask)
 /* Take the posts of the call that are pending now: whoever reaps next
  * covers what they announced.  Saves a sleeper a wake-up for buffers we
  * are about to reap (only where a take costs no system call). */
-static void take_calls(struct vp_guest *g)
+static int take_calls(struct vp_guest *g)
 {
-	if (g->direct && g->call)
-		vp_notifier_take(g->call, UINT_MAX);
+	return g->direct && g->call ? vp_notifier_take(g->call, UINT_MAX) : 0;
 }
 
 /* Sleep until *word moves from seq, or (direct) an interrupt comes: 1 took
@@ -380,6 +380,11 @@ int vp_guest_wait_any_at(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
 	struct vp_guest_slot *s = g->slot;
 	uint64_t now = t0;
 	int tag, reap_failed = 0;
+	/* A running vCPU takes a pending interrupt at once; a worker between
+	 * requests does so here, where it passes between every request: with
+	 * the irq thread aside, nobody else would reap until it slept. */
+	if (take_calls(g) > 0)
+		reap_failed = vp_guest_reap(g) < 0;
 	while ((tag = done_in(g, mask)) < 0) {
 		uint32_t seq = __atomic_load_n(&s->wake_seq, __ATOMIC_SEQ_CST);
 		if ((tag = done_in(g, mask)) >= 0)

@@ -13,7 +13,6 @@
  * memory breaks with EFAULT. */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <limits.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>

@@ -8,37 +8,15 @@ read, never trusted (an unknown code is named as such, nothing raises)."""
 
 from typing import Any
 
-from virtio_py._lowlevel import RING_CODES, check, code_name, ffi, lib, strerror
 from virtio_py.limits import EXIT, LOCK, MODE
 from virtio_py.lock import SharedLock
 from virtio_py.pidfile import DaemonState, probe
-from virtio_py.region import FEATURE_BITS, Region
+from virtio_py.region import FEATURE_BITS, STATUS_NEEDS_RESET, Region
+from virtio_py.virtqueue import broken_reason
 
 from .vhost import listening_socket
 
 REQ_NAMES = ("in", "out", "flush", "get_id", "discard", "write_zeroes", "unsupp", "ioerr")
-KNOWN_CODES = set(RING_CODES) | {lib.VP_EBROKEN, 14}  # 14: EFAULT, memory lost
-
-
-def _reason(code: int) -> str | None:
-    """Why a queue is broken, for any 32-bit value a guest may have left."""
-    if not code:
-        return None
-    if code in KNOWN_CODES:
-        return f"{code_name(code)}: {strerror(code)}"
-    return f"unknown code {code}"
-
-
-def _copy(r: Region, gpa: int, ctype: str) -> Any:
-    """A private copy (an owning pointer) of the ctype at gpa, which the
-    checked header puts inside the region."""
-    out = ffi.new(ctype + " *")
-    ffi.memmove(out, r.base + gpa, ffi.sizeof(ctype))
-    return out
-
-
-def _u16(r: Region, gpa: int) -> int:
-    return int(_copy(r, gpa, "uint16_t")[0])
 
 
 def device_status(name: str, state: DaemonState | None = None) -> dict[str, Any]:
@@ -50,16 +28,15 @@ def device_status(name: str, state: DaemonState | None = None) -> dict[str, Any]
     running = bool(state and state.alive)
     r = Region.attach(name)
     try:
-        h = _copy(r, 0, "struct vp_region_header")
-        check(lib.vp_region_check(h, r.size), f"device {name!r}")
+        h = r.header_copy()
         features = [f for f, b in FEATURE_BITS.items() if h.device_features >> b & 1]
-        event_idx = bool(h.driver_features >> lib.VIRTIO_RING_F_EVENT_IDX & 1)
+        event_idx = bool(h.driver_features >> FEATURE_BITS["EVENT_IDX"] & 1)
         out: dict[str, Any] = {
             "name": name,
             "daemon_pid": pid,
             "running": running,
             "status": h.status,
-            "needs_reset": bool(h.status & lib.VP_STATUS_NEEDS_RESET),
+            "needs_reset": bool(h.status & STATUS_NEEDS_RESET),
             "config": {
                 "capacity_sectors": h.blk.capacity,
                 "capacity_bytes": h.blk.capacity * 512,
@@ -81,19 +58,18 @@ def device_status(name: str, state: DaemonState | None = None) -> dict[str, Any]
         vhost = listening_socket(pid) if running and pid > 0 else None
         out["vhost_user"] = vhost
         for q in range(h.num_queues):
-            qi = h.queue[q]
-            sh = _copy(r, qi.shared, "struct vp_queue_shared")
-            dev, drv = sh.dev, sh.drv
+            qc = r.queue_copy(h, q)
+            dev, drv = qc["shared"].dev, qc["shared"].drv
             out["queues"].append(
                 {
                     "index": q,
-                    "size": qi.num,
-                    "avail_idx": None if vhost else _u16(r, qi.avail + 2),
-                    "used_idx": dev.used_idx if vhost else _u16(r, qi.used + 2),
+                    "size": h.queue[q].num,
+                    "avail_idx": None if vhost else qc["avail_idx"],
+                    "used_idx": dev.used_idx if vhost else qc["used_idx"],
                     "last_avail_idx": dev.last_avail_idx,
                     "inflight": dev.inflight,
                     "broken": bool(dev.broken),
-                    "broken_reason": _reason(dev.broken),
+                    "broken_reason": broken_reason(dev.broken),
                     "kicks_taken": dev.kicks_taken,
                     "interrupts": dev.interrupts,
                     "interrupts_suppressed": dev.interrupts_suppressed,
@@ -102,7 +78,7 @@ def device_status(name: str, state: DaemonState | None = None) -> dict[str, Any]
                     "requests": {n: dev.req[i] for i, n in enumerate(REQ_NAMES)},
                     "bytes_read": dev.bytes_read,
                     "bytes_written": dev.bytes_written,
-                    "lock": SharedLock(r, ffi.addressof(sh[0], "lock")).stats(),
+                    "lock": SharedLock(r, qc["lock"]).stats(),
                 }
             )
         return out

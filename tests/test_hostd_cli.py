@@ -5,10 +5,10 @@ ready, a second start, and bad input in one line."""
 import errno
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
-import threading
 
 import posix_ipc
 import pytest
@@ -264,17 +264,19 @@ def test_interrupted_start_stops_the_daemon_it_forked(name, tmp_path):
         from host_daemon.daemon import HostDaemon
 
         setup, request_stop = HostDaemon.setup, HostDaemon.request_stop
-        stop_asked = threading.Event()
+        # A pipe, not a threading.Event: stop() runs in a signal handler, and
+        # Event.set() there deadlocks against a main thread inside Event.wait().
+        asked_r, asked_w = os.pipe()
 
         def stop(self, *args):
-            stop_asked.set()
+            os.write(asked_w, b"x")
             request_stop(self, *args)
 
         def setup_while_interrupted(self):
             # In the forked daemon: Ctrl-C reaches start while the daemon
             # sets up, and setup goes on once start asked the daemon to stop.
             os.kill(os.getppid(), signal.SIGINT)
-            stop_asked.wait(30)
+            select.select([asked_r], [], [], 30)
             setup(self)
 
         HostDaemon.request_stop = stop

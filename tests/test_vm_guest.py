@@ -22,6 +22,8 @@ SIZE = 64 << 20
 # last 8 KiB of the disk.
 OFFSETS = (0, 65536 - 4096, 1 << 20, SIZE - 8192)
 LENGTH = 8192
+# The kernel's crypto self-tests only slow the boot (and stall it on a loaded host).
+KERNEL_ARGS = "cryptomgr.notests=1"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,7 @@ def test_linux_guest_does_direct_io_on_the_daemon(guest_ready, queues, name, tmp
         length=LENGTH,
         tag=tag,
         jobs=4,
+        kernel_args=KERNEL_ARGS,
         count=256,
         timeout=150,
     )

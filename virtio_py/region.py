@@ -28,6 +28,7 @@ LOCK_KINDS = LOCK.codes
 EXIT_MODES = EXIT.codes
 SERVE_MODES = MODE.codes
 NOTIFIER_ROLES = ("kick", "call", "ack")
+STATUS_NEEDS_RESET: int = lib.VP_STATUS_NEEDS_RESET
 
 FEATURE_BITS = {
     "SEG_MAX": lib.VIRTIO_BLK_F_SEG_MAX,
@@ -445,6 +446,38 @@ class Region(Closeable):
         if gpa < lo or gpa + len(data) > hi:
             raise ConfigError(f"range {gpa:#x}+{len(data)} outside the data area")
         ffi.memmove(self.base + gpa, data, len(data))
+
+    # ---- private copies, for a reader that must not read guest memory twice
+    def header_copy(self) -> Any:
+        """The header, copied once and checked (RegionError if the copy
+        describes an impossible layout): a reader that trusts no guest uses
+        this copy, never ``header`` again."""
+        h = ffi.new("struct vp_region_header *")
+        ffi.memmove(h, self.base, ffi.sizeof("struct vp_region_header"))
+        check(lib.vp_region_check(h, self.size), f"device {self.name!r}")
+        return h
+
+    def copy_of(self, gpa: int, ctype: str) -> Any:
+        """A private copy (an owning pointer) of the ctype at gpa."""
+        n = ffi.sizeof(ctype)
+        if gpa < 0 or gpa > self.size or n > self.size - gpa:
+            raise RegionError(f"{ctype} at {gpa:#x} is outside the region")
+        out = ffi.new(ctype + " *")
+        ffi.memmove(out, self.base + gpa, n)
+        return out
+
+    def queue_copy(self, hdr: Any, index: int) -> dict[str, Any]:
+        """Queue index as the checked header copy hdr places it, copied once:
+        "shared" (struct vp_queue_shared *), "lock" (a pointer to the lock
+        in that copy, for SharedLock's statistics), "avail_idx", "used_idx"."""
+        qi = hdr.queue[index]
+        sh = self.copy_of(int(qi.shared), "struct vp_queue_shared")
+        return {
+            "shared": sh,
+            "lock": ffi.addressof(sh[0], "lock"),
+            "avail_idx": int(self.copy_of(int(qi.avail) + 2, "uint16_t")[0]),
+            "used_idx": int(self.copy_of(int(qi.used) + 2, "uint16_t")[0]),
+        }
 
     def poke(self, gpa: int, value: int, width: int) -> None:
         """A hostile guest's raw store into any part of the region (tests only)."""

@@ -35,8 +35,12 @@ def strategy_code(strategy: str) -> int:
 
 def broken_reason(code: int) -> str | None:
     """Why a queue is broken, from DeviceQueue.broken's code (None: it is not),
-    e.g. 'EHEAD: ...'."""
-    return f"{code_name(code)}: {strerror(code)}" if code else None
+    e.g. 'EHEAD: ...'.  Any value a guest may have left there has a text."""
+    if not code:
+        return None
+    if not 0 < code < 1 << 31:
+        return f"unknown code {code}"
+    return f"{code_name(code)}: {strerror(code)}"
 
 
 class Virtqueue(Closeable):
