@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._lowlevel import ffi
+from .._lowlevel import error_for, ffi, lib
 from .._resource import Closeable
 from .protocol import (
     VHOST_MEMORY_BASELINE_NREGIONS,
@@ -114,6 +114,13 @@ def _map_one(i: int, d: MemoryRegionDesc, fd: int) -> MappedRegion:
     except (OSError, ValueError, OverflowError) as e:
         raise AddressError(f"region {i}: mmap failed: {e}") from None
     buf = ffi.from_buffer(mm)
+    # A front-end that truncates its file must cost only its queues, never the
+    # daemon: the C core's guard turns the SIGBUS into zero pages and EFAULT.
+    rc = lib.vp_guard_add(buf, len(mm))
+    if rc < 0:
+        ffi.release(buf)
+        mm.close()
+        raise AddressError(f"region {i}: cannot guard the mapping: {error_for(rc)}")
     va = int(ffi.cast("uintptr_t", buf)) + start
     return MappedRegion(
         d.guest_phys_addr, d.memory_size, d.userspace_addr, d.mmap_offset, va, start, mm, buf
@@ -121,6 +128,7 @@ def _map_one(i: int, d: MemoryRegionDesc, fd: int) -> MappedRegion:
 
 
 def _unmap(r: MappedRegion) -> None:
+    lib.vp_guard_remove(r._buf)
     ffi.release(r._buf)
     r.mmap.close()
 
