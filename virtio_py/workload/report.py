@@ -144,7 +144,7 @@ def _worker_row(r: Mapping[str, Any]) -> dict[str, Any]:
         "kick_ms": round(m["kick_ns"] / 1e6, 3),
         "io_wait_ms": round(m["io_wait_ns"] / 1e6, 3),
         "lock_acquisitions": m["lock_acquisitions"] + q["lock_acquisitions"],
-        "kicks": m["kicks"], "irqs": q["irqs"], "reaped": m["reaped"] + q["reaped"],
+        "kicks": m["kicks"], "irqs": m["irqs"] + q["irqs"], "reaped": m["reaped"] + q["reaped"],
         "acct_main": m, "acct_irq": q,
         "verified": r["verified"], "verify_failures": r["verify_failures"],
         "verify_unwritten": r["verify_unwritten"],
