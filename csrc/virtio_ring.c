@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include "vp.h"
+#include "restart.h"
 #include "compiler.h"
 
 
@@ -172,7 +173,7 @@ static int kick_exit(struct vp_vq *vq)
 		r = vp_notifier_wait(vq->ack, 200000000);
 		if (r != 0)
 			return r < 0 ? r : 0;
-		if (vp_pid_gone(READ_ONCE(*vq->daemon_pid)))
+		if (vp_device_gone(vq->daemon_pid))
 			return -VP_EDEVGONE;
 	}
 }

@@ -42,7 +42,7 @@ HDR
 
 # The device side and what it calls: nothing of the driver or the daemon.
 srcs=""
-for f in vringh.c mem.c blkreq.c store.c region.c lock.c notify.c error.c; do
+for f in vringh.c mem.c blkreq.c store.c region.c lock.c notify.c error.c proc.c restart.c; do
 	srcs="$srcs $core/$f"
 done
 common="-g -O1 -I$core -fno-strict-aliasing -pthread"
