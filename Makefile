@@ -4,7 +4,7 @@ PIP     := $(PY) -m pip install -q --disable-pip-version-check --root-user-actio
 STAMP   := .stamp-install
 SOURCES := $(wildcard csrc/*.c csrc/*.h csrc/*.py) setup.py pyproject.toml
 
-.PHONY: all install run test bench lint fuzz clean
+.PHONY: all install run test soak bench lint fuzz clean
 
 all: install
 
@@ -29,6 +29,12 @@ test: $(STAMP)
 		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 		--no-install-recommends $(GUEST_PKGS); } || echo "guest packages not installed"
 	$(PY) -m pytest -q tests
+
+# The long counts of the restart tests: 100 SIGKILL/restart trials of the daemon under
+# 4 writers, 1,000 start/kill/restart cycles without a leak (tests/test_daemon_restart.py;
+# -s prints the restart-to-first-completion figure).
+soak: $(STAMP)
+	VIRTIO_PY_SOAK=1 $(PY) -m pytest -q -s tests/test_daemon_restart.py tests/test_inflight_record.py tests/test_lock_takeover.py
 
 # ruff (lint and format check) and mypy, configured in pyproject.toml; pinned, since
 # a newer ruff formats differently.

@@ -61,22 +61,29 @@ OUT = os.path.join(
 
 @pytest.fixture(scope="module")
 def testbed(request):
-    """Factory: testbed(cfg) -> (device name, daemon) on a temporary store;
-    one daemon per distinct configuration, all stopped at the end."""
+    """Factory: testbed(cfg) -> the daemon serving cfg on a temporary store.
+    One daemon at a time (a store serves one daemon): asking for another
+    configuration stops the current one; the last is stopped at the end."""
     with contextlib.ExitStack() as stack:
         stores = Stores(stack, "vpb")
-        daemons = {}
+        cur: dict = {}
 
         def get(cfg):
             key = json.dumps(cfg, sort_keys=True)
-            if key not in daemons:
-                name = unique_name("strat")
-                d = DaemonProcess(name, stores.get(cfg), cfg)
-                stack.enter_context(d)
-                daemons[key] = d
-            return daemons[key]
+            if cur.get("key") != key:
+                if cur:
+                    cur.pop("daemon").stop()
+                    cur.clear()
+                d = DaemonProcess(unique_name("strat"), stores.get(cfg), cfg)
+                d.start()
+                cur.update(key=key, daemon=d)
+            return cur["daemon"]
 
-        yield get
+        try:
+            yield get
+        finally:
+            if cur:
+                cur["daemon"].stop()
     print_report(request, _report())
 
 
@@ -261,7 +268,7 @@ def _mem_claims():
 
 def _report():
     """The comparison, printed after the benchmarks and kept as JSON."""
-    if not RESULTS:
+    if not (RESULTS or RATIOS or LOCK_TABLES):
         return None
     lines = ["", "kick strategies (median round; % against hold of the group):"]
     for group in ("strategies-rfc", "strategies-mem-iodepth16", "strategies-locks"):

@@ -4,6 +4,7 @@
 #define VIRTIO_PY_BLKDEV_H
 #include "vp.h"
 #include "store.h"
+#include "restart.h"
 
 /* Requests are counted in vp_device_stats.req[] by VP_REQ_* (region.h). */
 

@@ -63,8 +63,11 @@ struct vp_lock {
 	uint32_t next;
 	uint32_t owner;
 	int32_t last_cpu;
+	uint64_t holder[2];
 	uint64_t sleeps;
 	uint64_t wakeups;
+	uint64_t takeovers;
+	uint32_t dirty;
 	uint32_t pv_halted[...];
 	struct vp_lockhist hist;
 	...;
@@ -76,6 +79,7 @@ struct vp_driver_state {
 	uint16_t avail_idx_shadow;
 	uint16_t last_used_idx;
 	uint16_t avail_flags_shadow;
+	uint32_t adding;
 	uint64_t kicks;
 	uint64_t kicks_suppressed;
 	uint64_t added;
@@ -194,6 +198,8 @@ void vp_lock_acquire(struct vp_lock *l);
 void vp_lock_release(struct vp_lock *l);
 void vp_lock_read(const struct vp_lock *l, struct vp_lockstat *out);
 void vp_lock_reset(struct vp_lock *l);
+uint64_t vp_lock_takeovers(const struct vp_lock *l);
+int vp_lock_holder(const struct vp_lock *l, int32_t *pid, uint64_t *start);
 uint64_t vp_now_ns(void);
 
 struct vp_notifier;
@@ -211,6 +217,8 @@ void vp_vq_set_notify(struct vp_vq *vq, struct vp_notifier *kick,
 		      struct vp_notifier *ack, uint32_t exit_mode,
 		      uint32_t exit_cost_ns);
 struct vp_lock *vp_vq_lock(struct vp_vq *vq);
+void vp_vq_lock_acquire(struct vp_vq *vq);
+void vp_vq_repair(struct vp_vq *vq);
 unsigned vp_vq_num_free(struct vp_vq *vq);
 unsigned vp_vq_size(struct vp_vq *vq);
 int virtqueue_add(struct vp_vq *vq, const uint64_t *addr, const uint32_t *len,
@@ -467,3 +475,30 @@ int vp_guest_set_direct_irq(struct vp_guest *g, int on);
 int vp_guest_direct_irq(struct vp_guest *g);
 int vp_guest_wait_room(struct vp_guest *g, unsigned need, int64_t timeout_ns);
 /* ---- end of the request path block ---- */
+
+/* ---- restart: the in-flight record, waiting for a successor (restart.h,
+ * vringh.c, restart.c) ---- */
+#define VP_INFLIGHT_VERSION ...
+struct vp_inflight_desc {
+	uint8_t  inflight;
+	uint8_t  pad;
+	uint16_t len_lo;
+	uint16_t len_hi;
+	uint16_t next;
+	uint64_t counter;
+};
+struct vp_inflight_queue {
+	uint64_t features;
+	uint16_t version;
+	uint16_t desc_num;
+	uint16_t last_batch_head;
+	uint16_t used_idx;
+	struct vp_inflight_desc desc[];
+};
+uint64_t vp_inflight_queue_size(unsigned num);
+int vp_devq_set_inflight(struct vp_devq *q, void *area, uint64_t size);
+unsigned vp_devq_resubmit_pending(struct vp_devq *q);
+int64_t vp_restart_wait_ns(void);
+void vp_set_restart_wait_ns(int64_t ns);
+int vp_device_gone(const int32_t *daemon_pid);
+/* ---- end of the restart block ---- */

@@ -128,7 +128,7 @@ struct vp_guest *vp_guest_open(void *base, uint64_t size, struct vp_vq *vq,
 	 * is cleared) or after the new gen (and is dropped), never on a tag
 	 * we just submitted. */
 	struct vp_lock *lock = vp_vq_lock(vq);
-	vp_lock_acquire(lock);
+	vp_vq_lock_acquire(g->vq);
 	g->gen = __atomic_add_fetch(&g->slot->gen, 1, __ATOMIC_RELAXED);
 	memset(g->slot->comp, 0, sizeof(g->slot->comp));
 	vp_lock_release(lock);
@@ -211,7 +211,7 @@ int vp_guest_reap(struct vp_guest *g)
 	uint32_t len;
 	int n = 0, r;
 	uint64_t wake = 0;     /* slots with new completions */
-	vp_lock_acquire(lock);
+	vp_vq_lock_acquire(g->vq);
 	do {
 		virtqueue_disable_cb(g->vq);
 		while ((r = virtqueue_get_buf(g->vq, &token, &len)) == 1) {

@@ -45,12 +45,10 @@ int vp_guest_direct_irq(struct vp_guest *g);
  * may still find it full), reaping what the device used meanwhile: 0,
  * -ETIMEDOUT, -VP_EDEVGONE, -VP_EBROKEN.  No lock held. */
 int vp_guest_wait_room(struct vp_guest *g, unsigned need, int64_t timeout_ns);
-/* vp_guest_wait_any for the loops of workload.c: the wait began at t0
- * (vp_now_ns) and *t_end gets when it ended, so a loop reads the clock
- * once per wait.  Not exported. */
-int vp_guest_wait_any_at(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
-			 uint64_t t0, uint64_t *t_end, uint8_t *status,
-			 uint32_t *len);
+/* vp_guest_wait_any that also gives when it ended (vp_now_ns), so the
+ * loops of workload.c read the clock once per wait.  Not exported. */
+int vp_guest_wait_any_t(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
+			uint8_t *status, uint32_t *len, uint64_t *t_end);
 
 /* ---- workload loops (workload.c) ---- */
 #define VP_RW_READ       0

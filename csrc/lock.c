@@ -11,6 +11,8 @@
  * pvspin: a spinlock with the paravirtual slow path of Linux's qspinlock
  * (pv_wait/pv_kick), for waiters that outnumber the CPUs. */
 #define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
 #include <sched.h>
 #include <string.h>
 #include <time.h>
@@ -41,6 +43,77 @@ static long futex(uint32_t *uaddr, int op, uint32_t val)
 	return syscall(SYS_futex, uaddr, op, val, NULL, NULL, 0);
 }
 
+/* A sleep that ends by VP_LOCK_CHECK_NS at the latest, so the sleeper can
+ * ask whether the holder still lives. */
+static long futex_wait_check(uint32_t *uaddr, uint32_t val)
+{
+	struct timespec ts = { 0, VP_LOCK_CHECK_NS };
+	return syscall(SYS_futex, uaddr, FUTEX_WAIT, val, &ts, NULL, 0);
+}
+
+/* ---- the owner record and takeover ----
+ *
+ * A holder names itself by pid and start time (VP_LOCK_ID); a waiter that
+ * has waited a while asks whether the holder lives, and if not, releases
+ * the lock in the dead holder's place, counts a takeover and marks the
+ * lock dirty: the state it protects may be half updated, and whoever
+ * protects it with this lock repairs it (vp_vq_repair) before using it.
+ * Nothing is added to the fast path but the record's two stores. */
+static uint64_t self_id, self_start;
+static int32_t self_pid;
+
+static void self_forget(void)
+{
+	self_pid = 0;
+}
+
+static uint64_t lock_self_id(void)
+{
+	static int registered;
+	if (__builtin_expect(self_pid != 0, 1))
+		return self_id;
+	if (!__atomic_exchange_n(&registered, 1, __ATOMIC_RELAXED))
+		pthread_atfork(NULL, NULL, self_forget);
+	int32_t pid = getpid();
+	uint64_t start = 0;
+	vp_pid_starttime(pid, &start);
+	self_start = start;
+	self_id = VP_LOCK_ID(pid, start);
+	__atomic_store_n(&self_pid, pid, __ATOMIC_RELEASE);
+	return self_id;
+}
+
+static void record_holder(struct vp_lock *l, uint64_t claim)
+{
+	__atomic_store_n(&l->holder[1], self_start, __ATOMIC_RELAXED);
+	__atomic_store_n(&l->holder[0], claim, __ATOMIC_RELEASE);
+}
+
+/* Is the process of id (VP_LOCK_ID) gone?  A zombie is. */
+static int id_gone(uint64_t id)
+{
+	int32_t pid = (int32_t)(id & VP_LOCK_PID_MASK);
+	uint64_t start;
+	if (vp_pid_gone(pid))
+		return 1;
+	int r = vp_pid_starttime(pid, &start);
+	if (r == -ESRCH)
+		return 1;
+	return !r && VP_LOCK_ID(pid, start) != (id & ((1ULL << 48) - 1));
+}
+
+/* The holder named by the pid in a lock word: with its start time if the
+ * owner record is that pid's, else by pid only (it died before writing
+ * the record). */
+static int pid_holder_gone(struct vp_lock *l, uint32_t pid)
+{
+	uint64_t rec = __atomic_load_n(&l->holder[0], __ATOMIC_ACQUIRE);
+	if ((rec & VP_LOCK_PID_MASK) == pid)
+		return id_gone(rec);
+	return vp_pid_gone((int32_t)pid);
+}
+
+
 /* Spin before sleeping (pvspin) or yielding (spinyield).  A cross-process
  * futex wake-up costs about 5 us of latency on an idle machine: a waiter
  * that spins a few of those catches the short holds without sleeping. */
@@ -59,22 +132,113 @@ void vp_lock_init(struct vp_lock *l, uint32_t kind, uint32_t spin_ns)
 }
 
 /* Ticket lock; spinyield gives the CPU away once it has spun spin_ns, which
- * matters when waiters outnumber cores and the holder needs ours. */
+ * matters when waiters outnumber cores and the holder needs ours.
+ *
+ * Serving ticket t is not yet holding the lock: its taker claims it by
+ * compare-exchange of holder[0] to t << 48 | its id, so that a waiter that
+ * finds ticket t unclaimed for VP_LOCK_STALL_NS (its taker died in line)
+ * can skip it by claiming it for nobody (t << 48), and one that finds t's
+ * claimant dead can release it; a skipped taker takes a new ticket. */
+/* Ticket t is t + 1 in the record, so that a record of 0 claims none. */
+#define TKT(t)           (((t) + 1) & 0xffff)
+#define CLAIM_TICKET(c)  ((uint32_t)((c) >> 48))
+#define CLAIM(t, id)     ((uint64_t)TKT(t) << 48 | (id))
+
+/* Claim ticket t for id: 0, or -1 when it was skipped. */
+static int ticket_claim(struct vp_lock *l, uint32_t t, uint64_t id)
+{
+	uint64_t c = __atomic_load_n(&l->holder[0], __ATOMIC_ACQUIRE);
+	do {
+		if (CLAIM_TICKET(c) == TKT(t))
+			return -1;
+	} while (!__atomic_compare_exchange_n(&l->holder[0], &c, CLAIM(t, id),
+					      0, __ATOMIC_ACQ_REL,
+					      __ATOMIC_ACQUIRE));
+	__atomic_store_n(&l->holder[1], self_start, __ATOMIC_RELAXED);
+	return 0;
+}
+
+struct stall {
+	uint32_t seen;           /* the ticket (word) last seen served */
+	uint64_t since;          /* ns: served since */
+	uint64_t checked;        /* ns: last liveness check */
+};
+
+static void stall_start(struct stall *st, uint32_t seen, uint64_t now)
+{
+	st->seen = seen;
+	st->since = st->checked = now;
+}
+
+/* A ticket waiter's periodic look at the ticket now served: release it for
+ * a dead claimant, skip it if nobody claimed it for VP_LOCK_STALL_NS. */
+static void ticket_check(struct vp_lock *l, struct stall *st, uint32_t o,
+			 uint64_t now)
+{
+	if (o != st->seen) {
+		stall_start(st, o, now);
+		return;
+	}
+	if (now - st->checked < VP_LOCK_CHECK_NS)
+		return;
+	st->checked = now;
+	uint64_t c = __atomic_load_n(&l->holder[0], __ATOMIC_ACQUIRE);
+	/* The record must be o's or older, read while o is still served: a
+	 * newer one means the line moved past what we saw. */
+	if ((int16_t)(CLAIM_TICKET(c) - TKT(o)) > 0 ||
+	    __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST) != o)
+		return;
+	int claimed = CLAIM_TICKET(c) == TKT(o);
+	if (claimed && !(c & ((1ULL << 48) - 1)))
+		return;                 /* skipped already: owner moves on */
+	if (claimed ? !id_gone(c) : now - st->since < VP_LOCK_STALL_NS)
+		return;
+	if (!__atomic_compare_exchange_n(&l->holder[0], &c, CLAIM(o, 0), 0,
+					 __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+		return;
+	if (claimed)
+		__atomic_store_n(&l->dirty, 1, __ATOMIC_SEQ_CST);
+	uint32_t want = o;
+	if (__atomic_compare_exchange_n(&l->owner, &want, o + 1, 0,
+					__ATOMIC_SEQ_CST, __ATOMIC_RELAXED) &&
+	    claimed)
+		__atomic_fetch_add(&l->takeovers, 1, __ATOMIC_RELAXED);
+}
+
 static int ticket_acquire(struct vp_lock *l, int yield)
 {
-	uint32_t t = __atomic_fetch_add(&l->next, 1, __ATOMIC_RELAXED);
-	if (load_acquire(&l->owner) == t)
-		return 0;
-	uint64_t start = yield ? vp_now_ns() : 0;
-	unsigned spins = 0;
-	while (load_acquire(&l->owner) != t) {
-		if (yield && (++spins & 63) == 0 &&
-		    vp_now_ns() - start > l->spin_ns)
-			sched_yield();
-		else
+	uint64_t id = lock_self_id();
+	int contended = 0;
+	for (;;) {
+		uint32_t t = __atomic_fetch_add(&l->next, 1, __ATOMIC_RELAXED);
+		if (load_acquire(&l->owner) == t) {
+			if (ticket_claim(l, t, id) == 0)
+				return contended;
+			contended = 1;
+			continue;
+		}
+		contended = 1;
+		uint64_t start = vp_now_ns();
+		struct stall st;
+		stall_start(&st, load_acquire(&l->owner), start);
+		unsigned spins = 0;
+		uint32_t o;
+		while ((o = load_acquire(&l->owner)) != t &&
+		       (int32_t)(o - t) < 0) {
+			if ((++spins & 63) == 0) {
+				uint64_t now = vp_now_ns();
+				ticket_check(l, &st, o, now);
+				if (yield && now - start > l->spin_ns) {
+					sched_yield();
+					continue;
+				}
+			}
 			cpu_relax();
+		}
+		if (o == t && ticket_claim(l, t, id) == 0)
+			return 1;
+		/* Skipped: in line again. */
 	}
-	return 1;
 }
 
 /* pvspin: the paravirtual slow path of Linux's qspinlock (pv_wait /
@@ -94,7 +258,7 @@ static int ticket_acquire(struct vp_lock *l, int yield)
  * head spins for the lock word, then sleeps, marking the word PV_SLOW so
  * the unlock kicks it; once it has been head longer than PV_HANDOFF_NS it
  * sets PV_HANDOFF, and then nobody else takes the lock: it waits for the
- * head (no starvation; Linux's mutex hands off the same way).  Taking the
+ * head (no starvation; Linux's rw_semaphore hands off so too).  Taking the
  * lock, the head passes the headship on (owner = t) and, if the next
  * ticket sleeps, sets PV_SLOW so its own unlock kicks it: one kick per
  * hand-over, to the next in line only.
@@ -108,11 +272,15 @@ static int ticket_acquire(struct vp_lock *l, int yield)
 #define PV_SLOW         VP_PV_SLOW     /* the head sleeps: the unlock kicks it */
 #define PV_HANDOFF_NS   ((uint64_t)VP_PV_HANDOFF_NS)
 
+#define PV_BITS         (PV_LOCKED | PV_HANDOFF | PV_SLOW)
+#define PV_ME()         ((uint32_t)(lock_self_id() & VP_LOCK_PID_MASK) << VP_PV_PID_SHIFT)
+
 static int pv_trylock(uint32_t *word)
 {
 	uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
 	return !(v & (PV_LOCKED | PV_HANDOFF)) &&
-	       __atomic_compare_exchange_n(word, &v, v | PV_LOCKED, 0,
+	       __atomic_compare_exchange_n(word, &v,
+					   (v & PV_BITS) | PV_LOCKED | PV_ME(), 0,
 					   __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
 }
 
@@ -120,16 +288,63 @@ static int pv_trylock(uint32_t *word)
 static void pv_sleep(uint32_t *w, uint32_t halted, uint64_t *slept)
 {
 	/* 0: a kick woke us.  EAGAIN: kicked before we slept.  EINTR: a
-	 * signal.  Either way the caller looks again. */
-	if (futex(w, FUTEX_WAIT, halted) == 0)
+	 * signal.  ETIMEDOUT: time to look at the holder.  Either way the
+	 * caller looks again. */
+	if (futex_wait_check(w, halted) == 0)
 		(*slept)++;
 }
 
+/* Pass the headship to t unless a skip has already moved the line past. */
+static void pv_advance_owner(struct vp_lock *l, uint32_t t)
+{
+	uint32_t o = __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST);
+	while ((int32_t)(t - o) > 0 &&
+	       !__atomic_compare_exchange_n(&l->owner, &o, t, 0,
+					    __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+		;
+}
+
+static void pv_kick_head(struct vp_lock *l);
+
+/* A pvspin waiter's periodic look: release the word of a dead holder, and
+ * skip a head that has not taken a free lock for VP_LOCK_STALL_NS (it
+ * died in line). */
+static void pv_check(struct vp_lock *l, struct stall *st, uint64_t now)
+{
+	uint32_t o = __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST);
+	if (o != st->seen) {
+		stall_start(st, o, now);
+		return;
+	}
+	if (now - st->checked < VP_LOCK_CHECK_NS)
+		return;
+	st->checked = now;
+	uint32_t v = __atomic_load_n(&l->futex, __ATOMIC_SEQ_CST);
+	if (v & PV_LOCKED) {
+		if (!pid_holder_gone(l, v >> VP_PV_PID_SHIFT))
+			return;
+		__atomic_store_n(&l->dirty, 1, __ATOMIC_SEQ_CST);
+		if (__atomic_compare_exchange_n(&l->futex, &v, v & PV_HANDOFF,
+						0, __ATOMIC_SEQ_CST,
+						__ATOMIC_RELAXED)) {
+			__atomic_fetch_add(&l->takeovers, 1, __ATOMIC_RELAXED);
+			pv_kick_head(l);
+		}
+		return;
+	}
+	if (now - st->since < VP_LOCK_STALL_NS)
+		return;
+	if (__atomic_compare_exchange_n(&l->owner, &o, o + 1, 0,
+					__ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+		pv_kick_head(l);
+}
+
+/* 1 once the line has reached want (or passed it: we were skipped). */
 static int spin_until_owner(struct vp_lock *l, uint32_t want)
 {
 	uint64_t start = vp_now_ns();
 	unsigned spins = 0;
-	while (load_acquire(&l->owner) != want) {
+	while ((int32_t)(load_acquire(&l->owner) - want) < 0) {
 		cpu_relax();
 		if ((++spins & 63) == 0 && vp_now_ns() - start > l->spin_ns)
 			return 0;
@@ -146,7 +361,8 @@ static int pv_spin_take(struct vp_lock *l)
 		uint32_t v = __atomic_load_n(&l->futex, __ATOMIC_RELAXED);
 		if (!(v & PV_LOCKED)) {
 			if (__atomic_compare_exchange_n(
-				    &l->futex, &v, (v | PV_LOCKED) & ~PV_HANDOFF,
+				    &l->futex, &v,
+				    ((v & PV_BITS) | PV_LOCKED | PV_ME()) & ~PV_HANDOFF,
 				    0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
 				return 1;
 			continue;
@@ -165,23 +381,28 @@ static int pv_acquire(struct vp_lock *l, uint64_t *slept)
 	uint32_t t = __atomic_fetch_add(&l->next, 1, __ATOMIC_SEQ_CST);
 	uint32_t *w = &l->pv_halted[t % VP_LOCK_PV_WAITERS];
 	uint32_t halted = t << 1 | 1;
+	struct stall st;
+	stall_start(&st, __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST), vp_now_ns());
 	/* In line until we are the head. */
 	while (!spin_until_owner(l, t - 1)) {
+		pv_check(l, &st, vp_now_ns());
 		uint32_t o = __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST);
-		if (o == t - 1)
+		if ((int32_t)(o - (t - 1)) >= 0)
 			break;
 		if (t - 1 - o >= VP_LOCK_PV_WAITERS) {
 			sched_yield();     /* too far back to own a word */
 			continue;
 		}
 		__atomic_store_n(w, halted, __ATOMIC_SEQ_CST);
-		if (__atomic_load_n(&l->owner, __ATOMIC_SEQ_CST) == t - 1)
+		if ((int32_t)(__atomic_load_n(&l->owner, __ATOMIC_SEQ_CST) -
+			      (t - 1)) >= 0)
 			break;
 		pv_sleep(w, halted, slept);
 	}
 	/* The head. */
 	uint64_t t_head = vp_now_ns();
 	while (!pv_spin_take(l)) {
+		pv_check(l, &st, vp_now_ns());
 		/* Still held: sleep until the unlock kicks us. */
 		uint32_t mine = vp_now_ns() - t_head > PV_HANDOFF_NS ?
 				PV_HANDOFF : 0;
@@ -196,7 +417,7 @@ static int pv_acquire(struct vp_lock *l, uint64_t *slept)
 	}
 	/* Pass the headship on; if the next in line sleeps, our unlock
 	 * kicks it. */
-	__atomic_store_n(&l->owner, t, __ATOMIC_SEQ_CST);
+	pv_advance_owner(l, t);
 	uint32_t s = t + 1;
 	if (__atomic_load_n(&l->next, __ATOMIC_SEQ_CST) != s &&
 	    __atomic_load_n(&l->pv_halted[s % VP_LOCK_PV_WAITERS],
@@ -211,10 +432,13 @@ static int pv_acquire(struct vp_lock *l, uint64_t *slept)
  * head, which is no loss. */
 static void pv_release(struct vp_lock *l)
 {
-	uint32_t old = __atomic_fetch_and(&l->futex, ~(PV_LOCKED | PV_SLOW),
-					  __ATOMIC_SEQ_CST);
-	if (!(old & PV_SLOW))
-		return;
+	uint32_t old = __atomic_fetch_and(&l->futex, PV_HANDOFF, __ATOMIC_SEQ_CST);
+	if (old & PV_SLOW)
+		pv_kick_head(l);
+}
+
+static void pv_kick_head(struct vp_lock *l)
+{
 	uint32_t s = __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST) + 1;
 	uint32_t *w = &l->pv_halted[s % VP_LOCK_PV_WAITERS];
 	uint32_t halted = s << 1 | 1;
@@ -228,26 +452,58 @@ static void pv_release(struct vp_lock *l)
 	}
 }
 
+/* mutex: the word is 0 free, else the holder's pid | VP_MUTEX_WAITERS if
+ * someone may sleep on it (as a robust futex holds the owner's TID).  A
+ * sleeper wakes every VP_LOCK_CHECK_NS to ask whether the holder lives. */
 static int mutex_acquire(struct vp_lock *l, uint64_t *slept)
 {
+	uint32_t me = (uint32_t)(lock_self_id() & VP_LOCK_PID_MASK);
 	uint32_t c = 0;
-	if (__atomic_compare_exchange_n(&l->futex, &c, 1, 0, __ATOMIC_ACQUIRE,
+	if (__atomic_compare_exchange_n(&l->futex, &c, me, 0, __ATOMIC_ACQUIRE,
 					__ATOMIC_RELAXED))
 		return 0;
-	if (c != 2)
-		c = __atomic_exchange_n(&l->futex, 2, __ATOMIC_ACQUIRE);
-	while (c != 0) {
-		if (futex(&l->futex, FUTEX_WAIT, 2) == 0)
+	for (;;) {
+		if (c == 0) {
+			/* Others may sleep: keep the bit, so our unlock wakes. */
+			if (__atomic_compare_exchange_n(&l->futex, &c,
+							me | VP_MUTEX_WAITERS, 0,
+							__ATOMIC_ACQUIRE,
+							__ATOMIC_RELAXED))
+				return 1;
+			continue;
+		}
+		if (!(c & VP_MUTEX_WAITERS) &&
+		    !__atomic_compare_exchange_n(&l->futex, &c,
+						 c | VP_MUTEX_WAITERS, 0,
+						 __ATOMIC_RELAXED,
+						 __ATOMIC_RELAXED))
+			continue;
+		c |= VP_MUTEX_WAITERS;
+		long r = futex_wait_check(&l->futex, c);
+		if (r == 0)
 			(*slept)++;
-		c = __atomic_exchange_n(&l->futex, 2, __ATOMIC_ACQUIRE);
+		else if (errno == ETIMEDOUT &&
+			 pid_holder_gone(l, c & VP_LOCK_PID_MASK)) {
+			/* Take it over: the dead holder's word becomes ours. */
+			__atomic_store_n(&l->dirty, 1, __ATOMIC_SEQ_CST);
+			if (__atomic_compare_exchange_n(&l->futex, &c,
+							me | VP_MUTEX_WAITERS,
+							0, __ATOMIC_ACQUIRE,
+							__ATOMIC_RELAXED)) {
+				__atomic_fetch_add(&l->takeovers, 1,
+						   __ATOMIC_RELAXED);
+				return 1;
+			}
+			continue;
+		}
+		c = __atomic_load_n(&l->futex, __ATOMIC_RELAXED);
 	}
-	return 1;
 }
 
 static void mutex_release(struct vp_lock *l)
 {
-	if (__atomic_fetch_sub(&l->futex, 1, __ATOMIC_RELEASE) != 1) {
-		__atomic_store_n(&l->futex, 0, __ATOMIC_RELEASE);
+	if (__atomic_exchange_n(&l->futex, 0, __ATOMIC_RELEASE) &
+	    VP_MUTEX_WAITERS) {
 		long n = futex(&l->futex, FUTEX_WAKE, 1);
 		if (n > 0)
 			__atomic_fetch_add(&l->wakeups, (uint64_t)n,
@@ -291,6 +547,7 @@ static void stat_clear(struct vp_lock *l)
 	l->stat.hold_min = UINT64_MAX;
 	l->sleeps = 0;
 	__atomic_store_n(&l->wakeups, 0, __ATOMIC_RELAXED);
+	__atomic_store_n(&l->takeovers, 0, __ATOMIC_RELAXED);
 	l->last_cpu = -1;
 }
 
@@ -306,6 +563,8 @@ void vp_lock_acquire(struct vp_lock *l)
 	uint64_t slept = 0;
 	uint64_t t0 = vp_now_ns();
 	int contended = lock_raw(l, &slept);
+	if (l->kind == VP_LOCK_MUTEX || l->kind == VP_LOCK_PVSPIN)
+		record_holder(l, lock_self_id());
 	uint64_t t1 = vp_now_ns();
 	int cpu = sched_getcpu();
 	struct vp_lockstat *s = &l->stat;
@@ -362,6 +621,19 @@ void vp_lock_read_hist(const struct vp_lock *l, struct vp_lockhist *out,
 	memcpy(out, (const void *)&l->hist, sizeof(*out));
 	*sleeps = READ_ONCE(l->sleeps);
 	*wakeups = __atomic_load_n(&l->wakeups, __ATOMIC_RELAXED);
+}
+
+uint64_t vp_lock_takeovers(const struct vp_lock *l)
+{
+	return __atomic_load_n(&l->takeovers, __ATOMIC_RELAXED);
+}
+
+int vp_lock_holder(const struct vp_lock *l, int32_t *pid, uint64_t *start)
+{
+	uint64_t c = __atomic_load_n(&l->holder[0], __ATOMIC_ACQUIRE);
+	*pid = (int32_t)(c & VP_LOCK_PID_MASK);
+	*start = __atomic_load_n(&l->holder[1], __ATOMIC_RELAXED);
+	return *pid != 0;
 }
 
 void vp_lock_reset(struct vp_lock *l)

@@ -65,6 +65,24 @@
 #define VP_PV_HANDOFF        2U   /* only the head of the line may take it */
 #define VP_PV_SLOW           4U   /* the head sleeps: the unlock kicks it */
 #define VP_PV_HANDOFF_NS     1000000
+/* The owner record.  A process is named by its pid and the low 26 bits of
+ * its start time (/proc/PID/stat field 22), never by its pid alone:
+ * VP_LOCK_ID(pid, start).  holder[0] is the holder's id (spin, spinyield:
+ * with the ticket it holds in bits 48..63, written by the claim that
+ * acquires); holder[1] its full start time.  The mutex word is the holder's
+ * pid | VP_MUTEX_WAITERS, the pvspin word pid << VP_PV_PID_SHIFT | VP_PV_*
+ * bits.  A waiter that has waited VP_LOCK_CHECK_NS asks whether the holder
+ * lives; a ticket nobody claims for VP_LOCK_STALL_NS is skipped. */
+#define VP_LOCK_PID_BITS     22
+#define VP_LOCK_PID_MASK     ((1U << VP_LOCK_PID_BITS) - 1)
+#define VP_LOCK_START_MASK   ((1ULL << 26) - 1)
+#define VP_LOCK_ID(pid, start) \
+	(((uint64_t)(start) & VP_LOCK_START_MASK) << VP_LOCK_PID_BITS | \
+	 ((uint64_t)(pid) & VP_LOCK_PID_MASK))
+#define VP_MUTEX_WAITERS     0x80000000U
+#define VP_PV_PID_SHIFT      3
+#define VP_LOCK_CHECK_NS     2000000
+#define VP_LOCK_STALL_NS     10000000
 
 /* Exit emulation for a kick. */
 #define VP_EXIT_ASYNC      0   /* post and return (ioeventfd) */
@@ -150,10 +168,13 @@ struct vp_lock {
 	int32_t  last_cpu;       /* CPU of the last acquisition, -1 before any */
 	uint64_t t_acquired;     /* CLOCK_MONOTONIC ns of the current acquisition */
 	struct vp_lockstat stat;
-	uint64_t holder[2];      /* reserved for the holder's identity: 0 */
+	uint64_t holder[2];      /* the owner record: VP_LOCK_ID of the holder (REGION.md §7) */
 	uint64_t sleeps;         /* mutex, pvspin: sleeps a wake-up ended */
 	uint64_t wakeups;        /* mutex, pvspin: sleepers woken by unlockers */
-	uint64_t reserved[6];    /* 0; the line is the counters' alone */
+	uint64_t takeovers;      /* holders found dead and released by a waiter (atomic) */
+	uint32_t dirty;          /* 1 from a takeover until the queue's driver state is repaired */
+	uint32_t pad;
+	uint64_t reserved[4];    /* 0; the line is the counters' alone */
 	uint32_t pv_halted[VP_LOCK_PV_WAITERS]; /* pvspin: t << 1 | 1 while ticket t sleeps here */
 	struct vp_lockhist hist;
 } __attribute__((aligned(64)));
@@ -168,7 +189,7 @@ struct vp_driver_state {
 	uint16_t avail_idx_shadow;
 	uint16_t last_used_idx;
 	uint16_t avail_flags_shadow;
-	uint32_t pad;
+	uint32_t adding;         /* head + 1 while virtqueue_add runs, else 0 (repair, §7.1) */
 	uint64_t kicks;          /* notifications actually sent */
 	uint64_t kicks_suppressed;
 	uint64_t added;          /* chains added */

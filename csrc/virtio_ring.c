@@ -107,6 +107,8 @@ int virtqueue_add(struct vp_vq *vq, const uint64_t *addr, const uint32_t *len,
 	if (st->num_free < total)
 		return -ENOSPC;
 	uint16_t head = st->free_head, i = head, prev = head;
+	/* The head being added, for a repair after we die mid-way. */
+	WRITE_ONCE(st->adding, (uint32_t)head + 1);
 	for (unsigned n = 0; n < total; n++) {
 		struct vring_desc *d = &vq->vr.desc[i];
 		d->addr = addr[n];
@@ -127,8 +129,80 @@ int virtqueue_add(struct vp_vq *vq, const uint64_t *addr, const uint32_t *len,
 	st->avail_idx_shadow++;
 	store_release(&vq->vr.avail->idx, st->avail_idx_shadow);
 	st->num_added++;
+	WRITE_ONCE(st->adding, 0);
 	__atomic_fetch_add(&st->added, 1, __ATOMIC_RELAXED);
 	return 0;
+}
+
+/* Bring the driver state back after a holder died anywhere inside the
+ * queue lock, from what the ring shows: an add that did not reach
+ * avail->idx is undone, a used entry whose token is already cleared is
+ * consumed, the free list is every descriptor no in-flight head (a token)
+ * reaches, and the next kick decision kicks.  Slots of dead processes get
+ * a new generation, so their completions are dropped, and are freed.
+ * Caller holds the queue lock. */
+void vp_vq_repair(struct vp_vq *vq)
+{
+	struct vp_driver_state *st = vq->st;
+	unsigned num = vq->vr.num;
+	uint16_t avail = load_acquire(&vq->vr.avail->idx);
+	uint32_t adding = READ_ONCE(st->adding);
+	if (adding && adding <= num && avail == st->avail_idx_shadow)
+		vq->tokens[adding - 1] = 0;       /* never published */
+	st->adding = 0;
+	st->avail_idx_shadow = avail;
+	if (st->last_used_idx != load_acquire(&vq->vr.used->idx)) {
+		uint32_t id = READ_ONCE(vq->vr.used->ring[st->last_used_idx &
+							 (num - 1)].id);
+		if (id < num && vq->tokens[id] == 0)
+			st->last_used_idx++;          /* detached, not counted */
+	}
+	/* Descriptors in flight: the chains of heads with a token. */
+	uint8_t *busy = calloc(num, 1);
+	if (!busy)
+		return;                               /* dirty stays: next holder */
+	for (unsigned h = 0; h < num; h++) {
+		if (!vq->tokens[h])
+			continue;
+		unsigned i = h;
+		for (unsigned n = 0; n < num && !busy[i]; n++) {
+			busy[i] = 1;
+			if (!(vq->vr.desc[i].flags & VRING_DESC_F_NEXT))
+				break;
+			i = vq->vr.desc[i].next % num;
+		}
+	}
+	uint16_t head = (uint16_t)num, nfree = 0;
+	for (unsigned i = num; i-- > 0;) {
+		if (busy[i])
+			continue;
+		vq->vr.desc[i].next = head;
+		head = (uint16_t)i;
+		nfree++;
+	}
+	free(busy);
+	st->free_head = head;
+	st->num_free = nfree;
+	st->num_added = 0x8000;   /* (new - old) covers every index: kick */
+	for (unsigned s = 0; s < VP_MAX_SLOTS; s++) {
+		struct vp_guest_slot *slot = &vq->sh->slot[s];
+		int32_t pid = __atomic_load_n(&slot->owner_pid, __ATOMIC_RELAXED);
+		if (pid > 0 && vp_pid_gone(pid)) {
+			__atomic_add_fetch(&slot->gen, 1, __ATOMIC_RELAXED);
+			__atomic_compare_exchange_n(&slot->owner_pid, &pid, 0, 0,
+						    __ATOMIC_RELEASE,
+						    __ATOMIC_RELAXED);
+		}
+	}
+	__atomic_store_n(&vq->sh->lock.dirty, 0, __ATOMIC_RELEASE);
+}
+
+void vp_vq_lock_acquire(struct vp_vq *vq)
+{
+	vp_lock_acquire(&vq->sh->lock);
+	if (__builtin_expect(__atomic_load_n(&vq->sh->lock.dirty,
+					     __ATOMIC_ACQUIRE), 0))
+		vp_vq_repair(vq);
 }
 
 int virtqueue_kick_prepare(struct vp_vq *vq)
@@ -198,7 +272,7 @@ int virtqueue_kick(struct vp_vq *vq, struct vp_lock *lock)
 		vp_lock_release(lock);
 	int r = virtqueue_notify(vq);
 	if (lock)
-		vp_lock_acquire(lock);
+		vp_vq_lock_acquire(vq);
 	return r ? r : 1;
 }
 
@@ -279,7 +353,7 @@ int vp_vq_submit(struct vp_vq *vq, int strategy, const uint64_t *addr,
 		 const uint32_t *len, unsigned out, unsigned in, uint64_t token)
 {
 	struct vp_lock *lock = &vq->sh->lock;
-	vp_lock_acquire(lock);
+	vp_vq_lock_acquire(vq);
 	int r = virtqueue_add(vq, addr, len, out, in, token);
 	if (r) {
 		vp_lock_release(lock);

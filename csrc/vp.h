@@ -90,6 +90,11 @@ void vp_lock_read(const struct vp_lock *l, struct vp_lockstat *out);
 void vp_lock_read_hist(const struct vp_lock *l, struct vp_lockhist *out,
 		       uint64_t *sleeps, uint64_t *wakeups);
 void vp_lock_reset(struct vp_lock *l);
+/* Holders found dead and released by a waiter.  No lock (a snapshot). */
+uint64_t vp_lock_takeovers(const struct vp_lock *l);
+/* The owner record: pid and start time of the last holder; 0 if none.  No
+ * lock (a snapshot). */
+int vp_lock_holder(const struct vp_lock *l, int32_t *pid, uint64_t *start);
 uint64_t vp_now_ns(void);
 
 /* ---- notifiers (notify.c) ---- */
@@ -134,6 +139,12 @@ void vp_vq_set_notify(struct vp_vq *vq, struct vp_notifier *kick,
 		      uint32_t exit_cost_ns);
 /* The queue lock itself.  No lock. */
 struct vp_lock *vp_vq_lock(struct vp_vq *vq);
+/* Take the queue lock, repairing the driver state first if a holder died
+ * inside it (vp_vq_repair).  Any thread. */
+void vp_vq_lock_acquire(struct vp_vq *vq);
+/* Rebuild the driver state from the ring after a dead holder.  Caller
+ * holds the queue lock. */
+void vp_vq_repair(struct vp_vq *vq);
 /* Free descriptors.  Caller holds the queue lock (unlocked: a hint). */
 unsigned vp_vq_num_free(struct vp_vq *vq);
 /* Queue size.  No lock. */

@@ -18,6 +18,7 @@
 #include <string.h>
 #include "vp.h"
 #include "mem.h"
+#include "restart.h"
 #include "ring.h"
 #include "compiler.h"
 
@@ -43,6 +44,12 @@ struct vp_devq {
 	uint32_t *status;         /* device status word for NEEDS_RESET, or NULL */
 	struct vp_notifier *kick, *call, *ack;
 	uint32_t guard_gen;       /* vp_guard_gen() when memory was last checked */
+	/* The in-flight record (restart.h), or NULL; written, never read back
+	 * but by vp_devq_set_inflight. */
+	struct vp_inflight_queue *rec;
+	uint64_t counter;         /* pops recorded */
+	uint16_t *resubmit;       /* heads taken over, in pop order */
+	unsigned nresubmit, resubmit_pos;
 };
 
 /* The queue's copy of a table.  Entries past nregions are zeroed: the
@@ -161,6 +168,7 @@ void vp_devq_close(struct vp_devq *q)
 		return;
 	pthread_mutex_destroy(&q->mu);
 	free(q->inflight_map);
+	free(q->resubmit);
 	free(q->own_stats);
 	free(q);
 }
@@ -192,6 +200,8 @@ int vp_devq_set_base(struct vp_devq *q, uint16_t last_avail_idx,
 	} else {
 		q->last_avail_idx = last_avail_idx;
 		q->used_idx = used_idx;
+		if (q->rec)
+			store_release(&q->rec->used_idx, used_idx);
 		/* Nothing pushed from here on yet: no interrupt owed. */
 		q->signalled_used = used_idx;
 		q->signalled_valid = 0;
@@ -367,6 +377,19 @@ int vp_devq_pop(struct vp_devq *q, struct vp_chain *c, struct vp_seg *segs,
 		r = -VP_EBROKEN;
 		goto out;
 	}
+	if (q->resubmit_pos < q->nresubmit) {
+		/* Taken over in flight: its chain is walked (and checked)
+		 * again, its avail entry was consumed by the predecessor. */
+		uint16_t h = q->resubmit[q->resubmit_pos];
+		r = walk_chain(q, h, c, segs, max_segs);
+		if (r) {
+			r = mark_broken(q, r);
+			goto out;
+		}
+		q->resubmit_pos++;
+		r = 1;
+		goto out;
+	}
 	uint16_t avail_idx = load_acquire(&q->vr.avail->idx);
 	uint16_t pending = (uint16_t)(avail_idx - q->last_avail_idx);
 	if (pending > q->num) {
@@ -395,6 +418,11 @@ int vp_devq_pop(struct vp_devq *q, struct vp_chain *c, struct vp_seg *segs,
 	q->inflight_map[head] = 1;
 	q->inflight++;
 	q->last_avail_idx++;
+	if (q->rec) {
+		/* Recorded before the request starts. */
+		q->rec->desc[head].counter = ++q->counter;
+		store_release(&q->rec->desc[head].inflight, 1);
+	}
 	q->stats->chains++;
 	publish_stats(q);
 	r = 1;
@@ -413,10 +441,21 @@ int vp_devq_push(struct vp_devq *q, unsigned head, uint32_t len)
 	}
 	q->inflight_map[head] = 0;
 	q->inflight--;
+	struct vp_inflight_desc *d = q->rec ? &q->rec->desc[head] : NULL;
 	if (q->broken || check_lost(q)) {
 		/* NEEDS_RESET: the driver must not expect the queue to move. */
+		if (d)
+			store_release(&d->inflight, 0);
 		r = -VP_EBROKEN;
 		goto out;
+	}
+	if (d) {
+		/* A successor that finds it 2 publishes it again, at next. */
+		d->len_lo = (uint16_t)len;
+		d->len_hi = (uint16_t)(len >> 16);
+		d->next = q->used_idx;
+		q->rec->last_batch_head = (uint16_t)head;
+		store_release(&d->inflight, 2);
 	}
 	vring_used_elem_t *e = &q->vr.used->ring[q->used_idx & (q->num - 1)];
 	WRITE_ONCE(e->id, head);
@@ -424,6 +463,10 @@ int vp_devq_push(struct vp_devq *q, unsigned head, uint32_t len)
 	q->used_idx++;
 	q->used_any = 1;
 	store_release(&q->vr.used->idx, q->used_idx);
+	if (d) {
+		store_release(&q->rec->used_idx, q->used_idx);
+		store_release(&d->inflight, 0);
+	}
 	publish_stats(q);
 out:
 	pthread_mutex_unlock(&q->mu);
@@ -501,7 +544,8 @@ int vp_devq_enable_notify(struct vp_devq *q)
 		WRITE_ONCE(q->vr.used->flags, q->used_flags);
 	}
 	virtio_mb();
-	int more = READ_ONCE(q->vr.avail->idx) != q->last_avail_idx;
+	int more = READ_ONCE(q->vr.avail->idx) != q->last_avail_idx ||
+		   q->resubmit_pos < q->nresubmit;
 	pthread_mutex_unlock(&q->mu);
 	return more;
 }
@@ -539,4 +583,151 @@ int vp_devq_ack_kicks(struct vp_devq *q, int n)
 			return r;
 	}
 	return 0;
+}
+
+/* ---- the in-flight record (restart.h) ---- */
+
+uint64_t vp_inflight_queue_size(unsigned num)
+{
+	uint64_t n = sizeof(struct vp_inflight_desc) * (uint64_t)num +
+		     sizeof(uint16_t);
+	return (n + VP_INFLIGHT_ALIGN - 1) & ~(uint64_t)(VP_INFLIGHT_ALIGN - 1);
+}
+
+struct resub {
+	uint64_t counter;
+	uint16_t head;
+};
+
+static int resub_cmp(const void *a, const void *b)
+{
+	const struct resub *x = a, *y = b;
+	return x->counter < y->counter ? -1 : x->counter > y->counter;
+}
+
+/* Take over rec: every value read once, checked, then used.  Called with
+ * q->mu held and nothing in flight. */
+static int inflight_restore(struct vp_devq *q, struct vp_inflight_queue *rec)
+{
+	unsigned num = q->num, n = 0;
+	int pending = -1;
+	uint64_t maxc = 0;
+	if (READ_ONCE(rec->desc_num) != num)
+		return -VP_ELAYOUT;
+	struct resub *list = malloc(num * sizeof(*list));
+	if (!list)
+		return -ENOMEM;
+	for (unsigned i = 0; i < num; i++) {
+		uint8_t st = READ_ONCE(rec->desc[i].inflight);
+		if (st == 0)
+			continue;
+		if (st == 2 && pending < 0) {
+			pending = (int)i;   /* one push at a time: at most one */
+			continue;
+		}
+		if (st != 1) {
+			free(list);
+			return -VP_ELAYOUT;
+		}
+		uint64_t c = READ_ONCE(rec->desc[i].counter);
+		list[n].counter = c;
+		list[n].head = (uint16_t)i;
+		maxc = c > maxc ? c : maxc;
+		n++;
+	}
+	uint16_t used = READ_ONCE(rec->used_idx);
+	if (pending >= 0) {
+		struct vp_inflight_desc *d = &rec->desc[pending];
+		uint16_t at = READ_ONCE(d->next);
+		uint32_t len = READ_ONCE(d->len_lo) |
+			       (uint32_t)READ_ONCE(d->len_hi) << 16;
+		/* used_idx says before (at) or after (at + 1) it. */
+		if (at != used && (uint16_t)(at + 1) != used) {
+			free(list);
+			return -VP_ELAYOUT;
+		}
+		/* Publish it again: the same bytes if it was already out. */
+		vring_used_elem_t *e = &q->vr.used->ring[at & (num - 1)];
+		WRITE_ONCE(e->id, (uint32_t)pending);
+		WRITE_ONCE(e->len, len);
+		used = (uint16_t)(at + 1);
+		store_release(&q->vr.used->idx, used);
+		store_release(&rec->used_idx, used);
+		store_release(&d->inflight, 0);
+	}
+	qsort(list, n, sizeof(*list), resub_cmp);
+	uint16_t *heads = n ? malloc(n * sizeof(*heads)) : NULL;
+	if (n && !heads) {
+		free(list);
+		return -ENOMEM;
+	}
+	for (unsigned i = 0; i < n; i++) {
+		heads[i] = list[i].head;
+		q->inflight_map[list[i].head] = 1;
+	}
+	free(list);
+	free(q->resubmit);
+	q->resubmit = heads;
+	q->nresubmit = n;
+	q->resubmit_pos = 0;
+	q->inflight = n;
+	q->counter = maxc;
+	q->used_idx = used;
+	/* Every pop was either completed or is in flight. */
+	q->last_avail_idx = (uint16_t)(used + n);
+	/* The predecessor may have published without interrupting: the
+	 * next vp_devq_interrupt does. */
+	q->signalled_used = used;
+	q->signalled_valid = 0;
+	q->used_any = 1;
+	return (int)n;
+}
+
+int vp_devq_set_inflight(struct vp_devq *q, void *area, uint64_t size)
+{
+	int r;
+	pthread_mutex_lock(&q->mu);
+	if (q->inflight) {
+		r = -EBUSY;
+		goto out;
+	}
+	if (!area) {
+		q->rec = NULL;
+		r = 0;
+		goto out;
+	}
+	if ((uintptr_t)area % 8 || size < vp_inflight_queue_size(q->num)) {
+		r = -EINVAL;
+		goto out;
+	}
+	struct vp_inflight_queue *rec = area;
+	if (READ_ONCE(rec->version) == 0) {
+		memset(rec, 0, vp_inflight_queue_size(q->num));
+		rec->desc_num = q->num;
+		rec->used_idx = q->used_idx;
+		store_release(&rec->version, VP_INFLIGHT_VERSION);
+		q->counter = 0;
+		r = 0;
+	} else if (READ_ONCE(rec->version) != VP_INFLIGHT_VERSION) {
+		r = -VP_ELAYOUT;
+	} else {
+		r = inflight_restore(q, rec);
+	}
+	if (r >= 0) {
+		q->rec = rec;
+		publish_stats(q);
+	} else if (r == -VP_ELAYOUT) {
+		mark_broken(q, r);
+	}
+out:
+	pthread_mutex_unlock(&q->mu);
+	return r;
+}
+
+unsigned vp_devq_resubmit_pending(struct vp_devq *q)
+{
+	pthread_mutex_lock(&q->mu);
+	unsigned n = q->nresubmit - q->resubmit_pos;
+	pthread_mutex_unlock(&q->mu);
+	return n;
 }

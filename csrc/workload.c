@@ -237,8 +237,8 @@ int vp_guest_run(struct vp_guest *g, int strategy,
 				break;
 			continue;      /* the ring was full: try again */
 		}
-		int tag = vp_guest_wait_any_at(g, busy, p->timeout_ns, vp_now_ns(),
-					       &now, &status, &len);
+		int tag = vp_guest_wait_any_t(g, busy, p->timeout_ns, &status,
+					      &len, &now);
 		if (tag < 0) {
 			res->rc = tag;
 			break;

@@ -154,6 +154,7 @@ static long pvspin_release(struct vp_lock *l)
 
 static void lock_acquire(struct vp_lock *l)
 {
+	uint64_t slept = 0;   /* sleeps a wake-up ended (§7: sleeps) */
 	if (l->kind == VP_LOCK_MUTEX) {
 		uint32_t c = 0;
 		if (!__atomic_compare_exchange_n(&l->futex, &c, 1, 0,
@@ -161,7 +162,8 @@ static void lock_acquire(struct vp_lock *l)
 			if (c != 2)
 				c = __atomic_exchange_n(&l->futex, 2, __ATOMIC_ACQUIRE);
 			while (c != 0) {
-				futex(&l->futex, FUTEX_WAIT, 2);
+				if (futex(&l->futex, FUTEX_WAIT, 2) == 0)
+					slept++;
 				c = __atomic_exchange_n(&l->futex, 2, __ATOMIC_ACQUIRE);
 			}
 		}
@@ -176,6 +178,7 @@ static void lock_acquire(struct vp_lock *l)
 	}
 	/* The holder keeps the lockstat counters; count ours. */
 	l->stat.acquisitions++;
+	l->sleeps += slept;
 	l->t_acquired = now_ns();
 }
 

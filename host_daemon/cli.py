@@ -19,7 +19,7 @@ from virtio_py.cliutil import (
     run_main,
 )
 from virtio_py.errors import VirtioError
-from virtio_py.pidfile import probe, take_over_dead
+from virtio_py.pidfile import probe, remove_records, take_over_dead
 from virtio_py.proc import pid_alive
 from virtio_py.region import destroy, exists, ipc_paths
 from virtio_py.store import assemble
@@ -312,6 +312,7 @@ def _remove_leftovers(name):
     if lock is None:
         return None
     try:
+        remove_records(lock)
         return len(destroy(name))
     finally:
         lock.release()

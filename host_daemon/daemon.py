@@ -7,15 +7,16 @@ for guests only, and nothing here reads it back."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 from typing import Any
 
 from virtio_py import limits
-from virtio_py.device import BlockServer
+from virtio_py.device import BlockServer, InflightRecord
 from virtio_py.errors import RegionError
-from virtio_py.pidfile import PidFile
+from virtio_py.pidfile import PidFile, open_record, read_record, remove_records, write_record
 from virtio_py.region import Region, check_name, destroy, exists, feature_bits, foreign_objects
 from virtio_py.store import StripedStore
 from virtio_py.virtqueue import DeviceQueue
@@ -48,6 +49,34 @@ def clear_stale(name: str, previous_pid: int) -> str | None:
         return f"removed {len(removed)} leftover objects of {name!r}"  # semaphores alone
     who = f"pid {previous_pid}" if previous_pid else "pid unknown"
     return f"replaced leftovers of a daemon that died ({who}): {len(removed)} objects of {name!r}"
+
+
+# What the layout record keeps: every option that places something in the
+# region or the store.  A successor takes a device over only with the same.
+LAYOUT_KEYS = (
+    "store",
+    "size",
+    "stripes",
+    "chunk",
+    "queues",
+    "queue_size",
+    "mode",
+    "exit",
+    "lock",
+    "event_idx",
+    "exit_cost_us",
+    "buffers",
+    "vhost_user",
+)
+RECORD_VERSION = 1
+
+
+def _record_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
+    out = {k: cfg[k] for k in LAYOUT_KEYS}
+    out["store"] = os.path.realpath(cfg["store"])
+    if out["vhost_user"]:
+        out["vhost_user"] = os.path.realpath(out["vhost_user"])
+    return out
 
 
 class HostDaemon:
@@ -117,6 +146,11 @@ class HostDaemon:
         self.vhost: VhostUserTransport | None = None
         self.io_threads: int | None = None
         self.identity: PidFile | None = None
+        self.inflight: InflightRecord | None = None
+        self.adopted = False  # took over a device whose daemon died
+        self.resubmitted = 0  # requests of the dead daemon run again
+        self._keep_on_error = False
+        self._replacing = ""
         self._stop = threading.Event()
         self.notices: list[str] = []
 
@@ -127,15 +161,19 @@ class HostDaemon:
             # The name first: while we hold it, no other daemon serves it,
             # and what is left under it is a dead one's.
             self.identity = PidFile.acquire(self.name)
-            msg = clear_stale(self.name, self.identity.previous_pid)
-            if msg:
-                self.notices.append(msg)
+            record = self._adoptable()
+            # A failed take-over leaves the device as the dead daemon left it.
+            self._keep_on_error = record is not None
+            if record is None:
+                msg = clear_stale(self.name, self.identity.previous_pid)
+                if msg:
+                    self.notices.append(msg + self._replacing)
+                remove_records(self.identity)
             self.store = StripedStore(c["store"], c["size"], c["stripes"], c["chunk"], c["direct"])
             if self.store.notice:
                 self.notices.append(self.store.notice)
             features = feature_bits(DEFAULT_FEATURES, c["queues"])
-            self.region = Region.create(
-                self.name,
+            params = dict(
                 queues=c["queues"],
                 queue_size=c["queue_size"],
                 data_size=c["buffers"] * c["queues"],
@@ -148,6 +186,24 @@ class HostDaemon:
                 event_idx=c["event_idx"],
                 features=features,
             )
+            if record is not None:
+                self.region = Region.adopt(self.name, **params)
+                self.adopted = True
+            else:
+                self.region = Region.create(self.name, **params)
+            if not c["vhost_user"]:
+                fd = open_record(
+                    self.identity,
+                    "inflight",
+                    None if self.adopted else InflightRecord.size_for(c["queues"], c["queue_size"]),
+                )
+                if fd is None:
+                    raise RegionError(f"the in-flight record of {self.name!r} is gone")
+                self.inflight = InflightRecord(fd, c["queues"], c["queue_size"])
+            if not self.adopted:
+                # Last: a successor takes over only a device fully made.
+                rec = {"version": RECORD_VERSION, "cfg": _record_cfg(c), "features": features}
+                write_record(self.identity, "layout", json.dumps(rec).encode())
             # For guests (a sync exit gives up when it is gone); the daemon
             # itself never reads it back.
             self.region.set_daemon_pid(os.getpid())
@@ -173,15 +229,57 @@ class HostDaemon:
                     serial=self.serial,
                 )
                 self.vhost.start()
+                if self.adopted:
+                    prev = self.identity.previous_pid
+                    self.notices.append(
+                        f"took over {self.name!r} from a daemon that died "
+                        f"(pid {prev or 'unknown'}): its front-end reconnects"
+                    )
                 return
             self.queues = [DeviceQueue(self.region, q) for q in range(c["queues"])]
+            assert self.inflight is not None
+            for q in self.queues:
+                self.resubmitted += self.inflight.attach(q)
             self.server = BlockServer(
                 self.store, self.queues, mode=c["mode"], io_threads=io_threads, serial=self.serial
             )
             self.server.start()
+            if self.adopted:
+                for q in self.queues:
+                    q.interrupt()  # what the dead daemon published untold
+                prev = self.identity.previous_pid
+                self.notices.append(
+                    f"took over {self.name!r} from a daemon that died (pid {prev or 'unknown'}): "
+                    f"{self.resubmitted} requests in flight run again"
+                )
         except BaseException:
-            self.shutdown()
+            if self._keep_on_error and self.region is not None:
+                self.region._unlinked = True  # not ours to remove yet
+            self.shutdown(keep_records=self._keep_on_error)
             raise
+
+    def _adoptable(self) -> dict[str, Any] | None:
+        """The layout record of a device whose daemon died, if this daemon
+        can take it over (same options, its region still there); None to
+        start afresh, replacing what is left."""
+        assert self.identity is not None
+        raw = read_record(self.identity, "layout")
+        if raw is None or not exists(self.name) or foreign_objects(self.name):
+            return None
+        try:
+            rec = json.loads(raw)
+            if rec.get("version") != RECORD_VERSION:
+                return None
+            old = rec["cfg"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+        new = _record_cfg(self.cfg)
+        diff = [k for k in LAYOUT_KEYS if old.get(k) != new[k]]
+        if diff:
+            # Another device was asked for: the old one is replaced.
+            self._replacing = f" (it had other options: {', '.join(diff)})"
+            return None
+        return rec
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()
@@ -195,7 +293,7 @@ class HostDaemon:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.request_stop)
 
-    def shutdown(self) -> None:
+    def shutdown(self, keep_records: bool = False) -> None:
         """Finish what is in flight, then unlink everything."""
         if self.vhost is not None:
             self.vhost.close()  # ends the connection, removes the socket
@@ -206,6 +304,9 @@ class HostDaemon:
         for q in self.queues:
             q.close()
         self.queues = []
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
         if self.region is not None:
             self.region.close()
             self.region = None
@@ -213,6 +314,8 @@ class HostDaemon:
             self.store.close()
             self.store = None
         if self.identity is not None:
+            if not keep_records:
+                remove_records(self.identity)
             self.identity.release()  # last: everything of ours is gone
             self.identity = None
 

@@ -162,5 +162,5 @@ def lock_waiter_queued(region, q=0):
         return int.from_bytes(raw[off : off + 4], "little")
 
     if region.lock_kind == "mutex":
-        return word(LOCK_FUTEX) == 2
+        return bool(word(LOCK_FUTEX) & 0x80000000)  # VP_MUTEX_WAITERS
     return (word(LOCK_NEXT) - word(LOCK_OWNER)) & 0xFFFFFFFF >= 2

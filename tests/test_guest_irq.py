@@ -9,6 +9,7 @@ The device is served by hand in this process (serve_by_hand), so the test
 decides when a completion comes: after the waiter has gone to sleep."""
 
 import os
+import platform
 import struct
 import threading
 
@@ -24,7 +25,9 @@ from virtio_py.workload import JobSpec, run_job
 from virtio_py.workload import worker as worker_mod
 
 OK = lib.VIRTIO_BLK_S_OK
-SYS_FUTEX, SYS_FUTEX_WAITV = 202, 449  # x86-64
+# futex and futex_waitv: the numbers /proc/TID/syscall shows a sleeper in.
+SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine(), 202)
+SYS_FUTEX_WAITV = 449
 
 
 @pytest.fixture

@@ -307,3 +307,61 @@ def test_histograms_of_several_locks_add_up():
     assert pooled["hold"]["count"] == 6 and pooled["wait"]["count"] == 3
     assert pooled["hold"]["p50"] == h["hold"]["p50"]
     assert pooled["sleeps"] == 2
+
+
+def test_repeats_keep_histogram_counts_equal_to_the_combined_columns():
+    """compare's medians over repeats: the combined run's histogram counts are
+    its (median) acquisitions and contentions, no percentile exceeds its
+    max, and the pooled buckets count every repeat's acquisitions."""
+    from virtio_py.compare import combine
+    from virtio_py.lock import LOCKSTAT_FIELDS, lockstat_from_raw
+
+    def rep(holds, waits, iops):
+        hist_h, hist_w = [0] * HIST_BUCKETS, [0] * HIST_BUCKETS
+        for v in holds:
+            hist_h[v.bit_length()] += 1
+        for v in waits:
+            hist_w[v.bit_length()] += 1
+        raw = {
+            "con_bounces": 0, "contentions": len(waits), "wait_min": min(waits),
+            "wait_max": max(waits), "wait_total": sum(waits), "acq_bounces": 0,
+            "acquisitions": len(holds), "hold_min": min(holds), "hold_max": max(holds),
+            "hold_total": sum(holds), "hold_hist": hist_h, "wait_hist": hist_w,
+            "sleeps": 2, "wakeups": 2,
+        }  # fmt: skip
+        base = dict.fromkeys(
+            ("mbps", "wall_s", "bytes", "requests_added", "requests_completed", "kicks",
+             "kicks_suppressed", "kicks_taken", "interrupts", "interrupts_suppressed",
+             "kicks_per_request", "interrupts_per_request", "lock_acquisitions_per_request",
+             "guest_cpu_s", "guest_cpu_pct", "guest_cpu_pct_of_machine",
+             "guest_cpu_us_per_request", "host_cpu_s", "host_cpu_pct",
+             "host_cpu_us_per_request", "errors", "dup_completions", "queue_full"),
+            0,
+        )  # fmt: skip
+        base.update(
+            iops=iops, ios=len(holds), lockstat=lockstat_from_raw(raw),
+            lockstat_ns={f: raw[f] for f in LOCKSTAT_FIELDS}, latency_us={"p50": 1.0},
+            time_ms={}, lock_hist=lock_histograms(raw),
+        )  # fmt: skip
+        return base
+
+    reps = [
+        rep([100] * 5 + [5_000_000], [300] * 2, 10.0),  # one preempted holder: 5 ms
+        rep([120] * 7, [200] * 3 + [900], 20.0),
+        rep([90] * 9, [250] * 4, 30.0),
+    ]
+    out = combine(reps)
+    lh, ls = out["lock_hist"], out["lockstat"]
+    assert lh["hold"]["count"] == ls["acquisitions"] == 7
+    assert lh["wait"]["count"] == ls["contentions"] == 4
+    for kind, col in (("hold", "holdtime"), ("wait", "waittime")):
+        assert lh[kind]["max"] == ls[f"{col}-max"]
+        assert lh[kind]["p50"] <= lh[kind]["p99"] <= lh[kind]["p99.9"] <= lh[kind]["max"]
+    # The preempted holder is one count in a far bucket of the pool.
+    assert lh["pooled"]["hold"]["count"] == 6 + 7 + 9
+    assert lh["pooled"]["wait"]["count"] == 2 + 4 + 4
+    assert lh["pooled"]["hold"]["buckets"][-1] == {
+        "lo_ns": 1 << 22, "hi_ns": 1 << 23, "count": 1,
+    }  # fmt: skip
+    assert lh["hold"]["p99"] < 1.0  # microseconds: the 5 ms hold does not decide it
+    assert [r["lock_hist"]["hold"]["count"] for r in out["repeats"]] == [6, 7, 9]

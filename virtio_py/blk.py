@@ -9,6 +9,7 @@ interrupts on a C thread that reaps the used ring (virtblk_done).
 from __future__ import annotations
 
 import struct
+import time
 import weakref
 from typing import Any
 
@@ -66,6 +67,8 @@ class GuestSlot:
             self.close()
             raise
         self.max_data = lib.vp_guest_max_data(self._g)
+        self._daemon_pid = ffi.addressof(region.header[0], "daemon_pid")
+        self._restartable: bool | None = None  # asked at the first device gone
         self._status = ffi.new("uint8_t *")
         self._len = ffi.new("uint32_t *")
 
@@ -80,20 +83,39 @@ class GuestSlot:
     def submit(self, tag: int, rtype: int, sector: int, nbytes: int) -> None:
         check(lib.vp_guest_blk_submit(self._g, tag, rtype, sector, nbytes, self.strategy), "submit")
 
+    def _wait(self, fn: Any, arg: int, timeout: float) -> int:
+        """fn's wait, carried on while a device process that died may still
+        be replaced (the restart wait, vp_device_gone): its successor
+        completes what is in the ring."""
+        end = time.monotonic() + timeout
+        # Only a device virtio-hostd made (it left its layout record) has a
+        # daemon that can come back; a vhost-user front-end's transport
+        # says itself when its device is gone.
+        if self._restartable is None:
+            from .pidfile import has_record
+
+            r = self.vq.region
+            self._restartable = not r.owner and has_record(r.name, "layout")
+        restartable = self._restartable
+        while True:
+            left = max(0.0, end - time.monotonic())
+            r = fn(self._g, arg, int(left * 1e9), self._status, self._len)
+            if (
+                r != -lib.VP_EDEVGONE
+                or left == 0
+                or not restartable
+                or lib.vp_device_gone(self._daemon_pid)
+            ):
+                return check(r, "waiting for the device")
+
     def wait(self, tag: int, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, int]:
         """Wait for tag; returns (status, used length)."""
-        check(
-            lib.vp_guest_wait(self._g, tag, int(timeout * 1e9), self._status, self._len),
-            "waiting for the device",
-        )
+        self._wait(lib.vp_guest_wait, tag, timeout)
         return self._status[0], self._len[0]
 
     def wait_any(self, mask: int, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, int, int]:
         """Wait for any tag in the bit mask; returns (tag, status, used length)."""
-        tag = check(
-            lib.vp_guest_wait_any(self._g, mask, int(timeout * 1e9), self._status, self._len),
-            "waiting for the device",
-        )
+        tag = self._wait(lib.vp_guest_wait_any, mask, timeout)
         return tag, self._status[0], self._len[0]
 
     def irq_acct(self) -> dict[str, int]:

@@ -6,12 +6,14 @@ program that wants the device in its own process.
 
 from __future__ import annotations
 
+import mmap
+import os
 from collections.abc import Iterable
 from typing import Any
 
-from ._lowlevel import check, lib, opened
+from ._lowlevel import check, ffi, lib, opened
 from ._resource import Closeable
-from .errors import ConfigError
+from .errors import ConfigError, RegionError
 from .limits import IO_THREADS, MODE, SERIAL
 from .store import StripedStore
 from .virtqueue import DeviceQueue
@@ -71,4 +73,49 @@ class BlockServer(Closeable):
             self._srv = None
 
 
-__all__ = ["BlockServer"]
+class InflightRecord(Closeable):
+    """The in-flight record of a device's queues (csrc/restart.h), in a file
+    the device keeps outside guest memory: one record per queue, each of
+    ``queue_bytes``.  A zeroed file starts the records afresh; one left by
+    a device process that died is taken over by ``attach``."""
+
+    @staticmethod
+    def size_for(queues: int, queue_size: int) -> int:
+        return queues * int(lib.vp_inflight_queue_size(queue_size))
+
+    def __init__(self, fd: int, queues: int, queue_size: int) -> None:
+        """Maps fd (taken: closed here) of exactly size_for bytes."""
+        self.queue_bytes = int(lib.vp_inflight_queue_size(queue_size))
+        self.size = queues * self.queue_bytes
+        self.queues = queues
+        try:
+            if os.fstat(fd).st_size != self.size:
+                raise RegionError(f"in-flight record is not {self.size} bytes")
+            self._mm: mmap.mmap | None = mmap.mmap(fd, self.size, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self._buf: Any = ffi.from_buffer(self._mm)
+
+    def attach(self, q: DeviceQueue) -> int:
+        """Keep q's record here, taking over what a predecessor left: how
+        many of its requests q hands out again.  Before q is served."""
+        if self._mm is None or not 0 <= q.index < self.queues:
+            raise ConfigError(f"no in-flight record for queue {q.index}")
+        area = ffi.cast("char *", self._buf) + q.index * self.queue_bytes
+        return int(
+            check(
+                lib.vp_devq_set_inflight(q.handle, area, self.queue_bytes),
+                f"in-flight record of queue {q.index}",
+            )
+        )
+
+    def close(self) -> None:
+        """Unmap (the queues attached must be closed first)."""
+        mm = getattr(self, "_mm", None)
+        if mm is not None:
+            ffi.release(self._buf)
+            mm.close()
+            self._mm = None
+
+
+__all__ = ["BlockServer", "InflightRecord"]

@@ -90,8 +90,9 @@ class SharedLock:
     def raw_stats(self) -> dict[str, Any]:
         """Counters as the C core keeps them (times in nanoseconds): the ten
         lockstat fields, then "hold_hist" and "wait_hist" (counts per log2
-        bucket), "sleeps" (sleeps a wake-up ended) and "wakeups" (sleepers
-        woken by unlockers; mutex and pvspin only sleep)."""
+        bucket), "sleeps" (sleeps a wake-up ended), "wakeups" (sleepers
+        woken by unlockers; mutex and pvspin only sleep) and "takeovers"
+        (dead holders whose lock a waiter released)."""
         out = ffi.new("struct vp_lockstat *")
         lib.vp_lock_read(self._l, out)
         res: dict[str, Any] = {f: getattr(out, f) for f in _FIELDS}
@@ -103,7 +104,22 @@ class SharedLock:
         res["wait_hist"] = list(hist.wait)
         res["sleeps"] = sleeps[0]
         res["wakeups"] = wakeups[0]
+        res["takeovers"] = lib.vp_lock_takeovers(self._l)
         return res
+
+    def takeovers(self) -> int:
+        """Holders found dead (SIGKILL inside the critical section) whose
+        lock a waiter released in their place."""
+        return int(lib.vp_lock_takeovers(self._l))
+
+    def holder(self) -> tuple[int, int] | None:
+        """The owner record: (pid, start time in clock ticks) of the last
+        holder, or None before any."""
+        pid = ffi.new("int32_t *")
+        start = ffi.new("uint64_t *")
+        if not lib.vp_lock_holder(self._l, pid, start):
+            return None
+        return int(pid[0]), int(start[0])
 
     def histograms(self) -> dict[str, Any]:
         """Hold and wait time distributions, see ``lock_histograms``."""
@@ -144,7 +160,7 @@ def merge_lockstats(raws: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         "hold_total",
     ):
         out[f] = sum(r[f] for r in raws)
-    for f in ("sleeps", "wakeups"):
+    for f in ("sleeps", "wakeups", "takeovers"):
         if raws and all(f in r for r in raws):
             out[f] = sum(r[f] for r in raws)
     for f in ("hold_hist", "wait_hist"):

@@ -201,6 +201,93 @@ class PidFile:
             self._dirfd = None
 
 
+# The daemon's private records beside its pidfile (0600, in RUNDIR, written
+# by the daemon alone): NAME.layout, what it laid out (JSON), and
+# NAME.inflight, its queues' in-flight record.  They outlive a daemon that
+# died, for a successor to take its device over; a clean stop removes them.
+RECORDS = ("layout", "inflight")
+
+
+def _record_name(name: str, kind: str) -> str:
+    assert kind in RECORDS
+    return f"{check_name(name)}.{kind}"
+
+
+def write_record(pidfile: PidFile, kind: str, data: bytes) -> None:
+    """Replace NAME.kind whole (a new file renamed over it), 0600."""
+    assert pidfile._dirfd is not None
+    final = _record_name(pidfile.name, kind)
+    tmp = f".{final}.{os.getpid()}"
+    fd = os.open(
+        tmp,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+        dir_fd=pidfile._dirfd,
+    )
+    try:
+        os.write(fd, data)
+        os.rename(tmp, final, src_dir_fd=pidfile._dirfd, dst_dir_fd=pidfile._dirfd)
+    except BaseException:
+        os.unlink(tmp, dir_fd=pidfile._dirfd)
+        raise
+    finally:
+        os.close(fd)
+
+
+def open_record(pidfile: PidFile, kind: str, create_size: int | None = None) -> int | None:
+    """An fd (read-write) of NAME.kind, checked to be a regular file of this
+    user, mode 0600; None if missing.  create_size: make it anew, zeroed,
+    of that size."""
+    assert pidfile._dirfd is not None
+    n = _record_name(pidfile.name, kind)
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    if create_size is not None:
+        try:
+            os.unlink(n, dir_fd=pidfile._dirfd)
+        except FileNotFoundError:
+            pass
+        flags |= os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(n, flags, 0o600, dir_fd=pidfile._dirfd)
+    except FileNotFoundError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        os.close(fd)
+        raise ConfigError(f"{n} in {runtime_dir()} is not a private file of this user")
+    if create_size is not None:
+        os.ftruncate(fd, create_size)
+    return fd
+
+
+def has_record(name: str, kind: str) -> bool:
+    """Does NAME.kind exist (a daemon that can be taken over made the device)?"""
+    try:
+        return os.path.isfile(os.path.join(runtime_dir(), _record_name(name, kind)))
+    except ConfigError:
+        return False
+
+
+def read_record(pidfile: PidFile, kind: str, limit: int = 1 << 20) -> bytes | None:
+    fd = open_record(pidfile, kind)
+    if fd is None:
+        return None
+    try:
+        return os.pread(fd, limit, 0)
+    finally:
+        os.close(fd)
+
+
+def remove_records(pidfile: PidFile) -> None:
+    """Remove NAME's records (held pidfile: no daemon uses them)."""
+    assert pidfile._dirfd is not None
+    for kind in RECORDS:
+        try:
+            os.unlink(_record_name(pidfile.name, kind), dir_fd=pidfile._dirfd)
+        except FileNotFoundError:
+            pass
+
+
 def take_over_dead(name: str) -> PidFile | None:
     """The lock of a name whose daemon is gone, to clean up after it; None if
     a live daemon holds it."""
@@ -230,6 +317,11 @@ def remove_stale(name: str) -> bool:
         now = os.stat(_pidfile_name(name), dir_fd=dirfd, follow_symlinks=False)
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
             return False
+        for kind in RECORDS:
+            try:
+                os.unlink(_record_name(name, kind), dir_fd=dirfd)
+            except FileNotFoundError:
+                pass
         os.unlink(_pidfile_name(name), dir_fd=dirfd)
         return True
     except OSError:  # held (BlockingIOError), or gone meanwhile
@@ -239,4 +331,16 @@ def remove_stale(name: str) -> bool:
         os.close(dirfd)
 
 
-__all__ = ["DaemonState", "PidFile", "probe", "remove_stale", "runtime_dir", "take_over_dead"]
+__all__ = [
+    "DaemonState",
+    "PidFile",
+    "has_record",
+    "open_record",
+    "probe",
+    "read_record",
+    "remove_records",
+    "remove_stale",
+    "runtime_dir",
+    "take_over_dead",
+    "write_record",
+]

@@ -317,6 +317,100 @@ class Region(Closeable):
             raise
 
     @classmethod
+    def adopt(cls, name: str, **params: Any) -> Region:
+        """Take over the region of a device whose creator died, as its new
+        owner: the layout comes from params (what the creator was given,
+        from its private record), never from the header.  The object must
+        be this user's, 0600, of the size params lay out; its rings, locks
+        and guest slots are left as they are.  Missing semaphores are made
+        again.  RegionError if it does not fit."""
+        check_name(name)
+        probe = cls._layout_of(params)
+        size, layout = probe["size"], probe["layout"]
+        try:
+            shm = posix_ipc.SharedMemory(shm_name(name))
+        except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
+            raise RegionError(f"no region of {name!r} to take over") from None
+        created: list[tuple[str, str, tuple[int, int] | None]] = []
+        try:
+            st = os.fstat(shm.fd)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o777 != 0o600:
+                raise RegionError(f"region of {name!r} is not this user's 0600 object")
+            if st.st_size != size:
+                raise RegionError(
+                    f"region of {name!r} has {st.st_size} bytes, its record lays out {size}"
+                )
+            created.append(("shm", shm_name(name), (st.st_dev, st.st_ino)))
+            base = _map_fd(shm.fd, size)
+        finally:
+            shm.close_fd()
+        region = cls(
+            name,
+            base,
+            size,
+            owner=True,
+            created=created,
+            device_layout=layout,
+            device_event_idx=bool(probe["event_idx"]),
+            device_exit_mode=probe["exit_mode"],
+        )
+        try:
+            for q in range(len(layout)):
+                for role in NOTIFIER_ROLES:
+                    s = sem_name(name, q, role)
+                    try:
+                        sem = posix_ipc.Semaphore(s, posix_ipc.O_CREAT, mode=0o600, initial_value=0)
+                    except posix_ipc.PermissionsError:
+                        raise RegionError(f"semaphore {s} is not ours") from None
+                    sem.close()
+                    path = object_path("sem", s)
+                    if os.lstat(path).st_uid != os.geteuid():
+                        raise RegionError(f"semaphore {s} belongs to another user")
+                    created.append(("sem", s, _identity(path)))
+        except BaseException:
+            region.close()
+            raise
+        return region
+
+    @staticmethod
+    def _layout_of(params: dict[str, Any]) -> dict[str, Any]:
+        """Size and per-queue layout that Region.create(**params) makes."""
+        queues = params.get("queues", 1)
+        queue_size = params.get("queue_size", 128)
+        event_idx = params.get("event_idx", True)
+        features = params.get("features")
+        if features is None:
+            features = feature_bits(("VERSION_1", "BLK_SIZE", "SEG_MAX"), queues)
+        p = ffi.new("struct vp_region_params *")
+        cname = ffi.new("char[]", b"x")
+        p.num_queues = queues
+        p.queue_size = queue_size
+        p.data_size = params.get("data_size", 16 << 20)
+        p.device_features = features
+        p.capacity = params.get("capacity", 0)
+        p.blk_size = params.get("blk_size", 512)
+        seg_max = params.get("seg_max")
+        p.seg_max = seg_max if seg_max is not None else max(1, queue_size - 2)
+        p.lock_kind = LOCK.code(params.get("lock", LOCK_DEFAULT))
+        p.exit_mode = EXIT.code(params.get("exit", "async"))
+        p.exit_cost_ns = int(params.get("exit_cost_us", 0) * 1000)
+        p.serve_mode = MODE.code(params.get("mode", "notify"))
+        p.name = cname
+        size_p = ffi.new("uint64_t *")
+        check(lib.vp_region_size(p, size_p), "region layout")
+        qi = ffi.new("struct vp_queue_info *")
+        layout = []
+        for q in range(queues):
+            check(lib.vp_region_layout(p, q, qi), "region layout")
+            layout.append(_queue_info_of(qi))
+        return {
+            "size": int(size_p[0]),
+            "layout": layout,
+            "event_idx": event_idx,
+            "exit_mode": EXIT.code(params.get("exit", "async")),
+        }
+
+    @classmethod
     def attach(cls, name: str) -> Region:
         """Map an existing device's region (driver side)."""
         try:

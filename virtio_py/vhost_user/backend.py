@@ -25,11 +25,13 @@ from __future__ import annotations
 import abc
 import errno
 import logging
+import mmap
 import os
 import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .._lowlevel import ffi
 from .._resource import Closeable
 from .channel import Channel
 from .memory import MemoryTable
@@ -42,6 +44,7 @@ from .protocol import (
     VHOST_VRING_F_LOG,
     VIRTIO_RING_F_EVENT_IDX,
     ConfigSpace,
+    InflightDesc,
     Message,
     ProtocolError,
     ProtocolFeature,
@@ -96,6 +99,9 @@ class Vring:
     err_fd: int | None
     event_idx: bool
     features: int
+    # This vring's in-flight record (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD):
+    # (address here, bytes), in the area the front-end keeps for us.
+    inflight: tuple[int, int] | None = None
 
 
 class VhostUserDevice(abc.ABC):
@@ -134,6 +140,38 @@ class VhostUserDevice(abc.ABC):
     @abc.abstractmethod
     def reset(self) -> None:
         """Back to the state before negotiation (the connection ended or was reset)."""
+
+
+class _InflightArea:
+    """The in-flight area: made here on GET_INFLIGHT_FD (a memfd the
+    front-end keeps across our restarts), or handed back by SET_INFLIGHT_FD.
+    One record of queue_size heads per queue, queue_bytes apart."""
+
+    def __init__(self, fd: int, size: int, offset: int, num_queues: int, queue_size: int) -> None:
+        self.fd = fd
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self.queue_bytes = inflight_queue_size(queue_size)
+        self.size = size
+        self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=offset)
+        self._buf: Any = ffi.from_buffer(self.map)
+        self.addr = int(ffi.cast("uintptr_t", self._buf))
+
+    def queue(self, index: int, num: int) -> tuple[int, int] | None:
+        if index >= self.num_queues or num != self.queue_size:
+            return None
+        return self.addr + index * self.queue_bytes, self.queue_bytes
+
+    def close(self) -> None:
+        self.addr = 0
+        ffi.release(self._buf)
+        self.map.close()
+        os.close(self.fd)
+
+
+def inflight_queue_size(num: int) -> int:
+    """libvhost-user's vu_inflight_queue_size: 16 bytes a head, 64-aligned."""
+    return (16 * num + 2 + 63) & ~63
 
 
 class _Refused(Exception):
@@ -204,7 +242,7 @@ class VhostUserBackend(Closeable):
         self.mem: MemoryTable | None = None
         self.failures: list[str] = []  # every error answered, oldest first
         self._vrings = [_VringSlot() for _ in range(device.num_queues)]
-        self._handlers: dict[int, Callable[[Message], bytes | None]] = {
+        self._handlers: dict[int, Callable[[Message], Any]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
             Request.SET_OWNER: self._set_owner,
@@ -225,7 +263,12 @@ class VhostUserBackend(Closeable):
             Request.SET_VRING_ENABLE: self._set_vring_enable,
             Request.GET_CONFIG: self._get_config,
             Request.SET_CONFIG: self._set_config,
+            Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            Request.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
+        self.inflight: _InflightArea | None = None
+        if getattr(device, "supports_inflight", False):
+            self.offered_protocol_features |= bits(ProtocolFeature.INFLIGHT_SHMFD)
 
     # -- the loop ---------------------------------------------------------------------
     @property
@@ -272,9 +315,11 @@ class VhostUserBackend(Closeable):
         del self.failures[:-100]
         log.warning("vhost-user: %s", what)
 
-    def _reply(self, msg: Message, payload: bytes) -> None:
+    def _reply(self, msg: Message, payload: bytes, fds: list[int] | None = None) -> None:
         assert self.channel is not None
-        self.channel.send(Message(msg.request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, payload))
+        self.channel.send(
+            Message(msg.request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, payload, fds or [])
+        )
 
     def _dispatch(self, msg: Message) -> None:
         log.debug(
@@ -298,7 +343,10 @@ class VhostUserBackend(Closeable):
             self._refuse(msg, str(e), None, True)
             return
         if msg.request in REPLYING_REQUESTS:
-            self._reply(msg, result or b"")
+            if isinstance(result, tuple):  # (payload, fds)
+                self._reply(msg, result[0], result[1])
+            else:
+                self._reply(msg, result or b"")
         elif msg.need_reply:
             self._reply(msg, pack_u64(0))
 
@@ -375,6 +423,7 @@ class VhostUserBackend(Closeable):
                 err_fd=s.err_fd,
                 event_idx=bool(self.features >> VIRTIO_RING_F_EVENT_IDX & 1),
                 features=self.features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES),
+                inflight=self.inflight.queue(index, s.num) if self.inflight else None,
             )
         except VhostUserError as e:
             raise _Refused(f"vring {index}: {e}", index) from None
@@ -465,6 +514,66 @@ class VhostUserBackend(Closeable):
         if extra:
             raise _Refused(f"protocol features {extra:#x} were not offered")
         self.protocol_features = features
+
+    def _inflight_negotiated(self, msg: Message) -> None:
+        if not self.protocol_features >> ProtocolFeature.INFLIGHT_SHMFD & 1:
+            raise _Refused(f"{msg.name} without INFLIGHT_SHMFD")
+
+    def _replace_inflight(self, area: _InflightArea) -> None:
+        if any(s.running for s in self._vrings):
+            area.close()
+            raise _Refused("in-flight area changed while vrings run")
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = area
+
+    def _get_inflight_fd(self, msg: Message) -> tuple[bytes, list[int]]:
+        """A new, zeroed area for num_queues x queue_size (a record of
+        version 0: each vring starts it afresh)."""
+        self._no_fds(msg)
+        self._inflight_negotiated(msg)
+        want = InflightDesc.unpack(msg.payload)
+        if not 0 < want.num_queues <= len(self._vrings) or not (
+            0 < want.queue_size <= VIRTQUEUE_MAX_SIZE
+        ):
+            raise _Refused(f"in-flight area for {want.num_queues} x {want.queue_size}")
+        size = want.num_queues * inflight_queue_size(want.queue_size)
+        fd = os.memfd_create("vhost-user-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            area = _InflightArea(fd, size, 0, want.num_queues, want.queue_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._replace_inflight(area)
+        return InflightDesc(size, 0, want.num_queues, want.queue_size).pack(), [fd]
+
+    def _set_inflight_fd(self, msg: Message) -> None:
+        """The area the front-end kept, from us or a predecessor: each vring
+        takes over its record when it starts."""
+        self._inflight_negotiated(msg)
+        got = InflightDesc.unpack(msg.payload)
+        if len(msg.fds) != 1:
+            raise _Refused(f"SET_INFLIGHT_FD with {len(msg.fds)} fds")
+        need = got.num_queues * inflight_queue_size(max(got.queue_size, 1))
+        if (
+            not 0 < got.num_queues <= len(self._vrings)
+            or not 0 < got.queue_size <= VIRTQUEUE_MAX_SIZE
+            or got.mmap_size < need
+            or got.mmap_offset % mmap.PAGESIZE
+        ):
+            raise _Refused(
+                f"in-flight area of {got.mmap_size} bytes for {got.num_queues} x {got.queue_size}"
+            )
+        fd = msg.take_fds()[0]
+        try:
+            if os.fstat(fd).st_size < got.mmap_offset + need:
+                raise _Refused("in-flight area larger than its file")
+            area = _InflightArea(fd, need, got.mmap_offset, got.num_queues, got.queue_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._replace_inflight(area)
 
     def _get_queue_num(self, msg: Message) -> bytes:
         self._empty(msg)
@@ -632,4 +741,7 @@ class VhostUserBackend(Closeable):
             if self.mem is not None:
                 self.mem.close()
                 self.mem = None
+            if self.inflight is not None:
+                self.inflight.close()
+                self.inflight = None
             channel.close()

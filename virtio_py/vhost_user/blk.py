@@ -139,6 +139,10 @@ class VhostUserBlk(VhostUserDevice, Closeable):
     each vring keeps its own counters.
     """
 
+    # Keeps an in-flight record per vring in the front-end's area
+    # (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): a restarted daemon resumes.
+    supports_inflight = True
+
     def __init__(
         self,
         store: StripedStore,
@@ -233,6 +237,14 @@ class VhostUserBlk(VhostUserDevice, Closeable):
             # the used index is the ring's own, as libvhost-user takes it.
             used_idx = ffi.cast("uint16_t *", vring.used)[1]
             check(lib.vp_devq_set_base(q, vring.base, used_idx), f"vring {i} base")
+            if vring.inflight is not None:
+                # The record the front-end kept decides where the ring is
+                # and what runs again, not the used index in guest memory.
+                addr, size = vring.inflight
+                check(
+                    lib.vp_devq_set_inflight(q, ffi.cast("void *", addr), size),
+                    f"vring {i} in-flight record",
+                )
             if vring.kick_fd is not None:
                 ring.kick = Notifier.open_eventfd(vring.kick_fd)
             if vring.call_fd is not None:
