@@ -223,7 +223,12 @@ def test_pvspin_unlock_wakes_the_next_ticket_only(name):
                         ),
                         f"waiter {i} to sleep",
                     )
-                assert all(_asleep(k.pid) for k in ks)
+                # Each still has its sleep announced (a sleeper wakes every 2 ms on
+                # its own to ask whether the holder lives, so "asleep this instant"
+                # is no invariant), and no unlock has kicked anyone yet.
+                first = sh.lock.owner + 1
+                for t in range(first, first + 3):
+                    assert sh.lock.pv_halted[t % PV_WAITERS] == (t << 1 | 1)
                 assert sh.lock.wakeups == 0
             finally:
                 lock.release()
