@@ -125,6 +125,21 @@ static int gsem_post(struct glibc_sem *s)
 	return 0;
 }
 
+/* The CLOCK_MONOTONIC instant timeout_ns (>= 0) from now: an absolute
+ * deadline, so a wait restarted after EINTR does not stretch. */
+static struct timespec deadline_after(int64_t timeout_ns)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	t.tv_sec += timeout_ns / 1000000000;
+	t.tv_nsec += timeout_ns % 1000000000;
+	if (t.tv_nsec >= 1000000000) {
+		t.tv_sec++;
+		t.tv_nsec -= 1000000000;
+	}
+	return t;
+}
+
 /* sem_clockwait's protocol: register as a sleeper, sleep while the count
  * is 0, take one and unregister in one step. */
 static int gsem_wait(struct glibc_sem *s, int64_t timeout_ns)
@@ -135,13 +150,7 @@ static int gsem_wait(struct glibc_sem *s, int64_t timeout_ns)
 		return 0;
 	struct timespec end, *endp = NULL;
 	if (timeout_ns > 0) {
-		clock_gettime(CLOCK_MONOTONIC, &end);
-		end.tv_sec += timeout_ns / 1000000000;
-		end.tv_nsec += timeout_ns % 1000000000;
-		if (end.tv_nsec >= 1000000000) {
-			end.tv_sec++;
-			end.tv_nsec -= 1000000000;
-		}
+		end = deadline_after(timeout_ns);
 		endp = &end;
 	}
 	uint64_t d = __atomic_add_fetch(&s->data, SEM_WAITER, __ATOMIC_RELAXED);
@@ -380,15 +389,8 @@ int vp_notifier_wait(struct vp_notifier *n, int64_t timeout_ns)
 				return -errno;
 		return 1;
 	}
-	struct timespec ts;
 	/* Monotonic: a wall-clock step must not stretch or cut the wait. */
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	ts.tv_sec += timeout_ns / 1000000000;
-	ts.tv_nsec += timeout_ns % 1000000000;
-	if (ts.tv_nsec >= 1000000000) {
-		ts.tv_sec++;
-		ts.tv_nsec -= 1000000000;
-	}
+	struct timespec ts = deadline_after(timeout_ns);
 	while (sem_clockwait(n->sem, CLOCK_MONOTONIC, &ts)) {
 		if (errno == ETIMEDOUT)
 			return 0;
@@ -454,14 +456,7 @@ int vp_notifier_wait_or(struct vp_notifier *n, uint32_t *word, uint32_t val,
 	struct glibc_sem *s = gsem(n->sem);
 	if (gsem_take(s, 1))
 		return 1;
-	struct timespec end;
-	clock_gettime(CLOCK_MONOTONIC, &end);
-	end.tv_sec += timeout_ns / 1000000000;
-	end.tv_nsec += timeout_ns % 1000000000;
-	if (end.tv_nsec >= 1000000000) {
-		end.tv_sec++;
-		end.tv_nsec -= 1000000000;
-	}
+	struct timespec end = deadline_after(timeout_ns);
 	uint64_t d = __atomic_add_fetch(&s->data, SEM_WAITER, __ATOMIC_RELAXED);
 	int leave = 0, err = 0;
 	for (;;) {
