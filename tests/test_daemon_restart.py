@@ -17,9 +17,12 @@ import time
 import pytest
 
 from hostd_util import hostd, shm_objects
+from procs import wait_for
 from virtio_py.blk import BlockDevice
 from virtio_py.pidfile import probe, runtime_dir
+from virtio_py.region import Region
 from virtio_py.store import assemble
+from virtio_py.views import used_ring
 
 SOAK = bool(os.environ.get("VIRTIO_PY_SOAK"))
 TRIALS = 100 if SOAK else 3
@@ -225,6 +228,14 @@ def test_nothing_leaks_across_start_kill_restart_cycles(daemons, name, tmp_path)
     assert not [e for e in os.listdir(runtime_dir()) if e.startswith(name + ".")]
 
 
+def _emu_run(name, rw, runtime, out):
+    """`virtio-emu run` of 4 workers over 1M each, with --verify and --json."""
+    return [
+        sys.executable, "-m", "virtio_py", "run", "--name", name, "--workers", "4",
+        "--rw", rw, "--size", "1M", "--verify", "--runtime", str(runtime), "--json", str(out),
+    ]  # fmt: skip
+
+
 def test_emu_workers_writing_with_verify_ride_out_a_daemon_kill(daemons, name, tmp_path):
     """`virtio-emu run` workers (the C request loop) writing with --verify
     while the daemon is killed and started again: the run ends clean, and a
@@ -234,31 +245,15 @@ def test_emu_workers_writing_with_verify_ride_out_a_daemon_kill(daemons, name, t
     _start(name, store)
     out = tmp_path / "w.json"
     run = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "virtio_py",
-            "run",
-            "--name",
-            name,
-            "--workers",
-            "4",
-            "--rw",
-            "write",
-            "--size",
-            "1M",
-            "--verify",
-            "--runtime",
-            "4",
-            "--json",
-            str(out),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        _emu_run(name, "write", 4, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        time.sleep(1.0)  # the run is under way (it lasts 4 s): the kill lands inside it
+        # The kill lands inside the run (it lasts 4 s): once writes complete.
+        region = Region.attach(name)
+        try:
+            wait_for(lambda: int(used_ring(region)["idx"]) != 0, "the workers' writes to complete")
+        finally:
+            region.close()
         _kill(name)
         _start(name, store)
         text, _ = run.communicate(timeout=120)
@@ -271,28 +266,7 @@ def test_emu_workers_writing_with_verify_ride_out_a_daemon_kill(daemons, name, t
     assert res["verify"]["failures"] == 0, text
     back_json = tmp_path / "r.json"
     back = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "virtio_py",
-            "run",
-            "--name",
-            name,
-            "--workers",
-            "4",
-            "--rw",
-            "read",
-            "--size",
-            "1M",
-            "--verify",
-            "--runtime",
-            "1",
-            "--json",
-            str(back_json),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        _emu_run(name, "read", 1, back_json), capture_output=True, text=True, timeout=120
     )
     assert back.returncode == 0, back.stdout + back.stderr
     checked = json.loads(back_json.read_text())["verify"]
