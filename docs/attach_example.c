@@ -156,15 +156,29 @@ static void lock_acquire(struct vp_lock *l)
 {
 	uint64_t slept = 0;   /* sleeps a wake-up ended (§7: sleeps) */
 	if (l->kind == VP_LOCK_MUTEX) {
+		/* The word: 0 free, else the holder's pid, | VP_MUTEX_WAITERS
+		 * once someone may sleep on it (§7.1). */
+		uint32_t me = (uint32_t)getpid() & VP_LOCK_PID_MASK;
 		uint32_t c = 0;
-		if (!__atomic_compare_exchange_n(&l->futex, &c, 1, 0,
+		if (!__atomic_compare_exchange_n(&l->futex, &c, me, 0,
 						 __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
-			if (c != 2)
-				c = __atomic_exchange_n(&l->futex, 2, __ATOMIC_ACQUIRE);
-			while (c != 0) {
-				if (futex(&l->futex, FUTEX_WAIT, 2) == 0)
+			for (;;) {
+				/* Free: take it keeping the bit, as others may sleep. */
+				if (c == 0) {
+					if (__atomic_compare_exchange_n(&l->futex, &c,
+							me | VP_MUTEX_WAITERS, 0,
+							__ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+						break;
+					continue;
+				}
+				if (!(c & VP_MUTEX_WAITERS) &&
+				    !__atomic_compare_exchange_n(&l->futex, &c,
+						c | VP_MUTEX_WAITERS, 0,
+						__ATOMIC_RELAXED, __ATOMIC_RELAXED))
+					continue;
+				if (futex(&l->futex, FUTEX_WAIT, c | VP_MUTEX_WAITERS) == 0)
 					slept++;
-				c = __atomic_exchange_n(&l->futex, 2, __ATOMIC_ACQUIRE);
+				c = __atomic_load_n(&l->futex, __ATOMIC_RELAXED);
 			}
 		}
 	} else if (l->kind == VP_LOCK_PVSPIN) {
@@ -196,10 +210,9 @@ static void lock_release(struct vp_lock *l)
 	l->hist.hold[hist_bucket(now_ns() - l->t_acquired)]++;
 	long woken = 0;
 	if (l->kind == VP_LOCK_MUTEX) {
-		if (__atomic_fetch_sub(&l->futex, 1, __ATOMIC_RELEASE) != 1) {
-			__atomic_store_n(&l->futex, 0, __ATOMIC_RELEASE);
+		if (__atomic_exchange_n(&l->futex, 0, __ATOMIC_RELEASE) &
+		    VP_MUTEX_WAITERS)
 			woken = futex(&l->futex, FUTEX_WAKE, 1);
-		}
 	} else if (l->kind == VP_LOCK_PVSPIN) {
 		woken = pvspin_release(l);
 	} else {
