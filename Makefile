@@ -34,7 +34,7 @@ test: $(STAMP)
 # 4 writers, 1,000 start/kill/restart cycles without a leak (tests/test_daemon_restart.py;
 # -s prints the restart-to-first-completion figure).
 soak: $(STAMP)
-	VIRTIO_PY_SOAK=1 $(PY) -m pytest -q -s tests/test_daemon_restart.py tests/test_inflight_record.py tests/test_lock_takeover.py
+	VIRTIO_PY_SOAK=1 $(PY) -m pytest -q -s tests/test_daemon_restart.py tests/test_inflight_record.py tests/test_lock_takeover.py tests/test_crash_points.py
 
 # ruff (lint and format check) and mypy, configured in pyproject.toml; pinned, since
 # a newer ruff formats differently.

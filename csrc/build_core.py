@@ -14,7 +14,7 @@ with open(os.path.join(HERE, "cdef.h")) as f:
 ffibuilder.set_source(
     "virtio_py._core",
     '#include "vp.h"\n#include "mem.h"\n#include "guest.h"\n#include "blkdev.h"\n'
-    "#include <linux/virtio_config.h>\n",
+    '#include <linux/virtio_config.h>\n#include "crashpoint.h"\n',
     sources=sorted(os.path.relpath(p) for p in glob.glob(os.path.join(HERE, "*.c"))),
     include_dirs=[HERE],
     # -Wshadow: a local once hid the function of the same name.

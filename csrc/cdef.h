@@ -84,6 +84,8 @@ struct vp_driver_state {
 	uint64_t kicks_suppressed;
 	uint64_t added;
 	uint64_t completed;
+	uint64_t reap_token;
+	uint64_t reap_info;
 	...;
 };
 struct vp_device_stats {
@@ -219,6 +221,8 @@ void vp_vq_set_notify(struct vp_vq *vq, struct vp_notifier *kick,
 struct vp_lock *vp_vq_lock(struct vp_vq *vq);
 void vp_vq_lock_acquire(struct vp_vq *vq);
 void vp_vq_repair(struct vp_vq *vq);
+int vp_vq_repair_if_dirty(struct vp_vq *vq);
+int vp_vq_check(struct vp_vq *vq, char *why, size_t n);
 unsigned vp_vq_num_free(struct vp_vq *vq);
 unsigned vp_vq_size(struct vp_vq *vq);
 int virtqueue_add(struct vp_vq *vq, const uint64_t *addr, const uint32_t *len,
@@ -502,3 +506,10 @@ int64_t vp_restart_wait_ns(void);
 void vp_set_restart_wait_ns(int64_t ns);
 int vp_device_gone(const int32_t *daemon_pid);
 /* ---- end of the restart block ---- */
+
+/* crash points (crashpoint.h) */
+#define VP_CRASH_NPOINTS ...
+const char *vp_crash_point_name(int p);
+int vp_crash_arm(int p, uint32_t n, uint64_t *died);
+void vp_crash_watch(uint64_t *died);
+uint64_t vp_crash_resumed_ns(void);

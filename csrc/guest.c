@@ -184,26 +184,6 @@ uint8_t *vp_guest_data_ptr(struct vp_guest *g, unsigned tag)
 	return g->base + vp_guest_data_gpa(g, tag);
 }
 
-/* Mark tag of its owner's slot done; returns the slot to wake, or -1.  The
- * wake-up itself waits until the lock is dropped: in the kernel the
- * completion path runs under a spinlock with preemption off, so the woken
- * task cannot preempt the holder; a futex wake under our lock lets it do
- * just that (holder preemption) and shows up as milliseconds of hold time. */
-static int deliver(struct vp_guest *g, uint64_t token, uint32_t len)
-{
-	uint64_t s = VP_TOKEN_SLOT(token), tag = VP_TOKEN_TAG(token);
-	if (s >= VP_MAX_SLOTS || tag >= VP_MAX_TAGS)
-		return -1;
-	struct vp_guest_slot *slot = &g->sh->slot[s];
-	if (VP_TOKEN_GEN(token) != __atomic_load_n(&slot->gen, __ATOMIC_RELAXED))
-		return -1;
-	slot->comp[tag].len = len;
-	store_release(&slot->comp[tag].done, 1);
-	__atomic_fetch_add(&slot->delivered, 1, __ATOMIC_RELAXED);
-	__atomic_fetch_add(&slot->wake_seq, 1, __ATOMIC_SEQ_CST);
-	return (int)s;
-}
-
 int vp_guest_reap(struct vp_guest *g)
 {
 	struct vp_lock *lock = vp_vq_lock(g->vq);
@@ -214,12 +194,18 @@ int vp_guest_reap(struct vp_guest *g)
 	vp_vq_lock_acquire(g->vq);
 	do {
 		virtqueue_disable_cb(g->vq);
-		while ((r = virtqueue_get_buf(g->vq, &token, &len)) == 1) {
+		while ((r = vp_vq_get_buf_reap(g->vq, &token, &len)) == 1) {
 			/* Counted before the owner can see it: whoever saw
 			 * the completion also sees it counted. */
 			if (vp_acct_cur)
 				vp_acct_cur->reaped++;
-			int s = deliver(g, token, len);
+			/* The wake-up waits until the lock is dropped: in the
+			 * kernel the completion path runs under a spinlock
+			 * with preemption off, so the woken task cannot
+			 * preempt the holder; a futex wake under our lock
+			 * lets it do just that (holder preemption) and shows
+			 * up as milliseconds of hold time. */
+			int s = vp_vq_deliver(g->vq, token, len);
 			if (s >= 0)
 				wake |= 1ULL << s;
 			n++;
@@ -327,9 +313,12 @@ int vp_guest_blk_submit(struct vp_guest *g, unsigned tag, uint32_t type,
 	addr[out + in] = tag_gpa + sizeof(*hdr);
 	len[out + in] = 1;
 	in++;
-	store_release(&g->slot->comp[tag].done, 0);
+	/* done is reset under the lock (vp_vq_submit_reset): a repair after a
+	 * reaper died mid-delivery tells by it whether the tag's last
+	 * completion was delivered (REGION.md 7.1). */
 	uint64_t token = VP_TOKEN(g->gen, g->slot_idx, tag);
-	return vp_vq_submit(g->vq, strategy, addr, len, out, in, token);
+	return vp_vq_submit_reset(g->vq, strategy, addr, len, out, in, token,
+				  &g->slot->comp[tag].done);
 }
 
 static int device_gone(struct vp_guest *g)
@@ -340,7 +329,8 @@ static int device_gone(struct vp_guest *g)
 static int done_in(struct vp_guest *g, uint64_t mask)
 {
 	for (unsigned t = 0; t < g->depth; t++)
-		if ((mask >> t & 1) && load_acquire(&g->slot->comp[t].done))
+		if ((mask >> t & 1) &&
+		    load_acquire(&g->slot->comp[t].done) == VP_COMP_DONE)
 			return (int)t;
 	return -1;
 }
@@ -442,7 +432,8 @@ int vp_guest_wait_any_t(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
 	uint64_t tag_gpa = g->share_gpa + (uint64_t)tag * g->tag_size;
 	*status = g->base[tag_gpa + sizeof(struct virtio_blk_outhdr)];
 	*len = s->comp[tag].len;
-	s->comp[tag].done = 0;
+	/* Taken, not 0: a repair must not deliver it again (REGION.md 7.1). */
+	store_release(&s->comp[tag].done, VP_COMP_TAKEN);
 	return tag;
 }
 

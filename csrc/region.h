@@ -194,7 +194,13 @@ struct vp_driver_state {
 	uint64_t kicks_suppressed;
 	uint64_t added;          /* chains added */
 	uint64_t completed;      /* chains returned by virtqueue_get_buf */
-	uint64_t reserved[2];    /* fills the cache line: dev starts a new one */
+	/* The reap record (REGION.md §7.1): a reaper writes it before it takes
+	 * a used entry and clears it once the completion is delivered, so a
+	 * repair after it died in between delivers exactly once.  reap_token:
+	 * the token being taken, 0 none; reap_info: its used length << 32 |
+	 * its head << 16 | the low 16 bits of its slot's delivered before. */
+	uint64_t reap_token;
+	uint64_t reap_info;
 };
 
 /* Device counters of one queue: written by the device only, informational

@@ -9,10 +9,16 @@
  * used lengths. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include "vp.h"
 #include "restart.h"
 #include "compiler.h"
+#include "crashpoint.h"
+#include <limits.h>
+#include <unistd.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
 
 
 struct vp_vq {
@@ -106,9 +112,10 @@ int virtqueue_add(struct vp_vq *vq, const uint64_t *addr, const uint32_t *len,
 		return -EINVAL;
 	if (st->num_free < total)
 		return -ENOSPC;
+	VP_CRASH_POINT(VP_CRASH_ADD_BEGIN);
 	uint16_t head = st->free_head, i = head, prev = head;
 	/* The head being added, for a repair after we die mid-way. */
-	WRITE_ONCE(st->adding, (uint32_t)head + 1);
+	store_release(&st->adding, (uint32_t)head + 1);
 	for (unsigned n = 0; n < total; n++) {
 		struct vring_desc *d = &vq->vr.desc[i];
 		d->addr = addr[n];
@@ -118,45 +125,134 @@ int virtqueue_add(struct vp_vq *vq, const uint64_t *addr, const uint32_t *len,
 		i = d->next;
 	}
 	vq->vr.desc[prev].flags &= ~VRING_DESC_F_NEXT;
+	VP_CRASH_POINT(VP_CRASH_ADD_DESC);
 	st->num_free -= total;
 	st->free_head = i;
-	vq->tokens[head] = token;
+	VP_CRASH_POINT(VP_CRASH_ADD_FREE);
+	store_release(&vq->tokens[head], token);
+	VP_CRASH_POINT(VP_CRASH_ADD_TOKEN);
 
 	/* Put the head in the next avail slot, then publish the index; the
 	 * descriptors must be visible before the device can see the head. */
 	uint16_t avail = st->avail_idx_shadow & (vq->vr.num - 1);
 	WRITE_ONCE(vq->vr.avail->ring[avail], head);
-	st->avail_idx_shadow++;
-	store_release(&vq->vr.avail->idx, st->avail_idx_shadow);
+	VP_CRASH_POINT(VP_CRASH_ADD_RING);
+	/* The shadow moves after the index: until then a repair sees
+	 * avail->idx == avail_idx_shadow, an add that never published. */
+	uint16_t next = (uint16_t)(st->avail_idx_shadow + 1);
+	store_release(&vq->vr.avail->idx, next);
+	VP_CRASH_POINT(VP_CRASH_ADD_PUBLISH);
+	st->avail_idx_shadow = next;
 	st->num_added++;
-	WRITE_ONCE(st->adding, 0);
+	store_release(&st->adding, 0);
 	__atomic_fetch_add(&st->added, 1, __ATOMIC_RELAXED);
+	VP_CRASH_POINT(VP_CRASH_ADD_END);
 	return 0;
 }
 
+/* A slot token's slot as it is now, or NULL: out of range, or of another
+ * generation (the slot's previous owner, or a dead one). */
+static struct vp_guest_slot *token_slot(struct vp_queue_shared *sh,
+					uint64_t token)
+{
+	uint64_t s = VP_TOKEN_SLOT(token), tag = VP_TOKEN_TAG(token);
+	if (s >= VP_MAX_SLOTS || tag >= VP_MAX_TAGS)
+		return NULL;
+	struct vp_guest_slot *slot = &sh->slot[s];
+	if (VP_TOKEN_GEN(token) != __atomic_load_n(&slot->gen, __ATOMIC_RELAXED))
+		return NULL;
+	return slot;
+}
+
+static void futex_wake_all(uint32_t *w)
+{
+	syscall(SYS_futex, w, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* The reap record (REGION.md 7.1): a reaper that died between taking a
+ * used entry and delivering it.  Not taken (the token is still on its
+ * head): the entry stays for the next reaper.  Taken: last_used_idx is
+ * moved past it if it was not, and the completion is delivered unless the
+ * dead reaper got to done (then the owner may have taken it already: done
+ * is 1, or 2 once taken, until the tag's next submission resets it under
+ * this lock). */
+static void repair_reap(struct vp_vq *vq)
+{
+	struct vp_driver_state *st = vq->st;
+	unsigned num = vq->vr.num;
+	uint16_t used = load_acquire(&vq->vr.used->idx);
+	uint64_t t = load_acquire(&st->reap_token);
+	if (!t) {
+		/* No record (a foreign driver): a used entry whose token is
+		 * already cleared was consumed. */
+		if (st->last_used_idx != used) {
+			uint32_t id = READ_ONCE(vq->vr.used->ring[st->last_used_idx &
+								 (num - 1)].id);
+			if (id < num && vq->tokens[id] == 0)
+				st->last_used_idx++;
+		}
+		return;
+	}
+	uint64_t info = READ_ONCE(st->reap_info);
+	unsigned id = (unsigned)(info >> 16) & 0xffff;
+	if (id < num && vq->tokens[id] == t) {
+		store_release(&st->reap_token, 0);
+		return;
+	}
+	if (st->last_used_idx != used &&
+	    READ_ONCE(vq->vr.used->ring[st->last_used_idx & (num - 1)].id) == id) {
+		st->last_used_idx++;
+		__atomic_fetch_add(&st->completed, 1, __ATOMIC_RELAXED);
+	}
+	struct vp_guest_slot *slot = token_slot(vq->sh, t);
+	if (slot) {
+		struct vp_completion *c = &slot->comp[VP_TOKEN_TAG(t)];
+		if (!load_acquire(&c->done)) {
+			c->len = (uint32_t)(info >> 32);
+			store_release(&c->done, VP_COMP_DONE);
+			__atomic_fetch_add(&slot->delivered, 1, __ATOMIC_RELAXED);
+		} else if ((uint16_t)__atomic_load_n(&slot->delivered, __ATOMIC_RELAXED) ==
+			   (uint16_t)info) {
+			/* done was set, the count not yet. */
+			__atomic_fetch_add(&slot->delivered, 1, __ATOMIC_RELAXED);
+		}
+		__atomic_fetch_add(&slot->wake_seq, 1, __ATOMIC_SEQ_CST);
+		futex_wake_all(&slot->wake_seq);
+	}
+	store_release(&st->reap_token, 0);
+}
+
 /* Bring the driver state back after a holder died anywhere inside the
- * queue lock, from what the ring shows: an add that did not reach
- * avail->idx is undone, a used entry whose token is already cleared is
- * consumed, the free list is every descriptor no in-flight head (a token)
- * reaches, and the next kick decision kicks.  Slots of dead processes get
- * a new generation, so their completions are dropped, and are freed.
+ * queue lock, from what the ring shows and the two records (adding, the
+ * reap record): an add that did not reach avail->idx is undone, a
+ * completion taken and not delivered is delivered, the free list is every
+ * descriptor no in-flight head (a token) reaches, and the device is
+ * kicked for whatever the dead holder published.  Slots of dead processes
+ * get a new generation, so their completions are dropped, and are freed.
  * Caller holds the queue lock. */
 void vp_vq_repair(struct vp_vq *vq)
 {
 	struct vp_driver_state *st = vq->st;
 	unsigned num = vq->vr.num;
 	uint16_t avail = load_acquire(&vq->vr.avail->idx);
-	uint32_t adding = READ_ONCE(st->adding);
+	uint32_t adding = load_acquire(&st->adding);
 	if (adding && adding <= num && avail == st->avail_idx_shadow)
 		vq->tokens[adding - 1] = 0;       /* never published */
 	st->adding = 0;
 	st->avail_idx_shadow = avail;
-	if (st->last_used_idx != load_acquire(&vq->vr.used->idx)) {
-		uint32_t id = READ_ONCE(vq->vr.used->ring[st->last_used_idx &
-							 (num - 1)].id);
-		if (id < num && vq->tokens[id] == 0)
-			st->last_used_idx++;          /* detached, not counted */
+	/* Dead owners first: their completions, the reap record's too, are
+	 * dropped. */
+	for (unsigned s = 0; s < VP_MAX_SLOTS; s++) {
+		struct vp_guest_slot *slot = &vq->sh->slot[s];
+		int32_t pid = __atomic_load_n(&slot->owner_pid, __ATOMIC_RELAXED);
+		if (pid > 0 && vp_pid_gone(pid)) {
+			__atomic_add_fetch(&slot->gen, 1, __ATOMIC_RELAXED);
+			__atomic_compare_exchange_n(&slot->owner_pid, &pid, 0, 0,
+						    __ATOMIC_RELEASE,
+						    __ATOMIC_RELAXED);
+		}
 	}
+	repair_reap(vq);
 	/* Descriptors in flight: the chains of heads with a token. */
 	uint8_t *busy = calloc(num, 1);
 	if (!busy)
@@ -184,17 +280,11 @@ void vp_vq_repair(struct vp_vq *vq)
 	st->free_head = head;
 	st->num_free = nfree;
 	st->num_added = 0x8000;   /* (new - old) covers every index: kick */
-	for (unsigned s = 0; s < VP_MAX_SLOTS; s++) {
-		struct vp_guest_slot *slot = &vq->sh->slot[s];
-		int32_t pid = __atomic_load_n(&slot->owner_pid, __ATOMIC_RELAXED);
-		if (pid > 0 && vp_pid_gone(pid)) {
-			__atomic_add_fetch(&slot->gen, 1, __ATOMIC_RELAXED);
-			__atomic_compare_exchange_n(&slot->owner_pid, &pid, 0, 0,
-						    __ATOMIC_RELEASE,
-						    __ATOMIC_RELAXED);
-		}
-	}
 	__atomic_store_n(&vq->sh->lock.dirty, 0, __ATOMIC_RELEASE);
+	/* A chain the dead holder published may never have been kicked, and
+	 * no add need follow: kick now, whatever the device asked for. */
+	if (nfree < num)
+		virtqueue_notify(vq);
 }
 
 void vp_vq_lock_acquire(struct vp_vq *vq)
@@ -203,6 +293,15 @@ void vp_vq_lock_acquire(struct vp_vq *vq)
 	if (__builtin_expect(__atomic_load_n(&vq->sh->lock.dirty,
 					     __ATOMIC_ACQUIRE), 0))
 		vp_vq_repair(vq);
+	VP_CRASH_ACQUIRED();
+}
+
+int vp_vq_repair_if_dirty(struct vp_vq *vq)
+{
+	if (!__atomic_load_n(&vq->sh->lock.dirty, __ATOMIC_ACQUIRE))
+		return 0;
+	vp_vq_repair(vq);
+	return 1;
 }
 
 int virtqueue_kick_prepare(struct vp_vq *vq)
@@ -235,6 +334,7 @@ static void spin_ns(uint32_t ns)
  * trapping PIO write) returns once the device has taken the kick. */
 static int kick_exit(struct vp_vq *vq)
 {
+	VP_CRASH_POINT(VP_CRASH_KICK);
 	__atomic_fetch_add(&vq->st->kicks, 1, __ATOMIC_RELAXED);
 	if (vq->exit_cost_ns)
 		spin_ns(vq->exit_cost_ns);
@@ -281,7 +381,8 @@ static void detach_buf(struct vp_vq *vq, uint16_t head)
 	struct vp_driver_state *st = vq->st;
 	uint16_t i = head;
 	unsigned n = 1;
-	vq->tokens[head] = 0;
+	store_release(&vq->tokens[head], 0);
+	VP_CRASH_POINT(VP_CRASH_GETBUF_DETACH);
 	while (vq->vr.desc[i].flags & VRING_DESC_F_NEXT) {
 		i = vq->vr.desc[i].next;
 		n++;
@@ -291,7 +392,9 @@ static void detach_buf(struct vp_vq *vq, uint16_t head)
 	st->num_free += n;
 }
 
-int virtqueue_get_buf(struct vp_vq *vq, uint64_t *token, uint32_t *len)
+/* get_buf, leaving the reap record (REGION.md 7.1) set: the caller
+ * delivers the token (vp_vq_deliver) or clears the record. */
+static int get_buf(struct vp_vq *vq, uint64_t *token, uint32_t *len)
 {
 	struct vp_driver_state *st = vq->st;
 	if (st->last_used_idx == load_acquire(&vq->vr.used->idx))
@@ -302,11 +405,21 @@ int virtqueue_get_buf(struct vp_vq *vq, uint64_t *token, uint32_t *len)
 	uint32_t l = READ_ONCE(e->len);
 	if (id >= vq->vr.num || vq->tokens[id] == 0)
 		return -VP_EUSEDID;
-	*token = vq->tokens[id];
+	uint64_t t = vq->tokens[id];
+	uint64_t s = VP_TOKEN_SLOT(t);
+	uint16_t d0 = s < VP_MAX_SLOTS ?
+		(uint16_t)__atomic_load_n(&vq->sh->slot[s].delivered,
+					  __ATOMIC_RELAXED) : 0;
+	WRITE_ONCE(st->reap_info, (uint64_t)l << 32 | (uint64_t)id << 16 | d0);
+	store_release(&st->reap_token, t);
+	VP_CRASH_POINT(VP_CRASH_GETBUF_INTENT);
+	*token = t;
 	*len = l;
 	detach_buf(vq, (uint16_t)id);
-	st->last_used_idx++;
+	VP_CRASH_POINT(VP_CRASH_GETBUF_DETACHED);
+	store_release(&st->last_used_idx, (uint16_t)(st->last_used_idx + 1));
 	__atomic_fetch_add(&st->completed, 1, __ATOMIC_RELAXED);
+	VP_CRASH_POINT(VP_CRASH_GETBUF_USED);
 	/* Tell the device how far we got, unless callbacks are off. */
 	if (!(st->avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT)) {
 		__atomic_store_n(&vring_used_event(&vq->vr), st->last_used_idx,
@@ -314,6 +427,39 @@ int virtqueue_get_buf(struct vp_vq *vq, uint64_t *token, uint32_t *len)
 		virtio_mb();
 	}
 	return 1;
+}
+
+int virtqueue_get_buf(struct vp_vq *vq, uint64_t *token, uint32_t *len)
+{
+	int r = get_buf(vq, token, len);
+	if (r == 1)   /* the token is the caller's now: nothing to deliver */
+		store_release(&vq->st->reap_token, 0);
+	return r;
+}
+
+int vp_vq_get_buf_reap(struct vp_vq *vq, uint64_t *token, uint32_t *len)
+{
+	return get_buf(vq, token, len);
+}
+
+int vp_vq_deliver(struct vp_vq *vq, uint64_t token, uint32_t len)
+{
+	struct vp_guest_slot *slot = token_slot(vq->sh, token);
+	int s = -1;
+	if (slot) {
+		struct vp_completion *c = &slot->comp[VP_TOKEN_TAG(token)];
+		c->len = len;
+		VP_CRASH_POINT(VP_CRASH_DELIVER_LEN);
+		store_release(&c->done, VP_COMP_DONE);
+		VP_CRASH_POINT(VP_CRASH_DELIVER_DONE);
+		__atomic_fetch_add(&slot->delivered, 1, __ATOMIC_RELAXED);
+		VP_CRASH_POINT(VP_CRASH_DELIVER_COUNT);
+		__atomic_fetch_add(&slot->wake_seq, 1, __ATOMIC_SEQ_CST);
+		VP_CRASH_POINT(VP_CRASH_DELIVER_WOKEN);
+		s = (int)(slot - vq->sh->slot);
+	}
+	store_release(&vq->st->reap_token, 0);
+	return s;
 }
 
 int virtqueue_more_used(struct vp_vq *vq)
@@ -349,11 +495,14 @@ int virtqueue_enable_cb(struct vp_vq *vq)
 	return st->last_used_idx == READ_ONCE(vq->vr.used->idx);
 }
 
-int vp_vq_submit(struct vp_vq *vq, int strategy, const uint64_t *addr,
-		 const uint32_t *len, unsigned out, unsigned in, uint64_t token)
+static int submit(struct vp_vq *vq, int strategy, const uint64_t *addr,
+		  const uint32_t *len, unsigned out, unsigned in, uint64_t token,
+		  uint32_t *reset)
 {
 	struct vp_lock *lock = &vq->sh->lock;
 	vp_vq_lock_acquire(vq);
+	if (reset)
+		store_release(reset, 0);
 	int r = virtqueue_add(vq, addr, len, out, in, token);
 	if (r) {
 		vp_lock_release(lock);
@@ -376,4 +525,85 @@ int vp_vq_submit(struct vp_vq *vq, int strategy, const uint64_t *addr,
 		break;
 	}
 	return r < 0 ? r : 0;
+}
+
+int vp_vq_submit(struct vp_vq *vq, int strategy, const uint64_t *addr,
+		 const uint32_t *len, unsigned out, unsigned in, uint64_t token)
+{
+	return submit(vq, strategy, addr, len, out, in, token, NULL);
+}
+
+int vp_vq_submit_reset(struct vp_vq *vq, int strategy, const uint64_t *addr,
+		       const uint32_t *len, unsigned out, unsigned in,
+		       uint64_t token, uint32_t *done)
+{
+	return submit(vq, strategy, addr, len, out, in, token, done);
+}
+
+static int bad(char *why, size_t n, const char *fmt, unsigned a, unsigned b)
+{
+	if (why && n)
+		snprintf(why, n, fmt, a, b);
+	return -EUCLEAN;
+}
+
+int vp_vq_check(struct vp_vq *vq, char *why, size_t n)
+{
+	struct vp_driver_state *st = vq->st;
+	unsigned num = vq->vr.num;
+	uint16_t avail = load_acquire(&vq->vr.avail->idx);
+	uint16_t used = load_acquire(&vq->vr.used->idx);
+	if (st->avail_idx_shadow != avail)
+		return bad(why, n, "avail_idx_shadow %u, avail->idx %u",
+			   st->avail_idx_shadow, avail);
+	if (st->adding || st->reap_token)
+		return bad(why, n, "a record left set: adding %u, reap %u",
+			   st->adding, st->reap_token != 0);
+	if ((uint16_t)(used - st->last_used_idx) > num)
+		return bad(why, n, "used->idx %u is more than the queue ahead of last_used_idx %u",
+			   used, st->last_used_idx);
+	uint8_t *seen = calloc(num, 1);
+	if (!seen)
+		return -ENOMEM;
+	int r = 0;
+	unsigned i = st->free_head, heads = 0;
+	for (unsigned k = 0; k < st->num_free && !r; k++) {
+		if (i >= num || seen[i])
+			r = bad(why, n, "free list: entry %u is descriptor %u (out of range or twice)", k, i);
+		else {
+			seen[i] = 1;
+			i = vq->vr.desc[i].next;
+		}
+	}
+	for (unsigned h = 0; h < num && !r; h++) {
+		if (!vq->tokens[h])
+			continue;
+		heads++;
+		unsigned d = h;
+		for (unsigned k = 0;; k++) {
+			if (d >= num || seen[d] || k >= num) {
+				r = bad(why, n, "chain of head %u: descriptor %u is free, in another chain or out of range", h, d);
+				break;
+			}
+			seen[d] = 1;
+			if (!(vq->vr.desc[d].flags & VRING_DESC_F_NEXT))
+				break;
+			d = vq->vr.desc[d].next;
+		}
+	}
+	for (unsigned d = 0; d < num && !r; d++)
+		if (!seen[d])
+			r = bad(why, n, "descriptor %u is neither free nor in a chain (%u)", d, 0);
+	free(seen);
+	if (r)
+		return r;
+	if (heads != (uint16_t)(avail - st->last_used_idx))
+		return bad(why, n, "%u heads with a token, %u made available and not taken back",
+			   heads, (uint16_t)(avail - st->last_used_idx));
+	for (uint16_t u = st->last_used_idx; u != used; u++) {
+		uint32_t id = READ_ONCE(vq->vr.used->ring[u & (num - 1)].id);
+		if (id >= num || !vq->tokens[id])
+			return bad(why, n, "used entry %u names head %u, which has no token", u, id);
+	}
+	return 0;
 }

@@ -145,6 +145,16 @@ void vp_vq_lock_acquire(struct vp_vq *vq);
 /* Rebuild the driver state from the ring after a dead holder.  Caller
  * holds the queue lock. */
 void vp_vq_repair(struct vp_vq *vq);
+/* vp_vq_repair if the lock is marked dirty: 1 repaired, 0 clean.  For a
+ * holder that took the lock by vp_lock_acquire.  Caller holds the queue
+ * lock. */
+int vp_vq_repair_if_dirty(struct vp_vq *vq);
+/* Consistency of the driver state against the ring: the free list and the
+ * chains of the heads with a token cover every descriptor once, num_free
+ * counts the free list, the shadows match the ring, no record is left
+ * set.  0, or -EUCLEAN with the first fault in why.  Caller holds the
+ * queue lock, or nobody drives the queue. */
+int vp_vq_check(struct vp_vq *vq, char *why, size_t n);
 /* Free descriptors.  Caller holds the queue lock (unlocked: a hint). */
 unsigned vp_vq_num_free(struct vp_vq *vq);
 /* Queue size.  No lock. */
@@ -167,6 +177,18 @@ int virtqueue_kick(struct vp_vq *vq, struct vp_lock *lock);
 /* Take one used buffer: 1 (token, len), 0 none, <0 bad used id.  Caller
  * holds the queue lock. */
 int virtqueue_get_buf(struct vp_vq *vq, uint64_t *token, uint32_t *len);
+/* The completion path's get_buf: the same, but the reap record (REGION.md
+ * 7.1) stays set until vp_vq_deliver, so a repair after the caller died
+ * in between delivers the token.  Caller holds the queue lock. */
+int vp_vq_get_buf_reap(struct vp_vq *vq, uint64_t *token, uint32_t *len);
+/* Deliver a slot token's completion (comp[tag], delivered, wake_seq) and
+ * clear the reap record: the slot to wake after unlocking, or -1 (no
+ * slot, or another generation's: dropped).  Caller holds the queue lock. */
+int vp_vq_deliver(struct vp_vq *vq, uint64_t token, uint32_t len);
+/* comp[tag].done: 0 submitted (reset under the queue lock), VP_COMP_DONE
+ * delivered, VP_COMP_TAKEN taken by its owner (REGION.md 7.1). */
+#define VP_COMP_DONE   1
+#define VP_COMP_TAKEN  2
 /* 1 if the device has used buffers nobody took yet.  A hint, read
  * without the lock (Linux's virtqueue_poll): get_buf under the lock
  * decides. */
@@ -185,6 +207,12 @@ int virtqueue_enable_cb(struct vp_vq *vq);
  * must not hold it. */
 int vp_vq_submit(struct vp_vq *vq, int strategy, const uint64_t *addr,
 		 const uint32_t *len, unsigned out, unsigned in, uint64_t token);
+/* vp_vq_submit that stores 0 into *done once it holds the lock, before the
+ * add: a slot tag's completion record (REGION.md 7.1).  Caller must not
+ * hold the queue lock. */
+int vp_vq_submit_reset(struct vp_vq *vq, int strategy, const uint64_t *addr,
+		       const uint32_t *len, unsigned out, unsigned in,
+		       uint64_t token, uint32_t *done);
 
 /* ---- device side (vringh.c) ----
  * One device queue is served by the device process's threads.  pop, push,

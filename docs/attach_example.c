@@ -103,29 +103,42 @@ static int sem_wait_ns(sem_t *s, uint64_t ns)
  * be the head of the line, ask for the hand-off at once, take the word,
  * and pass the headship on, asking our unlock to kick the next if it
  * sleeps. */
+#define PV_BITS (VP_PV_LOCKED | VP_PV_HANDOFF | VP_PV_SLOW)
+
+static uint64_t lock_self_id(void);
+
 static void pvspin_acquire(struct vp_lock *l)
 {
 	uint32_t *word = &l->futex;
+	/* The word names its holder (§7.1): our pid above the bits. */
+	uint32_t me = (uint32_t)(lock_self_id() & VP_LOCK_PID_MASK) << VP_PV_PID_SHIFT;
 	uint32_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
 	if (!(v & (VP_PV_LOCKED | VP_PV_HANDOFF)) &&
-	    __atomic_compare_exchange_n(word, &v, v | VP_PV_LOCKED, 0,
+	    __atomic_compare_exchange_n(word, &v, (v & PV_BITS) | VP_PV_LOCKED | me, 0,
 					__ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
 		return;
 	uint32_t t = __atomic_fetch_add(&l->next, 1, __ATOMIC_SEQ_CST);
-	while (__atomic_load_n(&l->owner, __ATOMIC_SEQ_CST) != t - 1)
+	/* Until the head, or past it: a waiter skipped us (§7.1). */
+	while ((int32_t)(__atomic_load_n(&l->owner, __ATOMIC_SEQ_CST) - (t - 1)) < 0)
 		sched_yield();
 	__atomic_fetch_or(word, VP_PV_HANDOFF, __ATOMIC_SEQ_CST);
 	for (;;) {
 		v = __atomic_load_n(word, __ATOMIC_SEQ_CST);
 		if (!(v & VP_PV_LOCKED) &&
 		    __atomic_compare_exchange_n(word, &v,
-						(v | VP_PV_LOCKED) & ~VP_PV_HANDOFF,
+						((v & PV_BITS) | VP_PV_LOCKED | me) &
+						~VP_PV_HANDOFF,
 						0, __ATOMIC_SEQ_CST,
 						__ATOMIC_RELAXED))
 			break;
 		sched_yield();
 	}
-	__atomic_store_n(&l->owner, t, __ATOMIC_SEQ_CST);
+	/* Pass the headship on: raise owner to t, never lower it. */
+	uint32_t o = __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST);
+	while ((int32_t)(t - o) > 0 &&
+	       !__atomic_compare_exchange_n(&l->owner, &o, t, 0, __ATOMIC_SEQ_CST,
+					    __ATOMIC_SEQ_CST))
+		;
 	uint32_t s = t + 1;
 	if (__atomic_load_n(&l->next, __ATOMIC_SEQ_CST) != s &&
 	    __atomic_load_n(&l->pv_halted[s % VP_LOCK_PV_WAITERS],
@@ -133,12 +146,12 @@ static void pvspin_acquire(struct vp_lock *l)
 		__atomic_fetch_or(word, VP_PV_SLOW, __ATOMIC_SEQ_CST);
 }
 
-/* pvspin: free the word; if the head of the line sleeps, kick it.
- * Returns how many were woken. */
+/* pvspin: free the word (all but a hand-off asked for: the pid goes
+ * too); if the head of the line sleeps, kick it.  Returns how many were
+ * woken. */
 static long pvspin_release(struct vp_lock *l)
 {
-	uint32_t old = __atomic_fetch_and(&l->futex,
-					  ~(VP_PV_LOCKED | VP_PV_SLOW),
+	uint32_t old = __atomic_fetch_and(&l->futex, VP_PV_HANDOFF,
 					  __ATOMIC_SEQ_CST);
 	if (!(old & VP_PV_SLOW))
 		return 0;
@@ -152,13 +165,69 @@ static long pvspin_release(struct vp_lock *l)
 	return 0;
 }
 
+/* Who we are in the owner record (§7.1): VP_LOCK_ID of our pid and start
+ * time, the start time being field 22 of /proc/self/stat (after the
+ * command in parentheses, which may hold anything). */
+static uint64_t self_start, self_id;
+
+static uint64_t lock_self_id(void)
+{
+	if (self_id)
+		return self_id;
+	char buf[1024];
+	int fd = open("/proc/self/stat", O_RDONLY);
+	ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof(buf) - 1);
+	if (fd >= 0)
+		close(fd);
+	buf[n > 0 ? n : 0] = 0;
+	char *p = strrchr(buf, ')');
+	for (int field = 2; p && field < 22; field++)
+		p = strchr(p + 1, ' ');
+	self_start = p ? strtoull(p + 1, NULL, 10) : 0;
+	self_id = VP_LOCK_ID(getpid(), self_start);
+	return self_id;
+}
+
+/* spin, spinyield: being served ticket t is not yet holding the lock.
+ * Claim it in holder[0] (ticket + 1 in bits 48..63, then our id), unless
+ * a waiter already claimed it for nobody: it skips a ticket nobody claims
+ * for VP_LOCK_STALL_NS, and then we queue again.  0 claimed, -1 skipped. */
+static int ticket_claim(struct vp_lock *l, uint32_t t)
+{
+	uint64_t mine = (uint64_t)((t + 1) & 0xffff) << 48 | lock_self_id();
+	uint64_t c = __atomic_load_n(&l->holder[0], __ATOMIC_ACQUIRE);
+	do {
+		if (c >> 48 == ((t + 1) & 0xffff))
+			return -1;
+	} while (!__atomic_compare_exchange_n(&l->holder[0], &c, mine, 0,
+					      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+	return 0;
+}
+
+static void ticket_acquire(struct vp_lock *l)
+{
+	for (;;) {
+		uint32_t t = __atomic_fetch_add(&l->next, 1, __ATOMIC_RELAXED);
+		uint64_t t0 = now_ns();
+		uint32_t o;
+		/* Until served, or skipped: the line moved past our ticket. */
+		while ((o = __atomic_load_n(&l->owner, __ATOMIC_ACQUIRE)) != t &&
+		       (int32_t)(o - t) < 0)
+			if (l->kind == VP_LOCK_SPINYIELD && now_ns() - t0 > l->spin_ns)
+				sched_yield();
+		if (o == t && ticket_claim(l, t) == 0)
+			return;
+	}
+}
+
 static void lock_acquire(struct vp_lock *l)
 {
 	uint64_t slept = 0;   /* sleeps a wake-up ended (§7: sleeps) */
+	lock_self_id();       /* read before the ticket: a claim must be quick */
 	if (l->kind == VP_LOCK_MUTEX) {
 		/* The word: 0 free, else the holder's pid, | VP_MUTEX_WAITERS
 		 * once someone may sleep on it (§7.1). */
-		uint32_t me = (uint32_t)getpid() & VP_LOCK_PID_MASK;
+		uint32_t me = (uint32_t)lock_self_id() & VP_LOCK_PID_MASK;
 		uint32_t c = 0;
 		if (!__atomic_compare_exchange_n(&l->futex, &c, me, 0,
 						 __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
@@ -184,12 +253,12 @@ static void lock_acquire(struct vp_lock *l)
 	} else if (l->kind == VP_LOCK_PVSPIN) {
 		pvspin_acquire(l);
 	} else {
-		uint32_t t = __atomic_fetch_add(&l->next, 1, __ATOMIC_RELAXED);
-		uint64_t t0 = now_ns();
-		while (__atomic_load_n(&l->owner, __ATOMIC_ACQUIRE) != t)
-			if (l->kind == VP_LOCK_SPINYIELD && now_ns() - t0 > l->spin_ns)
-				sched_yield();
+		ticket_acquire(l);
 	}
+	/* The owner record: our start time; the id too where no claim wrote it. */
+	__atomic_store_n(&l->holder[1], self_start, __ATOMIC_RELAXED);
+	if (l->kind == VP_LOCK_MUTEX || l->kind == VP_LOCK_PVSPIN)
+		__atomic_store_n(&l->holder[0], self_id, __ATOMIC_RELEASE);
 	/* The holder keeps the lockstat counters; count ours. */
 	l->stat.acquisitions++;
 	l->sleeps += slept;
@@ -458,9 +527,11 @@ static int wait_done(struct queue *q, uint64_t token, int my_slot,
 			return -1;
 		if (r > 0)
 			return 0;
-		if (slot && __atomic_load_n(&slot->comp[tag].done, __ATOMIC_ACQUIRE)) {
+		if (slot && __atomic_load_n(&slot->comp[tag].done, __ATOMIC_ACQUIRE) == 1) {
 			*len = slot->comp[tag].len;
-			__atomic_store_n(&slot->comp[tag].done, 0, __ATOMIC_RELAXED);
+			/* 2, taken: not 0, which a repair would read as "never
+			 * delivered" (REGION.md §7.1). */
+			__atomic_store_n(&slot->comp[tag].done, 2, __ATOMIC_RELEASE);
 			return 0;
 		}
 		if (now_ns() - t0 > WAIT_NS) {

@@ -43,8 +43,28 @@ def broken_reason(code: int) -> str | None:
     return f"{code_name(code)}: {strerror(code)}"
 
 
+class QueueLock(SharedLock):
+    """A queue's lock as its driver takes it: acquiring repairs the driver
+    state first when a holder died inside it (vp_vq_lock_acquire)."""
+
+    def __init__(self, region: Region, lock_ptr: Any, vq: Virtqueue) -> None:
+        super().__init__(region, lock_ptr)
+        self._vq = vq
+
+    def acquire(self) -> None:
+        vq = self._vq._vq
+        if vq is None:  # the virtqueue is closed: the lock alone
+            super().acquire()
+        else:
+            lib.vp_vq_lock_acquire(vq)
+
+
 class Virtqueue(Closeable):
-    """The driver's handle on queue ``index`` of an attached region."""
+    """The driver's handle on queue ``index`` of an attached region.
+
+    ``lock`` is the queue's lock; the operations that need it held (add,
+    kick_prepare, get_buf, disable_cb, enable_cb) repair the driver state
+    first if a holder died inside it, however the lock was taken."""
 
     def __init__(self, region: Region, index: int = 0, notifiers: bool = True) -> None:
         region._check_index(index)
@@ -52,7 +72,8 @@ class Virtqueue(Closeable):
         self.index = index
         self._vq = opened(lib.vp_vq_open, region.base, region.size, index, what=f"queue {index}")
         self.num = lib.vp_vq_size(self._vq)
-        self.lock = SharedLock(region, lib.vp_vq_lock(self._vq))
+        self._lockp = lib.vp_vq_lock(self._vq)
+        self.lock: SharedLock = QueueLock(region, self._lockp, self)
         self.kick_notifier: Notifier | None = None
         self.ack_notifier: Notifier | None = None
         self.call_notifier: Notifier | None = None
@@ -98,13 +119,22 @@ class Virtqueue(Closeable):
             n += 1
         return len(out), len(in_)
 
+    def _repaired(self) -> Any:
+        """The handle, the driver state repaired first if the lock (held by
+        the caller) was taken over from a dead holder."""
+        vq = self.handle
+        if self._lockp.dirty:
+            lib.vp_vq_repair_if_dirty(vq)
+        return vq
+
     def add(self, out: Iterable[Buffer], in_: Iterable[Buffer], token: int) -> None:
         """virtqueue_add: out and in_ are lists of (gpa, length); token is a non-zero int."""
         o, i = self._load(out, in_)
-        check(lib.virtqueue_add(self.handle, self._addr, self._len, o, i, token), "virtqueue_add")
+        vq = self._repaired()
+        check(lib.virtqueue_add(vq, self._addr, self._len, o, i, token), "virtqueue_add")
 
     def kick_prepare(self) -> bool:
-        return bool(lib.virtqueue_kick_prepare(self.handle))
+        return bool(lib.virtqueue_kick_prepare(self._repaired()))
 
     def notify(self) -> None:
         check(lib.virtqueue_notify(self.handle), "virtqueue_notify")
@@ -112,7 +142,10 @@ class Virtqueue(Closeable):
     def kick(self, lock: SharedLock | None = None) -> bool:
         """virtqueue_kick; with a lock (held by the caller) it is released around the notify."""
         return bool(
-            check(lib.virtqueue_kick(self.handle, lock._l if lock else ffi.NULL), "virtqueue_kick")
+            check(
+                lib.virtqueue_kick(self._repaired(), lock._l if lock else ffi.NULL),
+                "virtqueue_kick",
+            )
         )
 
     def submit(
@@ -147,18 +180,28 @@ class Virtqueue(Closeable):
 
     def get_buf(self) -> tuple[int, int] | None:
         """virtqueue_get_buf: (token, written length) or None when nothing is used."""
-        r = lib.virtqueue_get_buf(self._vq, self._tok, self._blen)
+        r = lib.virtqueue_get_buf(self._repaired(), self._tok, self._blen)
         if r == 0:
             return None
         check(r, "virtqueue_get_buf")
         return self._tok[0], self._blen[0]
 
     def disable_cb(self) -> None:
-        lib.virtqueue_disable_cb(self.handle)
+        lib.virtqueue_disable_cb(self._repaired())
 
     def enable_cb(self) -> bool:
         """True when callbacks are on and nothing is pending; False: poll again."""
-        return bool(lib.virtqueue_enable_cb(self.handle))
+        return bool(lib.virtqueue_enable_cb(self._repaired()))
+
+    def check_ring(self) -> str | None:
+        """The ring consistency check (vp_vq_check) under the queue lock,
+        after any repair it needs: None when the free list and the chains
+        in flight cover every descriptor once, num_free, the shadows and
+        the records agree with the ring; else the first fault."""
+        why = ffi.new("char[]", 256)
+        with self.lock:
+            r = lib.vp_vq_check(self.handle, why, 256)
+        return ffi.string(why).decode() if r else None
 
     @property
     def num_free(self) -> int:

@@ -215,6 +215,7 @@ def summarise(
         "lockstat": lockstat,
         "lockstat_ns": {f: raw[f] for f in LOCKSTAT_FIELDS},
         "lock_hist": lock_hist,
+        "lock_takeovers": raw.get("takeovers", 0),
         "ios": ios,
         "bytes": nbytes,
         "wall_s": round(wall, 4),
@@ -307,6 +308,7 @@ def format_result(res: Mapping[str, Any]) -> str:
             f"{w['lock_hold_ms']:11.3f} {w['kick_ms']:9.3f} {w['io_wait_ms']:10.3f} "
             f"{w['irqs']:5d} {w['reaped']:7d}"
         )
+    lines.extend(format_deaths(res))
     if res["errors"]:
         lines.append(f"  I/O errors: {res['errors']}")
     v = res["verify"]
@@ -323,6 +325,38 @@ def format_result(res: Mapping[str, Any]) -> str:
                 + (f", {v['unwritten']} not yet written" if v["unwritten"] else "")
             )
     return "\n".join(lines)
+
+
+def format_deaths(res: Mapping[str, Any]) -> list[str]:
+    """The lines of the workers a signal killed (their results are not in
+    the figures above), and of a crash run's resume."""
+    lines = []
+    n = res["config"]["workers"]
+    for k in res.get("killed") or []:
+        why = " (armed crash point)" if k["armed"] else ""
+        lines.append(
+            f"  worker {k['worker']} (pid {k['pid']}) killed by {k['signal']}{why} "
+            f"at {k['at_s']:.3f} s; {n - len(res['killed'])} of {n} workers finished, "
+            f"figures are theirs"
+        )
+    cr = res.get("crash")
+    if cr:
+        if not cr["died"]:
+            lines.append(
+                f"  crash point {cr['point']}:{cr['n']} not reached by worker {cr['worker']}"
+            )
+        else:
+            took = res.get("lock_takeovers", 0)
+            resume = (
+                "no lock acquisition after it"
+                if cr["resume_ms"] is None
+                else (f"the others resumed after {cr['resume_ms']:.3f} ms")
+            )
+            lines.append(
+                f"  crash point {cr['point']}:{cr['n']} killed worker {cr['worker']}: "
+                f"{resume}; lock takeovers {took}"
+            )
+    return lines
 
 
 def write_json(result: Any, path: str) -> None:

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
+import signal
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .._lowlevel import lib
 from ..errors import ConfigError, DeviceGoneError, VirtioError
 from ..limits import SECTOR
 from ..lock import SharedLock, merge_lockstats
 from ..proc import proc_cpu_seconds
 from ..region import Region
+from .crash import CrashSpec, crash_from_env
 from .report import proc_ctx_switches, summarise
 from .spec import JobSpec, plan_areas
 from .worker import worker_main
@@ -111,7 +114,10 @@ def _run(
         daemon_pid = region.daemon_pid
         if daemon_pid <= 0:
             raise ConfigError(f"device {spec.name!r} has no daemon serving it")
+    crash = crash_from_env(spec.workers)
     ctx = multiprocessing.get_context("fork")
+    # The victim's death time (CLOCK_MONOTONIC ns), shared with every worker.
+    died = ctx.RawValue(ctypes.c_uint64, 0)
     barrier = ctx.Barrier(spec.workers + 1)
     done_barrier = ctx.Barrier(spec.workers)
     stop = ctx.RawValue(ctypes.c_int32, 0)
@@ -125,7 +131,7 @@ def _run(
                 target=worker_main,
                 name=f"virtio-emu-worker-{i}",
                 args=(i, spec, queues[i], areas[i][0], areas[i][1], barrier, done_barrier,
-                      stop, w, notify_fds),
+                      stop, w, notify_fds, crash, ctypes.addressof(died)),
             )  # fmt: skip
             p.start()
             w.close()
@@ -143,9 +149,10 @@ def _run(
         d0 = _cpu_seconds(daemon_pid)
         x0 = proc_ctx_switches(daemon_pid) if daemon_pid > 0 else None
         t0 = time.monotonic()
+        t0_ns = lib.vp_now_ns()
         _parent_wait(barrier)  # go
         _wait_for_workers(spec, region, used_q, c0, conns, procs, results, t0, stop, progress,
-                          label, device)  # fmt: skip
+                          label, device, done_barrier)  # fmt: skip
         t1 = time.monotonic()
         d1 = _cpu_seconds(daemon_pid)
         x1 = proc_ctx_switches(daemon_pid) if daemon_pid > 0 else None
@@ -172,12 +179,67 @@ def _run(
         if device is not None and not device.check():
             raise DeviceGoneError(f"{device.gone}; {failure}")
         raise JobError(failure)
-    done = [r for r in results if r is not None]
+    done = [r for r in results if r is not None and "killed" not in r]
+    killed = [r for r in results if r is not None and "killed" in r]
+    if not done:
+        raise JobError(f"every worker was killed ({killed[0]['killed']})")
     switches = {k: x1[k] - x0[k] for k in x1} if x0 and x1 else None
     res = summarise(spec, region, done, raw, c0, c1, d1 - d0, t1 - t0, used_q, daemon_ctx=switches)
+    res["killed"] = [_death(k, crash, died.value, t0_ns) for k in killed]
+    res["crash"] = _crash_figures(crash, died.value, done) if crash is not None else None
     if device is not None:
         _vhost_user_figures(res, device)
     return res
+
+
+def _lost(i: int, proc: Any, done_barrier: Any) -> dict[str, Any]:
+    """The result of worker i, which ended without reporting.  Killed by a
+    signal, it is a death the others carry on through (the queue lock
+    survives its holder), and nobody waits for it at the end; any other
+    end is the run's failure."""
+    code = proc.exitcode
+    if code is not None and code < 0:
+        if done_barrier is not None:
+            done_barrier.abort()
+        return {"worker": i, "pid": proc.pid, "killed": _signame(-code), "seen_ns": lib.vp_now_ns()}
+    return {"error": f"worker {i} (pid {proc.pid}) died (exit code {code}) without reporting"}
+
+
+def _signame(n: int) -> str:
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return f"signal {n}"
+
+
+def _death(k: dict[str, Any], crash: CrashSpec | None, died_ns: int, t0_ns: int) -> dict[str, Any]:
+    """A killed worker as the result reports it: whether the crash run
+    armed its death, and when it died (seconds into the run: the victim's
+    own clock when armed, else when the parent saw it)."""
+    armed = crash is not None and k["worker"] == crash.worker and died_ns > 0
+    at = (died_ns if armed else k["seen_ns"]) - t0_ns
+    return {
+        "worker": k["worker"],
+        "pid": k["pid"],
+        "signal": k["killed"],
+        "armed": armed,
+        "at_s": round(at / 1e9, 4),
+    }
+
+
+def _crash_figures(crash: CrashSpec, died_ns: int, done: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a crash run shows: where the victim died, and when the others
+    resumed: the first queue lock acquisition by any of them after the
+    death (None if none came)."""
+    after = [r["resumed_ns"] for r in done if r.get("resumed_ns", 0) >= died_ns > 0]
+    return {
+        "point": crash.point,
+        "n": crash.n,
+        "worker": crash.worker,
+        "died": died_ns > 0,
+        "resume_ms": round((min(after) - died_ns) / 1e6, 3) if after else None,
+        "resumed_workers": len(after),
+    }
 
 
 def _vhost_user_figures(res: dict[str, Any], device: VhostUserDisk) -> None:
@@ -244,6 +306,7 @@ def _wait_for_workers(
     progress: Progress | None,
     label: str,
     device: VhostUserDisk | None = None,
+    done_barrier: Any = None,
 ) -> None:
     last = 0.0
     interrupted = False
@@ -256,13 +319,10 @@ def _wait_for_workers(
                         try:
                             results[i] = c.recv()
                         except EOFError:
-                            results[i] = {"error": f"worker {i} died without reporting"}
+                            procs[i].join(1)
+                            results[i] = _lost(i, procs[i], done_barrier)
                     elif not procs[i].is_alive() and not c.poll(0):
-                        code = procs[i].exitcode
-                        results[i] = {
-                            "error": f"worker {i} (pid {procs[i].pid}) died "
-                            f"(exit code {code}) without reporting"
-                        }
+                        results[i] = _lost(i, procs[i], done_barrier)
             if device is not None and not device.check():
                 # The workers' waits fail now (daemon_pid is 0); stop the rest.
                 stop.value = 1

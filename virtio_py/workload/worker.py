@@ -26,6 +26,7 @@ from ..errors import ConfigError, VirtioError
 from ..proc import set_pdeathsig
 from ..region import Region
 from ..virtqueue import Virtqueue
+from .crash import CrashSpec, arm_worker, resumed_ns
 from .engine import run_engine
 from .spec import RW_MODES, JobSpec
 
@@ -66,11 +67,15 @@ def worker_main(
     stop: Any,
     conn: Any,
     notify_fds: dict[int, tuple[int, int]] | None = None,
+    crash: CrashSpec | None = None,
+    died_addr: int = 0,
 ) -> None:
     """Body of worker process idx; it reports one dict through conn and exits.
 
     notify_fds: {queue: (kick_fd, call_fd)} of a vhost-user device, inherited
-    from the parent (default: the region's named semaphores)."""
+    from the parent (default: the region's named semaphores).  crash: a crash
+    run (crash.py): the victim is armed, the others watch the word at
+    died_addr (shared with the parent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us via `stop`
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     set_pdeathsig()
@@ -100,6 +105,8 @@ def worker_main(
         lat = np.zeros(max(cap, 1), dtype=np.uint32)
         acct = ffi.new("struct vp_acct *")
         delivered0 = region.queue_shared(queue).slot[slot.slot].delivered
+        if crash is not None:
+            arm_worker(crash, idx, died_addr)
 
         barrier.wait()  # ready
         # Before "go": once any worker runs, our interrupt thread may reap.
@@ -133,6 +140,7 @@ def worker_main(
         out["ctx_vol"] = ru1.ru_nvcsw - ru0.ru_nvcsw
         out["ctx_invol"] = ru1.ru_nivcsw - ru0.ru_nivcsw
         out["lat"] = lat[: res.lat_recorded].copy()
+        out["resumed_ns"] = resumed_ns() if crash is not None else 0
         if rc < 0:
             out["error"] = f"worker {idx}: {_errtext(rc)}"
     except BaseException as e:  # report, never unwind into the parent's code
