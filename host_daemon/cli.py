@@ -7,14 +7,13 @@ import sys
 import time
 
 from virtio_py import limits
+from virtio_py.children import STOP_SIGNALS, stop_signals_blocked
+from virtio_py.cliopts import add_event_idx, add_option
 from virtio_py.cliutil import (
     CliError,
     OneLineParser,
-    choice_arg,
     error_text,
     limit_arg,
-    name_arg,
-    parse_float,
     positive_float,
     run_main,
 )
@@ -47,75 +46,43 @@ def build_parser():
         description="Create the shared region, notifiers and store of device "
         "NAME and serve it.  Detaches once ready unless --foreground.",
     )
-    s.add_argument("--name", required=True, type=name_arg, help="device name (/dev/shm/NAME)")
-    s.add_argument(
+    add_option(s, "--name", required=True, help="device name (/dev/shm/NAME)")
+    add_option(
+        s,
         "--store",
         required=True,
-        metavar="DIR",
         help="directory of the stripe files (created, sparse, if missing)",
     )
-    s.add_argument(
-        "--size",
-        type=limit_arg(limits.CAPACITY, parse_size),
-        default="1G",
-        help="capacity (default 1G)",
-    )
-    s.add_argument(
-        "--stripes", type=limit_arg(limits.STRIPES), default=12, help="stripe files (default 12)"
-    )
-    s.add_argument(
-        "--chunk",
-        type=limit_arg(limits.CHUNK, parse_size),
-        default="64K",
-        help="chunk size (default 64K)",
-    )
-    s.add_argument(
-        "--queues", type=limit_arg(limits.QUEUES), default=1, help="virtqueues (default 1)"
-    )
-    s.add_argument(
-        "--queue-size",
-        type=limit_arg(limits.BLK_QUEUE_SIZE),
-        default=128,
-        help="entries per queue (default 128)",
-    )
-    s.add_argument(
+    add_option(s, "--size", default="1G", help="capacity (default 1G)")
+    add_option(s, "--stripes", default=12, help="stripe files (default 12)")
+    add_option(s, "--chunk", default="64K", help="chunk size (default 64K)")
+    add_option(s, "--queues", default=1, help="virtqueues (default 1)")
+    add_option(s, "--queue-size", default=128, help="entries per queue (default 128)")
+    add_option(
+        s,
         "--mode",
-        **choice_arg(limits.MODE),
         default="notify",
         help="sleep on kicks, or busy-poll with back-off (default notify)",
     )
-    s.add_argument(
+    add_option(
+        s,
         "--exit",
-        **choice_arg(limits.EXIT),
         default="async",
         help="async: a kick only posts (ioeventfd); sync: the kick returns once "
         "the daemon took it (a trapping PIO write). Default async",
     )
-    s.add_argument(
-        "--exit-cost",
-        type=limit_arg(limits.EXIT_COST_US, parse_float),
-        default=0.0,
-        metavar="US",
-        help="extra microseconds spent inside every kick (default 0)",
-    )
-    s.add_argument(
+    add_option(s, "--exit-cost", default=0.0)
+    add_option(
+        s,
         "--lock",
-        **choice_arg(limits.LOCK),
         default=limits.LOCK_DEFAULT,
         help=f"kind of the guest's queue lock (default {limits.LOCK_DEFAULT})",
     )
-    s.add_argument(
-        "--event-idx",
-        dest="event_idx",
-        action="store_true",
-        default=True,
-        help="offer VIRTIO_RING_F_EVENT_IDX (default)",
-    )
-    s.add_argument(
-        "--no-event-idx",
-        dest="event_idx",
-        action="store_false",
-        help="use the NO_NOTIFY / NO_INTERRUPT flags instead",
+    add_event_idx(
+        s,
+        True,
+        on="offer VIRTIO_RING_F_EVENT_IDX (default)",
+        off="use the NO_NOTIFY / NO_INTERRUPT flags instead",
     )
     s.add_argument(
         "--direct",
@@ -144,10 +111,9 @@ def build_parser():
         default=None,
         help="GET_ID serial, 20 bytes at most",
     )
-    s.add_argument(
+    add_option(
+        s,
         "--vhost-user",
-        metavar="PATH",
-        default=None,
         help="serve the queues over vhost-user on the Unix socket PATH (QEMU's "
         "vhost-user-blk-pci) instead of the shared-memory rings",
     )
@@ -158,7 +124,7 @@ def build_parser():
         ("status", "show configuration, queues, counters and lock statistics"),
     ):
         c = sub.add_parser(cmd, help=text, description=text)
-        c.add_argument("--name", required=True, type=name_arg, help="device name")
+        add_option(c, "--name", required=True)
         if cmd == "status":
             c.add_argument("--json", action="store_true", help="print JSON")
         else:
@@ -175,36 +141,15 @@ def build_parser():
         description="Write the logical disk of a store as one raw image "
         "(compare it with cmp or qemu-img compare).",
     )
-    a.add_argument(
-        "--store",
-        required=True,
-        metavar="DIR",
-        help="directory of the stripe files (and store.json)",
-    )
+    add_option(a, "--store", required=True, help="directory of the stripe files (and store.json)")
     a.add_argument(
         "--out",
         required=True,
         metavar="FILE",
         help="raw image to write, sparse where the disk reads as zeros",
     )
-    a.add_argument(
-        "--stripes",
-        type=limit_arg(limits.STRIPES),
-        default=None,
-        help="default: from DIR/store.json",
-    )
-    a.add_argument(
-        "--chunk",
-        type=limit_arg(limits.CHUNK, parse_size),
-        default=None,
-        help="default: from DIR/store.json",
-    )
-    a.add_argument(
-        "--size",
-        type=limit_arg(limits.CAPACITY, parse_size),
-        default=None,
-        help="default: from DIR/store.json",
-    )
+    for flag in ("--stripes", "--chunk", "--size"):
+        add_option(a, flag, default=None, help="default: from DIR/store.json")
     return p
 
 
@@ -248,6 +193,23 @@ def _serve(d, report):
     return 0
 
 
+def _daemon_child(d, r, w):
+    """The forked daemon: its own session, no terminal, readiness through w."""
+    os.close(r)
+    code = 1
+    try:
+        os.setsid()
+        d.install_signals()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked across the fork
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        wf = os.fdopen(w, "w", buffering=1)
+        code = _serve(d, lambda m: (wf.write(m + "\n"), wf.flush()) if not wf.closed else None)
+    finally:
+        os._exit(code)
+
+
 def cmd_start(a):
     # Early and in one line; the daemon's own lock on the name decides.
     state = probe(a.name)
@@ -257,22 +219,17 @@ def cmd_start(a):
     if a.foreground:
         return _serve(d, lambda m: print(f"{PROG}: {m}", flush=True))
     r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        code = 1
-        try:
-            os.setsid()
-            devnull = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(devnull, fd)
-            wf = os.fdopen(w, "w", buffering=1)
-            code = _serve(d, lambda m: (wf.write(m + "\n"), wf.flush()) if not wf.closed else None)
-        finally:
-            os._exit(code)
-    os.close(w)
+    pid = 0
     ok = seen_error = False
     try:
+        # A Ctrl-C during the fork is raised once it is over (here, so the
+        # child is stopped), not dropped inside an at-fork hook.
+        with stop_signals_blocked():
+            pid = os.fork()
+            if pid == 0:
+                _daemon_child(d, r, w)
+        os.close(w)
+        w = -1
         with os.fdopen(r) as rf:
             for line in rf:
                 line = line.rstrip("\n")
@@ -286,9 +243,13 @@ def cmd_start(a):
                 )
     except KeyboardInterrupt:
         # Given up on: the daemon must not come up behind the user's back.
-        os.kill(pid, signal.SIGTERM)
-        os.waitpid(pid, 0)
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
         raise
+    finally:
+        if w >= 0:
+            os.close(w)
     if not ok:
         _, status = os.waitpid(pid, 0)
         if not seen_error:

@@ -1,5 +1,6 @@
 """Run test code in forked processes and get its result back; wait for
-concurrent test code to reach a point without guessing a delay.
+concurrent test code to reach a point without guessing a delay; Ctrl-C a
+command line and check that it stopped as an interrupted command should.
 
 A child reports through a pipe (pickled) and always leaves with os._exit, so
 it never runs pytest's teardown or a Region's finaliser (which would unlink
@@ -11,12 +12,17 @@ import os
 import pickle
 import select
 import signal
+import subprocess
 import time
 import traceback
 
 import pytest
 
+from hostd_util import processes_with
 from virtio_py._lowlevel import ffi
+from virtio_py.errors import VirtioError
+from virtio_py.region import Region
+from virtio_py.views import used_ring
 
 
 class Child:
@@ -143,6 +149,107 @@ def wait_for(cond, what, timeout=30):
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(pause)
         pause = min(2 * pause, 0.05)
+
+
+def interrupt_cli(cmd, running, gone, *, group=False, what="it to run", timeout=120):
+    """Ctrl-C a command line while it works: start cmd in a session of its
+    own, wait until running() is true (cmd must not end meanwhile), send
+    SIGINT to cmd alone or, with group, to its whole process group (a
+    terminal's Ctrl-C), then check it as assert_interrupted does.  Returns
+    its stderr."""
+    p = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+
+        def ready():
+            if p.poll() is not None:
+                out, err = p.communicate()
+                pytest.fail(f"exited ({p.returncode}) before {what}:\n{out}{err}")
+            return running()
+
+        wait_for(ready, what, timeout)
+        if group:
+            os.killpg(p.pid, signal.SIGINT)
+        else:
+            p.send_signal(signal.SIGINT)
+        try:
+            _, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+            pytest.fail(f"still running {timeout} s after SIGINT; its stderr:\n{err}")
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+    assert_interrupted(p.returncode, err, gone)
+    return err
+
+
+def assert_interrupted(returncode, err, gone, timeout=30):
+    """A command line stopped by Ctrl-C: exit status 130, "interrupted" and
+    no traceback on stderr, and gone() (nothing of it left: shared memory,
+    processes, files) true soon after (the kernel reaps its last children)."""
+    assert returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err, err
+    wait_for(gone, "its objects and processes to go", timeout)
+
+
+def prefixed(prefix):
+    """/dev/shm entries and live processes (by command line) that carry
+    prefix: what a command run with a name prefix left, or still runs."""
+    return [e for e in os.listdir("/dev/shm") if prefix in e], processes_with(prefix)
+
+
+def compare_serving(prefix, workers=4):
+    """The device ``virtio-emu compare --name-prefix prefix`` runs its
+    workers on, once they all run (compare, its daemon or back-end and the
+    workers carry the prefix), else None."""
+    shm, pids = prefixed(prefix)
+    devs = [e for e in shm if e.startswith(prefix) and "store" not in e]
+    return devs[0] if devs and len(pids) >= workers + 2 else None
+
+
+def interrupt_compare(cmd, prefix, group=False):
+    """interrupt_cli on ``virtio-emu compare --name-prefix prefix`` (cmd)
+    once its workers' requests complete; nothing carrying prefix may be
+    left after."""
+    return interrupt_cli(
+        cmd,
+        used_idx_moves(lambda: compare_serving(prefix)),
+        lambda: prefixed(prefix) == ([], []),
+        group=group,
+        what="compare's workers' requests to complete",
+    )
+
+
+def used_idx_moves(find):
+    """A condition for wait_for: true once requests complete on the device
+    that find() names (None until it is there and serving): its queue 0's
+    used index moves on from the first value read."""
+    first = []
+
+    def moved():
+        name = find()
+        if name is None:
+            return False
+        try:
+            region = Region.attach(name)
+        except VirtioError:
+            return False  # gone already; the caller's own checks say why
+        try:
+            idx = int(used_ring(region)["idx"])
+        finally:
+            region.close()
+        first[:] = first or [idx]
+        return idx != first[0]
+
+    return moved
 
 
 # The ticket and futex words of struct vp_lock, at the offsets region.h gives

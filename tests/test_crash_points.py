@@ -238,9 +238,12 @@ def _check_trial(name, res, worker):
     cr = res["crash"]
     assert cr["died"] and cr["resume_ms"] is not None, what  # the others went on after it
     assert len(res["workers"]) == WORKERS - 1
+    # The survivors went on (a loaded machine may starve one of them for
+    # the whole run, not all three), and every request of theirs completed,
+    # once.
+    assert sum(w["ios"] for w in res["workers"]) > 0, res["workers"]
     for w in res["workers"]:
-        # Every request of a survivor completed, once.
-        assert w["ios"] == w["issued"] > 0, w
+        assert w["ios"] == w["issued"], w
         assert w["delivered"] == w["ios"] and w["dup_completions"] == 0, w
         assert w["errors"] == 0 and w["verify_failures"] == 0 and w["verify_unwritten"] == 0, w
     assert res["verify"]["failures"] == 0 and res["verify"]["verified"] > 0

@@ -8,7 +8,6 @@ and nothing is left behind, also after Ctrl-C."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,8 +15,8 @@ import uuid
 
 import pytest
 
-from hostd_util import emu, one_line_error, processes_with
-from procs import wait_for
+import procs
+from hostd_util import emu, one_line_error
 from virtio_py.qsd import QsdProcess, qsd_path
 
 pytestmark = pytest.mark.skipif(
@@ -38,7 +37,7 @@ def compare_cmd(prefix, *args):
 def ours(prefix):
     """/dev/shm entries and live processes (qemu-storage-daemon's command
     line names its socket, whose directory carries the prefix)."""
-    return [e for e in os.listdir("/dev/shm") if prefix in e], processes_with(prefix)
+    return procs.prefixed(prefix)
 
 
 def test_compare_on_qsd_prints_every_table_and_says_which_device_served(prefix, tmp_path):
@@ -113,31 +112,11 @@ def test_compare_on_vhost_user_refuses_what_it_cannot_run_before_starting(prefix
 
 @pytest.mark.parametrize("group", [False, True], ids=["process", "process-group"])
 def test_sigint_during_compare_on_qsd_leaves_nothing_behind(prefix, tmp_path, group):
+    """SIGINT to compare alone, and to its whole process group (a terminal's
+    Ctrl-C), while qemu-storage-daemon completes the workers' requests."""
     work = tmp_path / "work"
     work.mkdir()
     cmd = compare_cmd(prefix, "--device", "qsd", "--workdir", str(work))
     cmd[cmd.index("--runtime") + 1] = "30"
-    p = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        # qemu-storage-daemon and 4 workers run.
-        wait_for(
-            lambda: p.poll() is None and len(ours(prefix)[1]) >= 6 or p.poll() is not None,
-            "compare to get its workers running",
-            60,
-        )
-        assert p.poll() is None, p.communicate()
-        if group:
-            os.killpg(p.pid, signal.SIGINT)
-        else:
-            p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    assert p.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
-    wait_for(lambda: ours(prefix) == ([], []), "compare's objects and processes to go", 10)
+    procs.interrupt_compare(cmd, prefix, group)
     assert list(work.iterdir()) == []

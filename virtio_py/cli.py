@@ -10,13 +10,13 @@ import os
 import sys
 
 from . import limits
+from .cliopts import add_event_idx, add_option
 from .cliutil import (
     CliError,
     OneLineParser,
     check_output,
     choice_arg,
     limit_arg,
-    name_arg,
     parse_float,
     run_main,
     size_arg,
@@ -51,27 +51,13 @@ def build_parser():
         "higher iodepth.  All share one virtqueue and its lock "
         "(worker i uses queue i mod queues on a multi-queue device).",
     )
-    r.add_argument(
-        "--name",
-        type=name_arg,
-        help="device name (with --vhost-user: the name of the queues' shared memory)",
+    add_option(
+        r, "--name", help="device name (with --vhost-user: the name of the queues' shared memory)"
     )
-    r.add_argument(
-        "--workers", type=limit_arg(limits.WORKERS), default=4, help="processes (default 4)"
-    )
-    r.add_argument("--rw", **choice_arg(limits.RW), default="read", help="default read")
-    r.add_argument(
-        "--bs",
-        type=limit_arg(limits.BS, parse_size),
-        default=4096,
-        help="request size (default 4k)",
-    )
-    r.add_argument(
-        "--iodepth",
-        type=limit_arg(limits.IODEPTH),
-        default=1,
-        help="requests in flight per worker (default 1)",
-    )
+    add_option(r, "--workers", default=4, help="processes (default 4)")
+    add_option(r, "--rw", default="read", help="default read")
+    add_option(r, "--bs", default=4096, help="request size (default 4k)")
+    add_option(r, "--iodepth", default=1, help="requests in flight per worker (default 1)")
     r.add_argument(
         "--runtime",
         type=limit_arg(limits.RUNTIME, parse_float),
@@ -114,60 +100,39 @@ def build_parser():
         "around the notify (the RFC), or prepare under it and notify after "
         "(3.16). Default hold",
     )
-    r.add_argument(
-        "--engine",
-        **choice_arg(limits.ENGINE),
-        default="c",
-        help="the per-request loop in C (default) or in Python",
-    )
+    add_option(r, "--engine", default="c", help="the per-request loop in C (default) or in Python")
     r.add_argument("--seed", type=int, default=1, help="random offsets (default 1)")
     r.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
     r.add_argument("--quiet", action="store_true", help="print nothing but errors")
     v = r.add_argument_group(
         "a vhost-user device (this command is the front-end and lays out the queues)"
     )
-    v.add_argument(
+    add_option(
+        v,
         "--vhost-user",
-        metavar="PATH",
         help="the socket of a vhost-user-blk back-end (qemu-storage-daemon, "
         "virtio-hostd start --vhost-user) instead of a named device",
     )
-    v.add_argument("--queues", type=limit_arg(limits.QUEUES), default=None, help="default 1")
-    v.add_argument(
+    # No defaults: given, they shape the queues, which only --vhost-user may.
+    add_option(v, "--queues", default=None, help="default 1")
+    add_option(
+        v,
         "--queue-size",
-        type=limit_arg(limits.BLK_QUEUE_SIZE),
         default=None,
         help="entries per queue (default: room for every request in flight, at least 128)",
     )
-    v.add_argument(
-        "--lock", **choice_arg(limits.LOCK), default=None, help=f"default {limits.LOCK_DEFAULT}"
+    add_option(v, "--lock", default=None, help=f"default {limits.LOCK_DEFAULT}")
+    add_event_idx(
+        v,
+        None,
+        on="VIRTIO_RING_F_EVENT_IDX (default)",
+        off="the NO_NOTIFY / NO_INTERRUPT flags instead",
     )
-    v.add_argument(
-        "--event-idx",
-        dest="event_idx",
-        action="store_const",
-        const=True,
-        default=None,
-        help="VIRTIO_RING_F_EVENT_IDX (default)",
-    )
-    v.add_argument(
-        "--no-event-idx",
-        dest="event_idx",
-        action="store_const",
-        const=False,
-        help="the NO_NOTIFY / NO_INTERRUPT flags instead",
-    )
-    v.add_argument(
-        "--exit",
-        **choice_arg(limits.EXIT),
-        default=None,
-        help="async only: a vhost-user kick is an eventfd write",
-    )
-    v.add_argument(
+    add_option(v, "--exit", default=None, help="async only: a vhost-user kick is an eventfd write")
+    add_option(
+        v,
         "--exit-cost",
-        type=limit_arg(limits.EXIT_COST_US, parse_float),
         default=None,
-        metavar="US",
         help="extra microseconds spent inside every kick, to model the trap (default 0)",
     )
 
@@ -255,29 +220,16 @@ def build_parser():
         "--no-rfc-row", action="store_true", help="skip the RFC setup row (only the extra rows)"
     )
     b = c.add_argument_group("the RFC setup (every row starts from it)")
-    b.add_argument("--workers", type=limit_arg(limits.WORKERS), default=BASE["workers"])
-    b.add_argument("--bs", type=limit_arg(limits.BS, parse_size), default=BASE["bs"])
-    b.add_argument("--iodepth", type=limit_arg(limits.IODEPTH), default=BASE["iodepth"])
-    b.add_argument("--rw", **choice_arg(limits.RW), default=BASE["rw"])
-    b.add_argument(
+    for flag in ("--workers", "--bs", "--iodepth", "--rw"):
+        add_option(b, flag, default=BASE[flag[2:]])
+    add_option(
+        b,
         "--lock",
-        **choice_arg(limits.LOCK),
         default=BASE["lock"],
         help=f"the queue lock's kind (default {BASE['lock']}; see docs/COMPARE.md)",
     )
-    b.add_argument(
-        "--exit-cost",
-        type=limit_arg(limits.EXIT_COST_US, parse_float),
-        default=BASE["exit_cost_us"],
-        metavar="US",
-        help="extra microseconds spent inside every kick (default 0)",
-    )
-    b.add_argument(
-        "--size",
-        type=limit_arg(limits.CAPACITY, parse_size),
-        default=BASE["size"],
-        help="store capacity, sparse (default 1G)",
-    )
+    add_option(b, "--exit-cost", default=BASE["exit_cost_us"])
+    add_option(b, "--size", default=BASE["size"], help="store capacity, sparse (default 1G)")
     b.add_argument(
         "--area",
         type=size_arg,
@@ -289,9 +241,8 @@ def build_parser():
         action="store_true",
         help="do not write the read area first (reads of holes never touch the disk)",
     )
-    b.add_argument("--stripes", type=limit_arg(limits.STRIPES), default=BASE["stripes"])
-    b.add_argument("--chunk", type=limit_arg(limits.CHUNK, parse_size), default=BASE["chunk"])
-    b.add_argument("--engine", **choice_arg(limits.ENGINE), default=BASE["engine"])
+    for flag in ("--stripes", "--chunk", "--engine"):
+        add_option(b, flag, default=BASE[flag[2:]])
     c.add_argument(
         "--device",
         default="native",
@@ -399,6 +350,16 @@ def cmd_run(a):
     if res["errors"]:
         print(f"{PROG}: {res['errors']} requests failed", file=sys.stderr)
         return 3
+    # A death the run did not arm (VIRTIO_PY_CRASH_AT) fails it; the
+    # figures are still the survivors'.
+    for k in res.get("killed", []):
+        if not k.get("armed"):
+            print(
+                f"{PROG}: worker {k['worker']} killed by {k['signal']}; "
+                "the figures are the other workers'",
+                file=sys.stderr,
+            )
+            return 3
     return 0
 
 

@@ -1,25 +1,24 @@
 """qemu-storage-daemon exporting a raw file as a vhost-user-blk back-end: QEMU's
 own virtio-blk device, for the front-end (vhost_front.py) to drive.
 
-``QsdProcess`` starts it as our child in its own session (a terminal's
-Ctrl-C reaches us, and we stop it in order), with PR_SET_PDEATHSIG so it
-does not outlive us, and waits until the export listens.  ``stop`` ends it
-and removes the socket and its pid file, also after it was killed.
+``QsdProcess`` starts it as our child (children.spawn: in its own session,
+so that a terminal's Ctrl-C reaches us and we stop it in order, and with
+PR_SET_PDEATHSIG so that it does not outlive us) and waits until the export
+listens.  ``stop`` ends it and removes the socket and its pid file, also
+after it was killed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 
+from .children import spawn, terminate
 from .errors import ConfigError, VirtioError
-from .proc import set_pdeathsig
 
 QSD = "qemu-storage-daemon"
 #: what GET_ID answers on every qemu-storage-daemon export (a fixed string)
@@ -112,13 +111,8 @@ class QsdProcess:
                 os.unlink(self.sock)  # a killed daemon's
             log = open(os.path.join(self._dir, "qsd.log"), "wb")
             with log:
-                self.proc = subprocess.Popen(
-                    self.command(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    preexec_fn=functools.partial(set_pdeathsig, signal.SIGTERM),
+                self.proc = spawn(
+                    self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
                 )
             deadline = time.monotonic() + timeout
             pidfile = os.path.join(self._dir, "qsd.pid")
@@ -151,13 +145,7 @@ class QsdProcess:
         """SIGTERM, wait, SIGKILL if it must; then remove its socket and files."""
         p, self.proc = self.proc, None
         if p is not None:
-            if p.poll() is None:
-                try:
-                    p.send_signal(signal.SIGTERM)
-                    p.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            terminate(p, timeout)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock)
         d, self._dir = self._dir, None

@@ -3,18 +3,16 @@ child process by its command line (virtio_py never imports the daemon)."""
 
 from __future__ import annotations
 
-import functools
 import os
 import select
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from ..children import spawn, terminate
 from ..errors import VirtioError
-from ..proc import set_pdeathsig
 from ..region import destroy
 
 
@@ -35,8 +33,9 @@ def hostd_command(name: str, store_dir: str, cfg: Mapping[str, Any]) -> list[str
 
 
 class DaemonProcess:
-    """``python -m host_daemon start --foreground`` as our child, in its own
-    session (a terminal's Ctrl-C reaches us, and we stop it in order)."""
+    """``python -m host_daemon start --foreground`` as our child (started
+    by children.spawn: a terminal's Ctrl-C reaches us, and we stop it in
+    order)."""
 
     def __init__(self, name: str, store_dir: str, cfg: Mapping[str, Any]) -> None:
         self.name = name
@@ -46,15 +45,14 @@ class DaemonProcess:
 
     def start(self, timeout: float = 60) -> DaemonProcess:
         """Start it and wait until it serves; VirtioError with its last words if it does not."""
-        self.proc = subprocess.Popen(
-            hostd_command(self.name, self.store_dir, self.cfg),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=functools.partial(set_pdeathsig, signal.SIGTERM),
-        )
         try:
+            self.proc = spawn(
+                hostd_command(self.name, self.store_dir, self.cfg),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                stop_timeout=20,
+            )
             out = self._wait_ready(timeout)
         except BaseException:  # Ctrl-C too: it must not set up behind our back
             self.stop()
@@ -97,13 +95,7 @@ class DaemonProcess:
         """SIGTERM, wait, SIGKILL if it must; then unlink what it left."""
         p, self.proc = self.proc, None
         if p is not None:
-            if p.poll() is None:
-                try:
-                    p.send_signal(signal.SIGTERM)
-                    p.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            terminate(p, timeout)
             if p.stdout:
                 p.stdout.close()
         # Whatever it could not unlink (it was killed), we do.

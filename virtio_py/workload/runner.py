@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._lowlevel import lib
+from ..children import stop_signals_blocked
 from ..errors import ConfigError, DeviceGoneError, VirtioError
 from ..limits import SECTOR
 from ..lock import SharedLock, merge_lockstats
@@ -133,10 +134,13 @@ def _run(
                 args=(i, spec, queues[i], areas[i][0], areas[i][1], barrier, done_barrier,
                       stop, w, notify_fds, crash, ctypes.addressof(died)),
             )  # fmt: skip
-            p.start()
-            w.close()
-            procs.append(p)
-            conns.append(r)
+            # A Ctrl-C during the fork is raised once it is over, not dropped
+            # in an at-fork hook; the worker unblocks once it ignores SIGINT.
+            with stop_signals_blocked():
+                p.start()
+                w.close()
+                procs.append(p)
+                conns.append(r)
         try:
             _parent_wait(barrier)  # every worker attached and ready
         except Exception:

@@ -22,6 +22,7 @@ import numpy as np
 
 from .._lowlevel import check, ffi, lib
 from ..blk import GuestSlot, acct_dict
+from ..children import unblock_stop_signals
 from ..errors import ConfigError, VirtioError
 from ..proc import set_pdeathsig
 from ..region import Region
@@ -76,8 +77,8 @@ def worker_main(
     from the parent (default: the region's named semaphores).  crash: a crash
     run (crash.py): the victim is armed, the others watch the word at
     died_addr (shared with the parent)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us via `stop`
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # The parent stops us via `stop`; it forked us with both blocked.
+    unblock_stop_signals(sigint=signal.SIG_IGN)
     set_pdeathsig()
     region = slot = None
     vq: Virtqueue | None = None
