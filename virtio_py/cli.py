@@ -115,6 +115,14 @@ def build_parser():
         "(3.16). Default hold",
     )
     r.add_argument(
+        "--nd-remedy",
+        **choice_arg(limits.ND_REMEDY),
+        default="none",
+        help="with VIRTIO_F_NOTIFICATION_DATA negotiated: notify under the lock whatever "
+        "the strategy (lock), or never move the doorbell backwards (monotonic, emulation "
+        "only). Default none",
+    )
+    r.add_argument(
         "--engine",
         **choice_arg(limits.ENGINE),
         default="c",
@@ -254,6 +262,15 @@ def build_parser():
     g.add_argument(
         "--no-rfc-row", action="store_true", help="skip the RFC setup row (only the extra rows)"
     )
+    g.add_argument(
+        "--notification-data",
+        action="store_true",
+        help="VIRTIO_F_NOTIFICATION_DATA: every row once with a device that trusts the "
+        "doorbell's index and once with one that re-reads avail->idx; the trusting "
+        "device's rows also with each driver remedy (notify under the lock, a monotonic "
+        "doorbell); a table of reordered doorbells, stalls and the remedies' cost "
+        "(not with --poll)",
+    )
     b = c.add_argument_group("the RFC setup (every row starts from it)")
     b.add_argument("--workers", type=limit_arg(limits.WORKERS), default=BASE["workers"])
     b.add_argument("--bs", type=limit_arg(limits.BS, parse_size), default=BASE["bs"])
@@ -374,6 +391,7 @@ def cmd_run(a):
         strategy=a.strategy,
         engine=a.engine,
         seed=a.seed,
+        nd_remedy=a.nd_remedy,
     ).check()
     prog = Progress(sys.stderr)
     # SIGTERM must stop the workers cleanly too: one killed holding the
@@ -458,6 +476,7 @@ def cmd_compare(a):
         verbose=not a.quiet,
         repeat=a.repeat,
         device=a.device,
+        notification_data=a.notification_data,
     )
     print(format_tables(result))
     if a.json:
