@@ -6,6 +6,12 @@
 #define VP_LOCK_SPIN ...
 #define VP_LOCK_SPINYIELD ...
 #define VP_LOCK_MUTEX ...
+#define VP_F_NOTIFICATION_DATA ...
+#define VP_ND_OFF ...
+#define VP_ND_TRUST ...
+#define VP_ND_REREAD ...
+#define VP_ND_LOCKED ...
+#define VP_ND_MONOTONIC ...
 #define VP_EXIT_ASYNC ...
 #define VP_EXIT_SYNC ...
 #define VP_MODE_NOTIFY ...
@@ -108,11 +114,33 @@ struct vp_guest_slot {
 	uint64_t delivered;
 	...;
 };
+struct vp_doorbell {
+	uint32_t notify;
+	uint32_t notified;
+	uint64_t held_back;
+	...;
+};
+struct vp_notif_stats {
+	uint32_t behaviour;
+	uint32_t reread_ms;
+	uint16_t index;
+	uint64_t doorbells;
+	uint64_t reordered;
+	uint64_t misdirected;
+	uint64_t waiting;
+	uint64_t stalls;
+	uint64_t stall_ns;
+	uint64_t stall_max_ns;
+	uint64_t rereads;
+	...;
+};
 struct vp_queue_shared {
 	struct vp_lock lock;
 	struct vp_driver_state drv;
 	struct vp_device_stats dev;
 	struct vp_guest_slot slot[];
+	struct vp_doorbell bell;
+	struct vp_notif_stats nd;
 	...;
 };
 struct vp_queue_info {
@@ -233,6 +261,8 @@ int virtqueue_kick(struct vp_vq *vq, struct vp_lock *lock);
 int virtqueue_get_buf(struct vp_vq *vq, uint64_t *token, uint32_t *len);
 void virtqueue_disable_cb(struct vp_vq *vq);
 int virtqueue_enable_cb(struct vp_vq *vq);
+int vp_vq_set_nd(struct vp_vq *vq, unsigned remedy);
+void vp_vq_set_gate(struct vp_vq *vq, uint32_t *gate, int64_t timeout_ns);
 int vp_vq_submit(struct vp_vq *vq, int strategy, const uint64_t *addr,
 		 const uint32_t *len, unsigned out, unsigned in, uint64_t token);
 
@@ -273,6 +303,9 @@ unsigned vp_devq_inflight(struct vp_devq *q);
 unsigned vp_devq_num(struct vp_devq *q);
 unsigned vp_devq_index(struct vp_devq *q);
 struct vp_device_stats *vp_devq_stats(struct vp_devq *q);
+int vp_devq_set_notification_data(struct vp_devq *q, int behaviour,
+				  uint32_t reread_ms);
+void vp_devq_doorbell(struct vp_devq *q);
 
 /* ---- guest memory tables (mem.h) and queues over them ---- */
 #define VP_MEM_MAX_REGIONS ...

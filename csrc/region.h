@@ -1,4 +1,4 @@
-/* virtio_py region: the public contract, layout version 2.
+/* virtio_py region: the public contract, layout version 3.
  *
  * This header is everything a program outside the project needs, beside
  * the kernel's uapi headers, to attach to a virtio_py device and drive it:
@@ -34,7 +34,7 @@
 #include <linux/virtio_blk.h>
 
 #define VP_MAGIC           0x4f49545249565056ULL /* "VPVIRTIO" read as bytes */
-#define VP_LAYOUT_VERSION  2
+#define VP_LAYOUT_VERSION  3
 #define VP_MAX_QUEUES      16
 #define VP_MAX_QUEUE_SIZE  32768
 #define VP_PAGE            4096UL
@@ -83,6 +83,25 @@
 #define VP_PV_PID_SHIFT      3
 #define VP_LOCK_CHECK_NS     2000000
 #define VP_LOCK_STALL_NS     10000000
+
+/* VIRTIO_F_NOTIFICATION_DATA (virtio 1.2 §6, bit 38; §2.9 "Driver
+ * Notifications"): a kick also carries the queue index and the driver's
+ * avail index, written into the queue's doorbell (struct vp_doorbell).
+ * Older kernel headers lack the name. */
+#define VP_F_NOTIFICATION_DATA 38
+/* The split ring's notification word: vqn in bits 0..15, next_off (bits
+ * 16..30) and next_wrap (bit 31) together the 16-bit avail index. */
+#define VP_ND_WORD(vqn, avail_idx) \
+	((uint32_t)(uint16_t)(avail_idx) << 16 | (uint32_t)(uint16_t)(vqn))
+#define VP_ND_VQN(word)    ((uint16_t)((uint32_t)(word) & 0xffff))
+#define VP_ND_IDX(word)    ((uint16_t)((uint32_t)(word) >> 16))
+/* What the device does with the word (vp_notif_stats.behaviour). */
+#define VP_ND_OFF          0   /* not negotiated: the doorbell is not read */
+#define VP_ND_TRUST        1   /* process up to the word's index, never read avail->idx */
+#define VP_ND_REREAD       2   /* the word is a hint: read avail->idx */
+/* Driver remedies of the reordering hazard (a driver's own choice). */
+#define VP_ND_LOCKED       1   /* notify with the queue lock held, whatever the strategy */
+#define VP_ND_MONOTONIC    2   /* the doorbell never goes backwards (emulation only) */
 
 /* Exit emulation for a kick. */
 #define VP_EXIT_ASYNC      0   /* post and return (ioeventfd) */
@@ -264,12 +283,44 @@ struct vp_guest_slot {
 	struct vp_completion comp[VP_MAX_TAGS];
 } __attribute__((aligned(64)));   /* slots of different processes */
 
+/* The queue's doorbell: the notify register a driver writes with
+ * notification data, on a line of its own (no false sharing with the
+ * lock's or the driver state's).  Written by drivers, read by the device. */
+struct vp_doorbell {
+	uint32_t notify;         /* the register: VP_ND_WORD of the last notification, one aligned store */
+	uint32_t notified;       /* measurement only: the furthest index any notification carried, as a
+				  * 32-bit count of adds (its low 16 bits: the avail index) */
+	uint64_t held_back;      /* monotonic doorbell: stores not made, the register was ahead (atomic) */
+	uint64_t reserved[6];    /* 0 */
+} __attribute__((aligned(64)));
+
+/* The device's notification-data counters of one queue: written by the
+ * device only, informational, as vp_device_stats. */
+struct vp_notif_stats {
+	uint32_t behaviour;      /* VP_ND_* the device serves with */
+	uint32_t reread_ms;      /* trust: a stalled device reads avail->idx after this long */
+	uint16_t index;          /* the device's notification index (trust: how far it may pop) */
+	uint16_t pad0;
+	uint32_t pad1;
+	uint64_t doorbells;      /* doorbell reads */
+	uint64_t reordered;      /* words behind the notification index: stale, ignored */
+	uint64_t misdirected;    /* words naming another queue: ignored */
+	uint64_t waiting;        /* requests left waiting past a notification */
+	uint64_t stalls;         /* times the device went idle with such requests */
+	uint64_t stall_ns;       /* time they waited, total */
+	uint64_t stall_max_ns;   /* the longest */
+	uint64_t rereads;        /* trust: stalls ended by reading avail->idx after reread_ms */
+	uint64_t reserved[6];    /* 0 */
+} __attribute__((aligned(64)));
+
 /* What lives in the region for each queue, page aligned. */
 struct vp_queue_shared {
 	struct vp_lock lock;
 	struct vp_driver_state drv;
 	struct vp_device_stats dev;
 	struct vp_guest_slot slot[VP_MAX_SLOTS];
+	struct vp_doorbell bell;
+	struct vp_notif_stats nd;
 };
 
 /* One row of the queue table. */
@@ -343,12 +394,15 @@ struct vp_region_header {
 	struct vp_queue_info queue[VP_MAX_QUEUES];
 };
 
-/* Layout version 2, pinned: a compiler or an edit that moves anything
+/* Layout version 3, pinned: a compiler or an edit that moves anything
  * fails here instead of attaching to a region it misreads. */
 _Static_assert(sizeof(struct vp_region_header) == 1256, "vp_region_header");
 _Static_assert(sizeof(struct vp_blk_config) == 72, "vp_blk_config");
 _Static_assert(sizeof(struct vp_queue_info) == 64, "vp_queue_info");
-_Static_assert(sizeof(struct vp_queue_shared) == 19840, "vp_queue_shared");
+_Static_assert(sizeof(struct vp_queue_shared) == 20032, "vp_queue_shared");
+_Static_assert(sizeof(struct vp_doorbell) == 64, "vp_doorbell");
+_Static_assert(sizeof(struct vp_notif_stats) == 128, "vp_notif_stats");
+_Static_assert(__builtin_offsetof(struct vp_queue_shared, bell) == 19840, "vp_doorbell place");
 _Static_assert(sizeof(struct vp_lock) == 1216, "vp_lock");
 _Static_assert(sizeof(struct vp_lockhist) == 768, "vp_lockhist");
 _Static_assert(sizeof(struct vp_driver_state) == 64, "vp_driver_state");

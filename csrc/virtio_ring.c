@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include "vp.h"
 #include "restart.h"
 #include "compiler.h"
@@ -33,6 +34,17 @@ struct vp_vq {
 	uint32_t exit_cost_ns;
 	struct vp_notifier *kick, *ack;
 	const int32_t *daemon_pid;
+	/* VIRTIO_F_NOTIFICATION_DATA: negotiated, the remedies this driver
+	 * takes (VP_ND_LOCKED, VP_ND_MONOTONIC), and the word its last
+	 * kick_prepare made for the notify that follows.  One submitting
+	 * thread per vp_vq. */
+	unsigned index;
+	int nd;
+	unsigned nd_remedy;
+	uint32_t nd_word;
+	uint32_t nd_full;         /* the same index as a 32-bit count of adds (measurement) */
+	uint32_t *gate;           /* test hook: wait here before the doorbell */
+	int64_t gate_ns;
 };
 
 struct vp_vq *vp_vq_open(void *base, uint64_t size, unsigned index, int *err)
@@ -67,6 +79,8 @@ struct vp_vq *vp_vq_open(void *base, uint64_t size, unsigned index, int *err)
 	vq->exit_mode = h->exit_mode;
 	vq->exit_cost_ns = h->exit_cost_ns;
 	vq->daemon_pid = &h->daemon_pid;
+	vq->index = index;
+	vq->nd = !!(h->driver_features & (1ULL << VP_F_NOTIFICATION_DATA));
 	*err = 0;
 	return vq;
 }
@@ -283,8 +297,14 @@ void vp_vq_repair(struct vp_vq *vq)
 	__atomic_store_n(&vq->sh->lock.dirty, 0, __ATOMIC_RELEASE);
 	/* A chain the dead holder published may never have been kicked, and
 	 * no add need follow: kick now, whatever the device asked for. */
-	if (nfree < num)
+	if (nfree < num) {
+		if (vq->nd) {   /* the word names what is published now */
+			vq->nd_word = VP_ND_WORD(vq->index, st->avail_idx_shadow);
+			vq->nd_full = (uint32_t)__atomic_load_n(&st->added,
+								__ATOMIC_RELAXED);
+		}
 		virtqueue_notify(vq);
+	}
 }
 
 void vp_vq_lock_acquire(struct vp_vq *vq)
@@ -320,6 +340,10 @@ int virtqueue_kick_prepare(struct vp_vq *vq)
 		needs = !(READ_ONCE(vq->vr.used->flags) & VRING_USED_F_NO_NOTIFY);
 	if (!needs)
 		__atomic_fetch_add(&st->kicks_suppressed, 1, __ATOMIC_RELAXED);
+	if (vq->nd) {
+		vq->nd_word = VP_ND_WORD(vq->index, new);
+		vq->nd_full = (uint32_t)__atomic_load_n(&st->added, __ATOMIC_RELAXED);
+	}
 	return needs;
 }
 
@@ -330,6 +354,64 @@ static void spin_ns(uint32_t ns)
 		cpu_relax();
 }
 
+/* Test hook: announce arrival at the doorbell (gate[0]++), then wait up to
+ * gate_ns for gate[1] to be set.  A barrier between the ring update and
+ * the doorbell write, to force an interleaving. */
+static void gate_wait(struct vp_vq *vq)
+{
+	__atomic_fetch_add(&vq->gate[0], 1, __ATOMIC_SEQ_CST);
+	uint64_t end = vp_now_ns() + (uint64_t)vq->gate_ns;
+	struct timespec ts = { 0, 100000 };
+	while (!__atomic_load_n(&vq->gate[1], __ATOMIC_ACQUIRE) &&
+	       vp_now_ns() < end)
+		nanosleep(&ts, NULL);
+}
+
+/* The notify register write of VIRTIO_F_NOTIFICATION_DATA: the word
+ * kick_prepare made (virtio 1.2 §2.9 "Driver Notifications": vqn, then
+ * next_off and next_wrap, which for a split ring are the 16-bit avail
+ * index), stored with one aligned 32-bit store, as Linux's
+ * vp_notify_with_data does with iowrite32.  It lands after the exit's cost:
+ * the register is what the device model sees once the exit reaches it.
+ * The monotonic remedy stores only a word ahead of the register's, by
+ * compare-and-swap; a real notify register is write-only, so it exists
+ * only in emulation.  Then the measurement word `notified` moves to the
+ * furthest index notified (as a count of adds: its low 16 bits are the
+ * avail index), before the kick is posted. */
+static void doorbell_write(struct vp_vq *vq)
+{
+	struct vp_doorbell *b = &vq->sh->bell;
+	uint32_t w = vq->nd_word;
+	if (vq->gate)
+		gate_wait(vq);
+	if (vq->nd_remedy & VP_ND_MONOTONIC) {
+		uint32_t cur = __atomic_load_n(&b->notify, __ATOMIC_RELAXED);
+		for (;;) {
+			int16_t d = (int16_t)(VP_ND_IDX(w) - VP_ND_IDX(cur));
+			if (VP_ND_VQN(cur) == VP_ND_VQN(w) && d <= 0) {
+				if (d < 0)
+					__atomic_fetch_add(&b->held_back, 1,
+							   __ATOMIC_RELAXED);
+				break;
+			}
+			if (__atomic_compare_exchange_n(&b->notify, &cur, w, 1,
+							__ATOMIC_RELEASE,
+							__ATOMIC_RELAXED))
+				break;
+		}
+	} else {
+		store_release(&b->notify, w);
+	}
+	/* 32 bits: a word delayed past a wrap of the 16-bit index must not
+	 * look ahead here, as it would to the device. */
+	uint32_t full = vq->nd_full;
+	uint32_t told = __atomic_load_n(&b->notified, __ATOMIC_RELAXED);
+	while ((int32_t)(full - told) > 0 &&
+	       !__atomic_compare_exchange_n(&b->notified, &told, full, 1,
+					    __ATOMIC_RELEASE, __ATOMIC_RELAXED))
+		;
+}
+
 /* The kick itself: post to the device and pay the exit.  A sync exit (a
  * trapping PIO write) returns once the device has taken the kick. */
 static int kick_exit(struct vp_vq *vq)
@@ -338,6 +420,8 @@ static int kick_exit(struct vp_vq *vq)
 	__atomic_fetch_add(&vq->st->kicks, 1, __ATOMIC_RELAXED);
 	if (vq->exit_cost_ns)
 		spin_ns(vq->exit_cost_ns);
+	if (vq->nd)
+		doorbell_write(vq);
 	if (!vq->kick)
 		return 0;
 	int r = vp_notifier_post(vq->kick);
@@ -500,6 +584,8 @@ static int submit(struct vp_vq *vq, int strategy, const uint64_t *addr,
 		  uint32_t *reset)
 {
 	struct vp_lock *lock = &vq->sh->lock;
+	if (vq->nd && (vq->nd_remedy & VP_ND_LOCKED))
+		strategy = VP_KICK_HOLD;   /* the remedy: notify under the lock */
 	vp_vq_lock_acquire(vq);
 	if (reset)
 		store_release(reset, 0);
@@ -606,4 +692,18 @@ int vp_vq_check(struct vp_vq *vq, char *why, size_t n)
 			return bad(why, n, "used entry %u names head %u, which has no token", u, id);
 	}
 	return 0;
+}
+
+int vp_vq_set_nd(struct vp_vq *vq, unsigned remedy)
+{
+	if (remedy & ~(unsigned)(VP_ND_LOCKED | VP_ND_MONOTONIC))
+		return -EINVAL;
+	vq->nd_remedy = remedy;
+	return vq->nd;
+}
+
+void vp_vq_set_gate(struct vp_vq *vq, uint32_t *gate, int64_t timeout_ns)
+{
+	vq->gate = gate;
+	vq->gate_ns = timeout_ns;
 }

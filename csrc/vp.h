@@ -168,7 +168,9 @@ int virtqueue_add(struct vp_vq *vq, const uint64_t *addr, const uint32_t *len,
  * Caller holds the queue lock. */
 int virtqueue_kick_prepare(struct vp_vq *vq);
 /* Kick the device (and pay the exit).  Caller need not hold the queue
- * lock, and should not: that is the point of kick_prepare. */
+ * lock, and should not: that is the point of kick_prepare.  With
+ * VIRTIO_F_NOTIFICATION_DATA it first stores the word this vq's last
+ * kick_prepare made into the queue's doorbell. */
 int virtqueue_notify(struct vp_vq *vq);
 /* kick_prepare, then notify.  Caller holds the queue lock; with lock
  * non-NULL (the queue lock) it is dropped around the notify, as the RFC
@@ -213,6 +215,16 @@ int vp_vq_submit(struct vp_vq *vq, int strategy, const uint64_t *addr,
 int vp_vq_submit_reset(struct vp_vq *vq, int strategy, const uint64_t *addr,
 		       const uint32_t *len, unsigned out, unsigned in,
 		       uint64_t token, uint32_t *done);
+
+/* VIRTIO_F_NOTIFICATION_DATA, driver side: the remedies (VP_ND_LOCKED,
+ * VP_ND_MONOTONIC, or 0) this driver takes.  Returns 1 if the feature is
+ * negotiated (the remedies then apply), 0 if not, -EINVAL for unknown
+ * bits.  Before the queue is used, like vp_vq_set_notify. */
+int vp_vq_set_nd(struct vp_vq *vq, unsigned remedy);
+/* Test hook: before every doorbell write, gate[0]++ and wait up to
+ * timeout_ns for gate[1] != 0 (gate: two shared words; NULL: off).  Like
+ * vp_vq_set_notify. */
+void vp_vq_set_gate(struct vp_vq *vq, uint32_t *gate, int64_t timeout_ns);
 
 /* ---- device side (vringh.c) ----
  * One device queue is served by the device process's threads.  pop, push,
@@ -298,6 +310,19 @@ unsigned vp_devq_num(struct vp_devq *q);
 unsigned vp_devq_index(struct vp_devq *q);
 struct vp_device_stats *vp_devq_stats(struct vp_devq *q);
 struct vp_notifier *vp_devq_kick(struct vp_devq *q);
+/* VIRTIO_F_NOTIFICATION_DATA, device side (native transport only:
+ * -EOPNOTSUPP elsewhere): read the queue's doorbell after each kick taken,
+ * with behaviour VP_ND_TRUST (pop only up to its index; after reread_ms
+ * without a notification, read avail->idx once) or VP_ND_REREAD (a hint:
+ * pop reads avail->idx), counting into the queue's vp_notif_stats;
+ * VP_ND_OFF stops.  Starts from the queue's last_avail_idx: call after
+ * vp_devq_set_base and vp_devq_set_inflight.  Only while no thread
+ * serves q. */
+int vp_devq_set_notification_data(struct vp_devq *q, int behaviour,
+				  uint32_t reread_ms);
+/* The word just read and classified, as the device does after a kick:
+ * for tests and the fuzzer.  Any thread. */
+void vp_devq_doorbell(struct vp_devq *q);
 
 /* ---- loops in C, for tests and benchmarks (echo.c); no lock held ---- */
 /* Device: serve n chains (n<0: until *stop), writing a 32-bit sequence into

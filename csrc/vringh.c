@@ -14,6 +14,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include "vp.h"
@@ -50,6 +51,17 @@ struct vp_devq {
 	uint64_t counter;         /* pops recorded */
 	uint16_t *resubmit;       /* heads taken over, in pop order */
 	unsigned nresubmit, resubmit_pos;
+	/* VIRTIO_F_NOTIFICATION_DATA (vp_devq_set_notification_data). */
+	struct vp_queue_shared *shared;  /* native transport: the doorbell's block */
+	int nd;                   /* VP_ND_* */
+	uint16_t nd_idx;          /* trust: how far pop may go; reread: newest word's index */
+	uint16_t nd_target;       /* while stalled: the index notifications carried */
+	uint32_t nd_word;         /* the register as last read */
+	uint64_t nd_stall_t0;     /* when the stall began, 0: none */
+	uint64_t nd_quiet_t0;     /* trust: last notification or re-read */
+	uint64_t nd_reread_ns;
+	uint32_t nd_pos;          /* last_avail_idx as a 32-bit count, as `notified` counts */
+	uint16_t nd_pos_lo;       /* the last_avail_idx nd_pos was brought up to */
 };
 
 /* The queue's copy of a table.  Entries past nregions are zeroed: the
@@ -157,8 +169,10 @@ struct vp_devq *vp_devq_open(void *base, uint64_t size, uint64_t data_lo,
 				     b + used,
 				     &((struct vp_queue_shared *)(b + shared))->dev,
 				     event_idx, exit_mode, err);
-	if (q)
+	if (q) {
 		q->status = &h->status;
+		q->shared = (struct vp_queue_shared *)(b + shared);
+	}
 	return q;
 }
 
@@ -305,6 +319,199 @@ struct vp_notifier *vp_devq_kick(struct vp_devq *q)
 	return q->kick;
 }
 
+/* ---- VIRTIO_F_NOTIFICATION_DATA ----
+ * The doorbell is guest memory like any other: any 32 bits.  A word is
+ * classified against the device's notification index (nd_idx, the newest
+ * word's index; a trusting device's last_avail_idx once it has drained):
+ * behind it (int16 difference < 0) it is stale, a reordered notification,
+ * counted and ignored; more than the queue size ahead of last_avail_idx it
+ * is a ring violation (VP_EAVAIL), as an avail index would be.  A reread
+ * device may have read the ring past a word: that word is old news.  So a trusting
+ * device never pops past last_avail_idx + num, and reads only ring
+ * entries (masked by num).  `notified` is measurement only: it decides
+ * nothing but the stall counters.  All with q->mu held. */
+
+static struct vp_notif_stats *nd_stats(struct vp_devq *q)
+{
+	return &q->shared->nd;
+}
+
+/* Trust: how far pop may go, never behind last_avail_idx. */
+static uint16_t nd_limit(struct vp_devq *q)
+{
+	return (int16_t)(q->nd_idx - q->last_avail_idx) < 0 ? q->last_avail_idx
+							   : q->nd_idx;
+}
+
+/* The device learned that the ring reaches idx: a stall waiting for it
+ * ends. */
+static void nd_reached(struct vp_devq *q, uint16_t idx)
+{
+	if (!q->nd_stall_t0 || (int16_t)(idx - q->nd_target) < 0)
+		return;
+	struct vp_notif_stats *ns = nd_stats(q);
+	uint64_t dt = vp_now_ns() - q->nd_stall_t0;
+	q->nd_stall_t0 = 0;
+	WRITE_ONCE(ns->stall_ns, ns->stall_ns + dt);
+	if (dt > ns->stall_max_ns)
+		WRITE_ONCE(ns->stall_max_ns, dt);
+}
+
+static void nd_read(struct vp_devq *q)
+{
+	struct vp_notif_stats *ns = nd_stats(q);
+	uint32_t w = load_acquire(&q->shared->bell.notify);
+	if (w == q->nd_word)
+		return;                   /* no new write since the last look */
+	q->nd_word = w;
+	WRITE_ONCE(ns->doorbells, ns->doorbells + 1);
+	if (VP_ND_VQN(w) != q->index) {
+		WRITE_ONCE(ns->misdirected, ns->misdirected + 1);
+		return;
+	}
+	uint16_t v = VP_ND_IDX(w);
+	/* Both indices as distances from last_avail_idx.  No word can be more
+	 * than num ahead: a reread device's index that looks so has fallen
+	 * more than 32768 behind, and is older than any word. */
+	int rv = (int16_t)(v - q->last_avail_idx);
+	int rn = (int16_t)(q->nd_idx - q->last_avail_idx);
+	if (rn > (int)q->num)
+		rn = INT16_MIN - 1;
+	if (rv < rn) {
+		WRITE_ONCE(ns->reordered, ns->reordered + 1);
+		return;
+	}
+	if (q->nd == VP_ND_REREAD && (int16_t)(v - q->last_avail_idx) <= 0) {
+		q->nd_idx = v;            /* the ring was read past it already */
+		WRITE_ONCE(ns->index, v);
+		return;
+	}
+	if ((uint16_t)(v - q->last_avail_idx) > q->num) {
+		mark_broken(q, VP_EAVAIL);
+		return;
+	}
+	q->nd_idx = v;
+	q->nd_quiet_t0 = vp_now_ns();
+	WRITE_ONCE(ns->index, v);
+	nd_reached(q, v);
+}
+
+/* Before sleeping: what told was (the furthest index notified, read
+ * before the last look at the ring), past what the device knows, is
+ * waiting past a notification: a stall begins or grows.  In 32 bits
+ * (nd_pos follows last_avail_idx at every last look, fewer than 65536
+ * pops apart), so a word delayed past a wrap of the 16-bit index is not
+ * counted. */
+static void nd_idle(struct vp_devq *q, uint32_t told)
+{
+	uint32_t ahead = told - q->nd_pos;
+	if ((int32_t)ahead <= 0 || ahead > q->num)
+		return;
+	struct vp_notif_stats *ns = nd_stats(q);
+	if (!q->nd_stall_t0) {
+		q->nd_stall_t0 = vp_now_ns();
+		q->nd_target = (uint16_t)told;
+		WRITE_ONCE(ns->stalls, ns->stalls + 1);
+		WRITE_ONCE(ns->waiting, ns->waiting + ahead);
+	} else if ((int16_t)((uint16_t)told - q->nd_target) > 0) {
+		WRITE_ONCE(ns->waiting,
+			   ns->waiting + (uint16_t)(told - q->nd_target));
+		q->nd_target = (uint16_t)told;
+	}
+}
+
+/* enable_notify's last look, with notification data: trust looks at its
+ * doorbell, reread at the ring. */
+static int nd_more(struct vp_devq *q)
+{
+	/* Read first: every index it holds was published before it. */
+	uint32_t told = load_acquire(&q->shared->bell.notified);
+	int more;
+	q->nd_pos += (uint16_t)(q->last_avail_idx - q->nd_pos_lo);
+	q->nd_pos_lo = q->last_avail_idx;
+	if (q->nd == VP_ND_TRUST) {
+		nd_read(q);
+		more = nd_limit(q) != q->last_avail_idx;
+	} else {
+		uint16_t a = load_acquire(&q->vr.avail->idx);
+		more = a != q->last_avail_idx;
+		nd_reached(q, a);
+	}
+	if (!more && !q->broken)
+		nd_idle(q, told);
+	return more;
+}
+
+/* Trust: sleep no longer than until the re-read is due. */
+static int64_t nd_timeout(struct vp_devq *q, int64_t timeout_ns)
+{
+	pthread_mutex_lock(&q->mu);
+	uint64_t now = vp_now_ns(), due = q->nd_quiet_t0 + q->nd_reread_ns;
+	int64_t left = due > now ? (int64_t)(due - now) : 1000000;
+	pthread_mutex_unlock(&q->mu);
+	return timeout_ns < 0 || left < timeout_ns ? left : timeout_ns;
+}
+
+/* Trust, after a wait without a kick: once reread_ms passed without a
+ * notification, read avail->idx, checked as any index. */
+static void nd_expire(struct vp_devq *q)
+{
+	pthread_mutex_lock(&q->mu);
+	uint64_t now = vp_now_ns();
+	if (q->nd == VP_ND_TRUST && !q->broken &&
+	    now - q->nd_quiet_t0 >= q->nd_reread_ns) {
+		q->nd_quiet_t0 = now;
+		uint16_t a = load_acquire(&q->vr.avail->idx);
+		uint16_t lim = nd_limit(q);
+		if ((uint16_t)(a - q->last_avail_idx) > q->num) {
+			mark_broken(q, VP_EAVAIL);
+		} else if ((int16_t)(a - lim) > 0) {
+			struct vp_notif_stats *ns = nd_stats(q);
+			WRITE_ONCE(ns->rereads, ns->rereads + 1);
+			q->nd_idx = a;
+			WRITE_ONCE(ns->index, a);
+			nd_reached(q, a);
+		}
+	}
+	pthread_mutex_unlock(&q->mu);
+}
+
+void vp_devq_doorbell(struct vp_devq *q)
+{
+	pthread_mutex_lock(&q->mu);
+	if (q->nd && !q->broken) {
+		q->nd_quiet_t0 = vp_now_ns();
+		nd_read(q);
+	}
+	pthread_mutex_unlock(&q->mu);
+}
+
+int vp_devq_set_notification_data(struct vp_devq *q, int behaviour,
+				  uint32_t reread_ms)
+{
+	if (!q->shared)
+		return -EOPNOTSUPP;
+	if (behaviour < VP_ND_OFF || behaviour > VP_ND_REREAD || !reread_ms ||
+	    reread_ms > 3600000)
+		return -EINVAL;
+	pthread_mutex_lock(&q->mu);
+	struct vp_notif_stats *ns = nd_stats(q);
+	q->nd = behaviour;
+	q->nd_idx = q->last_avail_idx;
+	q->nd_word = load_acquire(&q->shared->bell.notify);
+	q->nd_stall_t0 = 0;
+	q->nd_quiet_t0 = vp_now_ns();
+	q->nd_reread_ns = (uint64_t)reread_ms * 1000000;
+	uint32_t told = load_acquire(&q->shared->bell.notified);
+	q->nd_pos = told - (uint16_t)((uint16_t)told - q->last_avail_idx);
+	q->nd_pos_lo = q->last_avail_idx;
+	WRITE_ONCE(ns->behaviour, (uint32_t)behaviour);
+	WRITE_ONCE(ns->reread_ms, reread_ms);
+	WRITE_ONCE(ns->index, q->nd_idx);
+	pthread_mutex_unlock(&q->mu);
+	return 0;
+}
+
 /* Walk one chain; every value read from the guest is read once and
  * checked before it is used.  Called with q->mu held. */
 static int walk_chain(struct vp_devq *q, uint16_t head, struct vp_chain *c,
@@ -390,7 +597,8 @@ int vp_devq_pop(struct vp_devq *q, struct vp_chain *c, struct vp_seg *segs,
 		r = 1;
 		goto out;
 	}
-	uint16_t avail_idx = load_acquire(&q->vr.avail->idx);
+	uint16_t avail_idx = q->nd == VP_ND_TRUST ? nd_limit(q)
+						  : load_acquire(&q->vr.avail->idx);
 	uint16_t pending = (uint16_t)(avail_idx - q->last_avail_idx);
 	if (pending > q->num) {
 		r = mark_broken(q, VP_EAVAIL);
@@ -525,7 +733,9 @@ int vp_devq_interrupt(struct vp_devq *q)
 void vp_devq_disable_notify(struct vp_devq *q)
 {
 	pthread_mutex_lock(&q->mu);
-	if (!q->event_idx) {
+	/* A device that trusts notification data never looks at avail->idx,
+	 * so it cannot say "no kicks, I am looking": it takes every one. */
+	if (!q->event_idx && q->nd != VP_ND_TRUST) {
 		q->used_flags |= VRING_USED_F_NO_NOTIFY;
 		WRITE_ONCE(q->vr.used->flags, q->used_flags);
 	}
@@ -544,7 +754,8 @@ int vp_devq_enable_notify(struct vp_devq *q)
 		WRITE_ONCE(q->vr.used->flags, q->used_flags);
 	}
 	virtio_mb();
-	int more = READ_ONCE(q->vr.avail->idx) != q->last_avail_idx ||
+	int more = (q->nd ? nd_more(q) : READ_ONCE(q->vr.avail->idx) !=
+					 q->last_avail_idx) ||
 		   q->resubmit_pos < q->nresubmit;
 	pthread_mutex_unlock(&q->mu);
 	return more;
@@ -554,9 +765,13 @@ int vp_devq_wait_kick(struct vp_devq *q, int64_t timeout_ns)
 {
 	if (!q->kick)
 		return -EINVAL;
+	if (q->nd == VP_ND_TRUST && timeout_ns)
+		timeout_ns = nd_timeout(q, timeout_ns);
 	/* Timeout 0: take what is pending, without a system call on a
 	 * semaphore (the polling device asks on every idle turn). */
 	int r = timeout_ns ? vp_notifier_wait(q->kick, timeout_ns) : 0;
+	if (r == 0 && timeout_ns && q->nd == VP_ND_TRUST)
+		nd_expire(q);
 	if (r < 0 || (r == 0 && timeout_ns))
 		return r;
 	/* One take, whatever the count: a guest's store of 2^32 into the
@@ -568,6 +783,8 @@ int vp_devq_wait_kick(struct vp_devq *q, int64_t timeout_ns)
 		r = q->num;
 	if (r)
 		__atomic_fetch_add(&q->stats->kicks_taken, r, __ATOMIC_RELAXED);
+	if (r && q->nd)
+		vp_devq_doorbell(q);
 	return r;
 }
 

@@ -300,6 +300,8 @@ struct queue {
 	uint64_t *tokens;
 	struct vring vr;
 	int event_idx;
+	int nd;                   /* VIRTIO_F_NOTIFICATION_DATA negotiated (§9.1) */
+	uint32_t nd_word, nd_full; /* made by kick_prepare for the notify */
 	sem_t *kick, *call, *ack;
 	unsigned delivered;       /* completions we delivered to others' slots */
 };
@@ -324,6 +326,7 @@ static int queue_open(struct queue *q, struct vp_region_header *h,
 	q->st = &q->sh->drv;
 	q->tokens = gpa(q->qi->tokens);
 	q->event_idx = !!(h->driver_features & (1ULL << VIRTIO_RING_F_EVENT_IDX));
+	q->nd = !!(h->driver_features & (1ULL << VP_F_NOTIFICATION_DATA));
 	vring_init(&q->vr, q->qi->num, gpa(q->qi->desc), VP_RING_ALIGN);
 	q->kick = open_sem(name, index, "kick");
 	q->call = open_sem(name, index, "call");
@@ -384,6 +387,9 @@ static int kick_prepare(struct queue *q)
 		    VRING_USED_F_NO_NOTIFY);
 	if (!kick)
 		__atomic_fetch_add(&st->kicks_suppressed, 1, __ATOMIC_RELAXED);
+	/* Notification data: the index we published, for the notify. */
+	q->nd_word = VP_ND_WORD(q->qi - q->h->queue, new);
+	q->nd_full = (uint32_t)__atomic_load_n(&st->added, __ATOMIC_RELAXED);
 	return kick;
 }
 
@@ -395,6 +401,17 @@ static int notify(struct queue *q)
 	uint64_t end = now_ns() + q->h->exit_cost_ns;
 	while (now_ns() < end)
 		;                        /* the emulated cost of an exit */
+	if (q->nd) {
+		/* The doorbell: one aligned 32-bit store, then the measurement
+		 * word moves to the furthest index notified (§9.1). */
+		struct vp_doorbell *b = &q->sh->bell;
+		__atomic_store_n(&b->notify, q->nd_word, __ATOMIC_RELEASE);
+		uint32_t told = __atomic_load_n(&b->notified, __ATOMIC_RELAXED);
+		while ((int32_t)(q->nd_full - told) > 0 &&
+		       !__atomic_compare_exchange_n(&b->notified, &told, q->nd_full, 1,
+						    __ATOMIC_RELEASE, __ATOMIC_RELAXED))
+			;
+	}
 	sem_post(q->kick);
 	if (q->h->exit_mode != VP_EXIT_SYNC)
 		return 0;

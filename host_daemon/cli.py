@@ -85,6 +85,21 @@ def build_parser():
         off="use the NO_NOTIFY / NO_INTERRUPT flags instead",
     )
     s.add_argument(
+        "--notification-data",
+        choices=("trust", "reread"),
+        default=None,
+        help="offer VIRTIO_F_NOTIFICATION_DATA; the device trusts the doorbell's index "
+        "or re-reads avail->idx (default: not offered; not with --mode poll)",
+    )
+    s.add_argument(
+        "--nd-reread-ms",
+        type=limit_arg(limits.ND_REREAD_MS),
+        default=limits.ND_REREAD_MS_DEFAULT,
+        metavar="MS",
+        help="trust: read avail->idx after this long without a notification "
+        f"(default {limits.ND_REREAD_MS_DEFAULT})",
+    )
+    s.add_argument(
         "--direct",
         dest="direct",
         action="store_true",
@@ -172,6 +187,8 @@ def _daemon_from(a):
         buffers=a.buffers,
         serial=a.serial,
         vhost_user=a.vhost_user,
+        notification_data=a.notification_data,
+        nd_reread_ms=a.nd_reread_ms,
     )
 
 

@@ -17,7 +17,15 @@ from virtio_py import limits
 from virtio_py.device import BlockServer, InflightRecord
 from virtio_py.errors import RegionError
 from virtio_py.pidfile import PidFile, open_record, read_record, remove_records, write_record
-from virtio_py.region import Region, check_name, destroy, exists, feature_bits, foreign_objects
+from virtio_py.region import (
+    FEATURE_BITS,
+    Region,
+    check_name,
+    destroy,
+    exists,
+    feature_bits,
+    foreign_objects,
+)
 from virtio_py.store import StripedStore
 from virtio_py.virtqueue import DeviceQueue
 
@@ -67,6 +75,7 @@ LAYOUT_KEYS = (
     "exit_cost_us",
     "buffers",
     "vhost_user",
+    "notification_data",
 )
 RECORD_VERSION = 1
 
@@ -105,8 +114,12 @@ class HostDaemon:
         buffers: int = 64 << 20,
         serial: str | None = None,
         vhost_user: str | None = None,
+        notification_data: str | None = None,
+        nd_reread_ms: int = limits.ND_REREAD_MS_DEFAULT,
     ) -> None:
         check_name(name)
+        limits.check_notification_data(notification_data, mode, vhost_user)
+        limits.ND_REREAD_MS.check(nd_reread_ms)
         limits.BLK_QUEUE_SIZE.check(queue_size)  # before the ring's own, wider limit
         limits.check_geometry(stripes, chunk, size)
         limits.check_region(
@@ -138,6 +151,8 @@ class HostDaemon:
             exit_cost_us=exit_cost_us,
             buffers=buffers,
             vhost_user=vhost_user,
+            notification_data=notification_data,
+            nd_reread_ms=nd_reread_ms,
         )
         self.region: Region | None = None
         self.store: StripedStore | None = None
@@ -173,6 +188,8 @@ class HostDaemon:
             if self.store.notice:
                 self.notices.append(self.store.notice)
             features = feature_bits(DEFAULT_FEATURES, c["queues"])
+            if c["notification_data"]:
+                features |= 1 << FEATURE_BITS["NOTIFICATION_DATA"]
             params = dict(
                 queues=c["queues"],
                 queue_size=c["queue_size"],
@@ -240,6 +257,8 @@ class HostDaemon:
             assert self.inflight is not None
             for q in self.queues:
                 self.resubmitted += self.inflight.attach(q)
+                if c["notification_data"]:
+                    q.set_notification_data(c["notification_data"], c["nd_reread_ms"])
             self.server = BlockServer(
                 self.store, self.queues, mode=c["mode"], io_threads=io_threads, serial=self.serial
             )

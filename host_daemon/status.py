@@ -12,7 +12,7 @@ from virtio_py.limits import EXIT, LOCK, MODE
 from virtio_py.lock import SharedLock
 from virtio_py.pidfile import DaemonState, probe
 from virtio_py.region import FEATURE_BITS, STATUS_NEEDS_RESET, Region
-from virtio_py.virtqueue import broken_reason
+from virtio_py.virtqueue import broken_reason, nd_stats
 
 from .vhost import listening_socket
 
@@ -81,6 +81,8 @@ def device_status(name: str, state: DaemonState | None = None) -> dict[str, Any]
                     "lock": SharedLock(r, qc["lock"]).stats(),
                 }
             )
+            if h.driver_features >> FEATURE_BITS["NOTIFICATION_DATA"] & 1:
+                out["queues"][-1]["notification_data"] = nd_stats(qc["shared"])
         return out
     finally:
         r.close()
@@ -118,6 +120,16 @@ def format_status(st):
             f"taken {q['kicks_taken']}; interrupts {q['interrupts']} "
             f"(suppressed {q['interrupts_suppressed']})"
         )
+        nd = q.get("notification_data")
+        if nd:
+            dev = {1: "trust", 2: "reread"}.get(nd["behaviour"], "off")
+            lines.append(
+                f"    notification data: device {dev} (re-read after {nd['reread_ms']} ms), "
+                f"doorbells {nd['doorbells']}, reordered {nd['reordered']}, "
+                f"misdirected {nd['misdirected']}, waiting {nd['waiting']} in {nd['stalls']} "
+                f"stalls ({nd['stall_ns'] / 1e6:.1f} ms, max {nd['stall_max_ns'] / 1e6:.1f}), "
+                f"re-reads {nd['rereads']}"
+            )
         lk = q["lock"]
         lines.append("    lock " + " ".join(f"{k}={v}" for k, v in lk.items()))
     return "\n".join(lines)

@@ -100,6 +100,14 @@ def build_parser():
         "around the notify (the RFC), or prepare under it and notify after "
         "(3.16). Default hold",
     )
+    r.add_argument(
+        "--nd-remedy",
+        **choice_arg(limits.ND_REMEDY),
+        default="none",
+        help="with VIRTIO_F_NOTIFICATION_DATA negotiated: notify under the lock whatever "
+        "the strategy (lock), or never move the doorbell backwards (monotonic, emulation "
+        "only). Default none",
+    )
     add_option(r, "--engine", default="c", help="the per-request loop in C (default) or in Python")
     r.add_argument("--seed", type=int, default=1, help="random offsets (default 1)")
     r.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
@@ -219,6 +227,15 @@ def build_parser():
     g.add_argument(
         "--no-rfc-row", action="store_true", help="skip the RFC setup row (only the extra rows)"
     )
+    g.add_argument(
+        "--notification-data",
+        action="store_true",
+        help="VIRTIO_F_NOTIFICATION_DATA: every row once with a device that trusts the "
+        "doorbell's index and once with one that re-reads avail->idx; the trusting "
+        "device's rows also with each driver remedy (notify under the lock, a monotonic "
+        "doorbell); a table of reordered doorbells, stalls and the remedies' cost "
+        "(not with --poll)",
+    )
     b = c.add_argument_group("the RFC setup (every row starts from it)")
     for flag in ("--workers", "--bs", "--iodepth", "--rw"):
         add_option(b, flag, default=BASE[flag[2:]])
@@ -325,6 +342,7 @@ def cmd_run(a):
         strategy=a.strategy,
         engine=a.engine,
         seed=a.seed,
+        nd_remedy=a.nd_remedy,
     ).check()
     prog = Progress(sys.stderr)
     # SIGTERM must stop the workers cleanly too: one killed holding the
@@ -419,6 +437,7 @@ def cmd_compare(a):
         verbose=not a.quiet,
         repeat=a.repeat,
         device=a.device,
+        notification_data=a.notification_data,
     )
     print(format_tables(result))
     if a.json:

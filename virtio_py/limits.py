@@ -203,6 +203,31 @@ def check_region(
     MODE.check(mode)
 
 
+# ---- VIRTIO_F_NOTIFICATION_DATA
+ND_DEVICE: Choice = Choice(
+    "notification data", {"trust": lib.VP_ND_TRUST, "reread": lib.VP_ND_REREAD}
+)
+ND_REMEDY: Choice = Choice(
+    "remedy", {"none": 0, "lock": lib.VP_ND_LOCKED, "monotonic": lib.VP_ND_MONOTONIC}
+)
+ND_REREAD_MS: Limit = Limit("reread time", 1, 3_600_000, unit=" ms")
+ND_REREAD_MS_DEFAULT = 200
+POLL_REFUSES_ND = (
+    "notification data needs --mode notify: a polling device never waits on a doorbell"
+)
+
+
+def check_notification_data(nd: str | None, mode: str, vhost_user: str | None = None) -> None:
+    """ConfigError unless a device can serve notification data this way."""
+    if nd is None:
+        return
+    ND_DEVICE.check(nd)
+    if mode == "poll":
+        raise ConfigError(POLL_REFUSES_ND)
+    if vhost_user:
+        raise ConfigError("notification data is the native transport's: not with --vhost-user")
+
+
 def check_geometry(stripes: int, chunk: int, size: int) -> None:
     """ConfigError unless a striped store can have this geometry."""
     STRIPES.check(stripes)
@@ -240,6 +265,11 @@ __all__ = [
     "REPEAT",
     "RW",
     "ENGINE",
+    "ND_DEVICE",
+    "ND_REMEDY",
+    "ND_REREAD_MS",
+    "ND_REREAD_MS_DEFAULT",
+    "check_notification_data",
     "check_region",
     "check_geometry",
 ]

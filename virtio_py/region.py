@@ -20,7 +20,7 @@ import posix_ipc
 from ._lowlevel import check, ffi, lib
 from ._resource import Closeable
 from .errors import ConfigError, RegionError
-from .limits import EXIT, LOCK, LOCK_DEFAULT, MODE, check_region
+from .limits import EXIT, LOCK, LOCK_DEFAULT, MODE, POLL_REFUSES_ND, check_region
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,47}$")
 
@@ -39,6 +39,7 @@ FEATURE_BITS = {
     "WRITE_ZEROES": lib.VIRTIO_BLK_F_WRITE_ZEROES,
     "EVENT_IDX": lib.VIRTIO_RING_F_EVENT_IDX,
     "VERSION_1": lib.VIRTIO_F_VERSION_1,
+    "NOTIFICATION_DATA": lib.VP_F_NOTIFICATION_DATA,
 }
 
 
@@ -220,8 +221,12 @@ class Region(Closeable):
         mode: str = "notify",
         event_idx: bool = True,
         features: int | None = None,
+        notification_data: bool = False,
     ) -> Region:
         """Create the shared memory and the notifiers of a new device.
+
+        notification_data offers (and so negotiates) VIRTIO_F_NOTIFICATION_DATA;
+        not with mode "poll", where the device never waits on a doorbell.
 
         Fails with RegionError if anything of that name exists already, and
         with ConfigError on a parameter outside virtio_py.limits.
@@ -241,6 +246,10 @@ class Region(Closeable):
             features |= 1 << FEATURE_BITS["EVENT_IDX"]
         else:
             features &= ~(1 << FEATURE_BITS["EVENT_IDX"])
+        if notification_data:
+            if mode == "poll":
+                raise ConfigError(POLL_REFUSES_ND)
+            features |= 1 << FEATURE_BITS["NOTIFICATION_DATA"]
         params = ffi.new("struct vp_region_params *")
         cname = ffi.new("char[]", name.encode())
         params.num_queues = queues
@@ -504,6 +513,11 @@ class Region(Closeable):
     @property
     def event_idx(self) -> bool:
         return bool(self.header.driver_features >> lib.VIRTIO_RING_F_EVENT_IDX & 1)
+
+    @property
+    def notification_data(self) -> bool:
+        """VIRTIO_F_NOTIFICATION_DATA negotiated (in driver_features)."""
+        return bool(self.header.driver_features >> lib.VP_F_NOTIFICATION_DATA & 1)
 
     @property
     def exit_mode(self) -> str:

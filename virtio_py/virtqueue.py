@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ._lowlevel import check, code_name, ffi, lib, opened, strerror
 from ._resource import Closeable
 from .errors import ConfigError
-from .limits import STRATEGY
+from .limits import ND_REMEDY, ND_REREAD_MS_DEFAULT, STRATEGY
 from .lock import SharedLock
 from .notifier import Notifier
 
@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from .region import Region
 
 STRATEGIES = STRATEGY.codes
+#: Driver remedies of the notification-data reordering hazard (vp_vq_set_nd).
+ND_REMEDIES = ND_REMEDY.codes
+#: What a device does with the notification word.
+ND_BEHAVIOURS = {"off": lib.VP_ND_OFF, "trust": lib.VP_ND_TRUST, "reread": lib.VP_ND_REREAD}
+ND_REREAD_MS = ND_REREAD_MS_DEFAULT
 # A buffer of a chain: (guest physical address, length).
 Buffer = tuple[int, int]
 # A popped chain: (head, [(gpa, length, writable), ...]).
@@ -88,6 +93,7 @@ class Virtqueue(Closeable):
                 region.header.exit_mode,
                 region.header.exit_cost_ns,
             )
+        self._gate: Any = None
         # Reused argument arrays: no allocation per request.
         self._addr = ffi.new("uint64_t[]", self.num)
         self._len = ffi.new("uint32_t[]", self.num)
@@ -107,6 +113,29 @@ class Virtqueue(Closeable):
         for n in (self.kick_notifier, self.ack_notifier, self.call_notifier):
             if n is not None:
                 n.close()
+
+    def set_nd_remedy(self, remedy: str) -> bool:
+        """Take a remedy of the notification-data hazard: "none", "lock"
+        (notify with the lock held, whatever the strategy) or "monotonic" (a
+        doorbell that never goes backwards; emulation only).  True if
+        notification data is negotiated (the remedy then applies)."""
+        if remedy not in ND_REMEDIES:
+            raise ConfigError(
+                f"notification-data remedy must be one of {', '.join(ND_REMEDIES)}, not {remedy!r}"
+            )
+        return bool(check(lib.vp_vq_set_nd(self.handle, ND_REMEDIES[remedy]), "remedy"))
+
+    def set_gate(self, gate: Any, timeout: float = 1.0) -> None:
+        """Test hook: before each doorbell write, add 1 to the gate's first
+        uint32 and wait up to timeout for its second to be non-zero.  gate:
+        a writable shared buffer of at least 8 bytes (kept referenced), or
+        None to turn it off."""
+        if gate is None:
+            self._gate = None
+            lib.vp_vq_set_gate(self.handle, ffi.NULL, 0)
+            return
+        self._gate = ffi.cast("uint32_t *", ffi.from_buffer(gate, require_writable=True))
+        lib.vp_vq_set_gate(self.handle, self._gate, int(timeout * 1e9))
 
     def _load(self, out: Iterable[Buffer], in_: Iterable[Buffer]) -> tuple[int, int]:
         out, in_ = list(out), list(in_)
@@ -350,6 +379,28 @@ class DeviceQueue(Closeable):
     def ack_kicks(self, n: int) -> None:
         check(lib.vp_devq_ack_kicks(self.handle, n), "ack_kicks")
 
+    def set_notification_data(self, behaviour: str, reread_ms: int = ND_REREAD_MS) -> None:
+        """Read the doorbell after each kick: "trust" (pop only up to its
+        index; read avail->idx once after reread_ms without a notification),
+        "reread" (a hint: read avail->idx) or "off".  After the in-flight
+        record is attached, before the queue is served."""
+        if behaviour not in ND_BEHAVIOURS:
+            raise ConfigError(
+                f"notification data must be one of {', '.join(ND_BEHAVIOURS)}, not {behaviour!r}"
+            )
+        check(
+            lib.vp_devq_set_notification_data(self.handle, ND_BEHAVIOURS[behaviour], reread_ms),
+            "notification data",
+        )
+
+    def doorbell(self) -> None:
+        """Read and classify the doorbell now, as after a kick."""
+        lib.vp_devq_doorbell(self.handle)
+
+    def nd_stats(self) -> dict[str, int]:
+        """The queue's notification-data counters (struct vp_notif_stats) and doorbell."""
+        return nd_stats(self.region.queue_shared(self.index))
+
     @property
     def broken(self) -> int:
         """0, or the positive code of the rule that broke the queue."""
@@ -373,3 +424,19 @@ class DeviceQueue(Closeable):
         elif not isinstance(stop, ffi.CData):
             stop = ffi.cast("int32_t *", ffi.from_buffer(stop, require_writable=True))
         return check(lib.vp_echo_serve(self.handle, n, int(poll), stop), "echo_serve")
+
+
+ND_STAT_FIELDS = (
+    "behaviour", "reread_ms", "index", "doorbells", "reordered", "misdirected", "waiting",
+    "stalls", "stall_ns", "stall_max_ns", "rereads",
+)  # fmt: skip
+
+
+def nd_stats(shared: Any) -> dict[str, int]:
+    """struct vp_notif_stats of a queue's shared block as a dict, with the
+    doorbell's words (notify, notified, held_back)."""
+    out = {k: int(getattr(shared.nd, k)) for k in ND_STAT_FIELDS}
+    out["notify"] = int(shared.bell.notify)
+    out["notified"] = int(shared.bell.notified)
+    out["held_back"] = int(shared.bell.held_back)
+    return out

@@ -122,6 +122,11 @@ struct model {
 	unsigned inflight;
 	uint8_t map[MAX_NUM];     /* heads popped and not pushed */
 	struct vp_mem mem;        /* the table the device was given */
+	/* notification data (native): VP_ND_*, the notification index, and
+	 * the doorbell word as last read */
+	int nd;
+	uint16_t nd_idx;
+	uint32_t nd_word;
 };
 
 /* A popped chain, kept until the target completes it. */
@@ -141,6 +146,8 @@ struct fz {
 	unsigned nram;
 	uint32_t *hdr_status;     /* native: the header's status word */
 	uint8_t *care_lo, *care_hi;   /* bytes the model does not predict (stats) */
+	uint8_t *care2_lo, *care2_hi; /* and the notification-data counters */
+	uint32_t *bell;           /* native: the queue's doorbell */
 	/* device */
 	struct vp_devq *q;
 	struct vp_seg *segs;      /* exactly max_segs entries: ASan sees overruns */
@@ -218,6 +225,12 @@ static void compare_memory(struct fz *f)
 			memcpy(a->shadow + o, f->care_lo,
 			       (size_t)(f->care_hi - f->care_lo));
 		}
+		if (f->care2_lo && f->care2_lo >= a->real &&
+		    f->care2_hi <= a->real + a->size) {
+			uint64_t o = (uint64_t)(f->care2_lo - a->real);
+			memcpy(a->shadow + o, f->care2_lo,
+			       (size_t)(f->care2_hi - f->care2_lo));
+		}
 		if (memcmp(a->real, a->shadow, a->size)) {
 			uint64_t k = 0;
 			while (a->real[k] == a->shadow[k])
@@ -293,6 +306,46 @@ static uint8_t *model_translate(const struct model *m, uint64_t addr,
 
 /* What a pop must return, read from the shadow: 0 nothing, 1 a chain (in
  * c, segs), -1 a rule broken. */
+/* Notification data: how far a trusting device may pop. */
+static uint16_t model_nd_limit(const struct model *m)
+{
+	return (int16_t)(m->nd_idx - m->last_avail) < 0 ? m->last_avail
+							: m->nd_idx;
+}
+
+/* The device reads its doorbell: a new word behind the notification index
+ * (both as int16 distances from last_avail; an index more than num ahead
+ * counts as older than any word) is ignored, one more than num ahead of
+ * last_avail breaks the queue, a reread device takes a word it already
+ * read past as is, any other becomes the index. */
+static void model_nd_read(struct fz *f)
+{
+	struct model *m = &f->m;
+	uint32_t w;
+	memcpy(&w, sh(f, f->bell, 4), 4);
+	if (w == m->nd_word)
+		return;
+	m->nd_word = w;
+	if (VP_ND_VQN(w) != f->qindex)
+		return;
+	uint16_t v = VP_ND_IDX(w);
+	int rv = (int16_t)(v - m->last_avail);
+	int rn = (int16_t)(m->nd_idx - m->last_avail);
+	if (rn > (int)m->num)
+		rn = INT16_MIN - 1;
+	if (rv < rn)
+		return;
+	if (m->nd == VP_ND_REREAD && rv <= 0) {
+		m->nd_idx = v;
+		return;
+	}
+	if ((uint16_t)(v - m->last_avail) > m->num) {
+		model_break(f);
+		return;
+	}
+	m->nd_idx = v;
+}
+
 static int model_pop(struct fz *f, struct vp_chain *c, struct vp_seg *segs)
 {
 	struct model *m = &f->m;
@@ -300,6 +353,8 @@ static int model_pop(struct fz *f, struct vp_chain *c, struct vp_seg *segs)
 	unsigned num = m->num;
 	uint16_t aidx;
 	memcpy(&aidx, sh(f, &vr->avail->idx, 2), 2);
+	if (m->nd == VP_ND_TRUST)
+		aidx = model_nd_limit(m);
 	uint16_t pending = (uint16_t)(aidx - m->last_avail);
 	if (pending > num)
 		return -1;
@@ -640,7 +695,7 @@ static void do_disable(struct fz *f)
 	struct model *m = &f->m;
 	vp_devq_disable_notify(f->q);
 	f->dirty = 1;
-	if (!m->event_idx) {
+	if (!m->event_idx && m->nd != VP_ND_TRUST) {
 		m->used_flags |= VRING_USED_F_NO_NOTIFY;
 		memcpy(sh(f, &f->vr.used->flags, 2), &m->used_flags, 2);
 	}
@@ -660,6 +715,11 @@ static void do_enable(struct fz *f)
 	memcpy(&aidx, sh(f, &f->vr.avail->idx, 2), 2);
 	int r = vp_devq_enable_notify(f->q);
 	f->dirty = 1;
+	if (m->nd == VP_ND_TRUST) {
+		/* Its last look is at the doorbell, not the ring. */
+		model_nd_read(f);
+		aidx = model_nd_limit(m);
+	}
 	CHECK(r == (aidx != m->last_avail), "enable_notify returned %d, "
 	      "model %d", r, aidx != m->last_avail);
 	check_state(f);
@@ -693,6 +753,29 @@ static void do_wait_kick(struct fz *f)
 	      r, (unsigned long long)f->kicks_pending);
 	f->kicks_pending = 0;
 	f->kicks_taken = r;
+	if (r > 0 && f->m.nd && !f->m.broken) {
+		f->dirty = 1;
+		model_nd_read(f);
+	}
+}
+
+/* OP_DOORBELL: the guest writes any word into the doorbell (native), and
+ * the device reads it as after a kick. */
+static void guest_doorbell(struct fz *f, struct rd *in)
+{
+	uint8_t sel = u8(in);
+	uint32_t w = (uint32_t)uN(in, 4);
+	if (!f->bell)
+		return;
+	if (!(sel & 1))   /* mostly near the ring's indices */
+		w = VP_ND_WORD(sel & 2 ? f->qindex ^ 1 : f->qindex,
+			       f->m.last_avail + (int8_t)(w & 0xff));
+	guest_store(f, f->bell, &w, 4);
+	vp_devq_doorbell(f->q);
+	f->dirty = 1;
+	if (f->m.nd && !f->m.broken)
+		model_nd_read(f);
+	check_state(f);
 }
 
 static int ack_fd = -1;
@@ -1255,6 +1338,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		struct vp_queue_shared *qs = (void *)(b + qi.shared);
 		f->care_lo = (uint8_t *)&qs->dev;
 		f->care_hi = f->care_lo + sizeof(qs->dev);
+		f->care2_lo = (uint8_t *)&qs->nd;
+		f->care2_hi = f->care2_lo + sizeof(qs->nd);
+		f->bell = &qs->bell.notify;
+		/* c3 bits 5-6: notification data, the device trusting the
+		 * doorbell (1) or re-reading the ring (2). */
+		int nd = (c3 >> 5) & 3;
+		if (nd == VP_ND_TRUST || nd == VP_ND_REREAD) {
+			CHECK(vp_devq_set_notification_data(f->q, nd, 200) == 0,
+			      "set_notification_data");
+			f->m.nd = nd;
+		}
 		/* RAM: the served queue's data share, then the other's. */
 		for (unsigned k = 0; k < NATIVE_QUEUES; k++) {
 			struct vp_queue_info *o = &h->queue[(f->qindex + k) %
@@ -1384,11 +1478,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	enum { OP_REQ, OP_DESC, OP_AVAIL, OP_RAW, OP_POP, OP_COMPLETE,
 	       OP_DRAIN, OP_PUSH, OP_INTERRUPT, OP_NEED_INTERRUPT,
 	       OP_DISABLE, OP_ENABLE, OP_SET_BASE, OP_KICK, OP_WAIT_KICK,
-	       OP_SET_MEM, OP_POP_RACE, OP_ACK, OP_COUNT };
+	       OP_SET_MEM, OP_POP_RACE, OP_ACK, OP_DOORBELL, OP_COUNT };
 	while (in.i < in.n) {
 		cur_op++;
 		uint8_t op = u8(&in) % OP_COUNT;
-		if (op <= OP_RAW || op == OP_KICK || op == OP_POP_RACE)
+		if (op <= OP_RAW || op == OP_KICK || op == OP_POP_RACE ||
+		    op == OP_DOORBELL)
 			settle(f);   /* the guest writes: compare first */
 		switch (op) {
 		case OP_REQ: guest_request(f, &in); break;
@@ -1431,6 +1526,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		case OP_WAIT_KICK: do_wait_kick(f); break;
 		case OP_POP_RACE: do_pop_race(f, &in); break;
 		case OP_ACK: do_ack(f); break;
+		case OP_DOORBELL: guest_doorbell(f, &in); break;
 		case OP_SET_MEM: {
 			uint8_t mask = u8(&in);
 			if (f->native)

@@ -13,7 +13,9 @@ import sys
 
 # Opcodes, in the order of the target's enum.
 (REQ, DESC, AVAIL, RAW, POP, COMPLETE, DRAIN, PUSH, INTERRUPT, NEED_INTERRUPT) = range(10)
-(DISABLE, ENABLE, SET_BASE, KICK, WAIT_KICK, SET_MEM, POP_RACE, ACK) = range(10, 18)
+(DISABLE, ENABLE, SET_BASE, KICK, WAIT_KICK, SET_MEM, POP_RACE, ACK, DOORBELL) = range(10, 19)
+# c3 bits 5-6: notification data, the device trusting the doorbell or re-reading the ring
+ND_TRUST, ND_REREAD = 0x20, 0x40
 IN, OUT, FLUSH, GET_ID, DISCARD, WZ = range(6)
 # lay bits
 SPLIT1, SPLIT2, SPLIT4 = 0, 1, 3
@@ -89,6 +91,15 @@ def race(*writes):
 
 def raw(off, width_code, value):
     return bytes([RAW]) + struct.pack("<I", off)[:3] + bytes([width_code]) + value
+
+
+def doorbell_near(delta, other_queue=False):
+    """A doorbell word for the served queue (or the other), last_avail + delta."""
+    return bytes([DOORBELL, 2 if other_queue else 0]) + struct.pack("<i", delta)
+
+
+def doorbell_raw(word):
+    return bytes([DOORBELL, 1]) + struct.pack("<I", word)
 
 
 MULTI4 = dict(multi=True, c2=3, regions=[(3, 0), (1, 2), (2, 0x41), (0, 0x85)])
@@ -272,6 +283,34 @@ SEEDS = {
     + bytes([DRAIN])
     + raw(0x1000 + 64 * 3, 3, b"\x01" * 8)
     + bytes([DRAIN]),
+    # notification data: a trusting device pops up to the word, ignores a
+    # stale or misdirected one, breaks on one more than the queue ahead
+    "nd-trust": config(c3=ND_TRUST)
+    + req(IN)
+    + req(IN)
+    + req(IN)
+    + doorbell_near(1)
+    + bytes([DRAIN])
+    + doorbell_near(-1)
+    + doorbell_near(2, other_queue=True)
+    + bytes([DRAIN, ENABLE, KICK, 1, WAIT_KICK])
+    + doorbell_near(2)
+    + bytes([DRAIN, ENABLE, DISABLE, COMPLETE, 0, INTERRUPT]),
+    "nd-trust-ahead": config(c3=ND_TRUST) + req(IN) + doorbell_near(9) + bytes([DRAIN]),
+    "nd-trust-raw": config(c3=ND_TRUST, event_idx=True)
+    + req(OUT)
+    + doorbell_raw(0x80000000)
+    + doorbell_raw(0x00010000)
+    + bytes([DRAIN, ENABLE]),
+    "nd-reread": config(c3=ND_REREAD)
+    + req(IN)
+    + req(IN)
+    + bytes([KICK, 1, WAIT_KICK])
+    + doorbell_near(1)
+    + bytes([DRAIN])
+    + doorbell_near(-1)
+    + doorbell_near(40)
+    + bytes([DRAIN, ENABLE]),
     "multi-broken-addr": config(**MULTI4)
     + req(IN, place=1)
     + bytes([DESC, 1, 0, 0x05, 0x00, 0x01])

@@ -3,7 +3,7 @@ one thing of them, and the checks that refuse a setup before anything starts."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .. import limits
@@ -18,7 +18,7 @@ BASE: dict[str, Any] = {
     "exit": "sync", "exit_cost_us": 0.0, "mode": "notify", "event_idx": False,
     "lock": limits.LOCK_DEFAULT, "store": "disk", "stripes": 12, "chunk": 64 << 10,
     "size": 1 << 30, "area": 32 << 20, "prewrite": True, "queue_size": 128,
-    "io_threads": None, "engine": "c",
+    "io_threads": None, "engine": "c", "notification_data": None,
 }  # fmt: skip
 
 # Row tokens: each changes one thing of BASE.
@@ -30,7 +30,23 @@ ROW_TOKENS: dict[str, dict[str, Any]] = {
     "mq": {"queues": None},  # one queue per worker
 }  # fmt: skip
 ROW_KEYS: dict[str, Callable[[str], Any]] = {"iodepth": int, "queues": int, "workers": int, "lock": str, "exit-cost": float,
-            "bs": parse_size, "rw": str}  # fmt: skip
+            "bs": parse_size, "rw": str, "nd": str}  # fmt: skip
+
+# compare --notification-data: each row runs once per device behaviour, and
+# the trusting device's rows also with each driver remedy (the reread device
+# is the device's own remedy).  (name, kick strategy, driver remedy).
+ND_DEVICES = ("trust", "reread")
+ND_REMEDY_VARIANTS = ("lock", "monotonic")
+
+
+def variants(strategies: Sequence[str], nd: str | None) -> list[tuple[str, str, str]]:
+    """The runs of a row: every strategy, and with a trusting device every
+    strategy that notifies outside the lock once more with each remedy."""
+    out = [(s, s, "none") for s in strategies]
+    if nd == "trust":
+        for remedy in ND_REMEDY_VARIANTS:
+            out += [(f"{s}+{remedy}", s, remedy) for s in strategies if s != "hold"]
+    return out
 
 
 def parse_row(text: str) -> tuple[str, dict[str, Any]]:
@@ -45,7 +61,7 @@ def parse_row(text: str) -> tuple[str, dict[str, Any]]:
                 v = ROW_KEYS[key](val)
             except ValueError:
                 raise ConfigError(f"bad value in row {text!r}: {tok!r}") from None
-            over[{"exit-cost": "exit_cost_us"}.get(key, key)] = v
+            over[{"exit-cost": "exit_cost_us", "nd": "notification_data"}.get(key, key)] = v
         else:
             raise ConfigError(
                 f"unknown row token {tok!r} in {text!r}: use {', '.join(ROW_TOKENS)} or "
@@ -98,6 +114,7 @@ def resolve(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     limits.LOCK.check(cfg["lock"])
     limits.EXIT.check(cfg["exit"])
     limits.MODE.check(cfg["mode"])
+    limits.check_notification_data(cfg["notification_data"], cfg["mode"])
     limits.check_geometry(cfg["stripes"], cfg["chunk"], cfg["size"])
     if cfg["store"] not in ("disk", "shm"):
         raise ConfigError(f"store must be one of disk, shm, not {cfg['store']!r}")

@@ -29,6 +29,10 @@ def hostd_command(name: str, store_dir: str, cfg: Mapping[str, Any]) -> list[str
     ]  # fmt: skip
     if c.get("io_threads") is not None:
         args += ["--io-threads", str(c["io_threads"])]
+    if c.get("notification_data"):
+        args += ["--notification-data", c["notification_data"]]
+        if c.get("nd_reread_ms"):
+            args += ["--nd-reread-ms", str(c["nd_reread_ms"])]
     return args
 
 

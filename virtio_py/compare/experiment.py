@@ -24,12 +24,14 @@ from ..units import format_size
 from ..workload import JobSpec, describe, run_job
 from .config import (
     BASE,
+    ND_DEVICES,
     STRATEGY_ORDER,
     VHOST_USER_BASE,
     check_vhost_user_row,
     parse_device,
     parse_row,
     resolve,
+    variants,
 )
 from .daemon import DaemonProcess
 from .results import add_changes, combine
@@ -176,6 +178,7 @@ def compare(
     verbose: bool = True,
     repeat: int = 3,
     device: str = "native",
+    notification_data: bool = False,
 ) -> dict[str, Any]:
     """Run every row (a configuration) repeat times per strategy, the
     strategies interleaved; returns {"runs": [...]} with one entry per row
@@ -186,7 +189,11 @@ def compare(
     device: "native" (our daemon), "qsd" (qemu-storage-daemon on a raw file
     of the store's size) or "vhost-user:PATH" (a back-end listening at
     PATH).  On a vhost-user device every row exits async (the base row
-    too): its kick is an eventfd write; exit_cost_us models the trap."""
+    too): its kick is an eventfd write; exit_cost_us models the trap.
+
+    notification_data: every row runs once per device behaviour (trust,
+    reread) with VIRTIO_F_NOTIFICATION_DATA, and the trusting device's
+    rows also with each driver remedy (native device only)."""
     limits.REPEAT.check(repeat)
     limits.RUNTIME.check(runtime)
     kind, path = parse_device(device)
@@ -195,6 +202,16 @@ def compare(
     if kind == "qsd":
         base["stripes"] = 1  # one raw file: a one-stripe store is exactly that
     parsed = [parse_row(r) for r in rows]
+    if notification_data:
+        if vhost:
+            raise ConfigError(
+                "--notification-data: the doorbell is the native transport's (device native)"
+            )
+        parsed = [
+            (f"{label}+nd={nd}" if label else f"nd={nd}", dict(over, notification_data=nd))
+            for label, over in parsed
+            for nd in ND_DEVICES
+        ]
     if vhost:
         check_vhost_user_row("", {k: base[k] for k in ("exit", "mode")}, kind)
         for label, over in parsed:
@@ -247,28 +264,34 @@ def compare(
             note(f"virtio-emu compare: {label or 'RFC setup'}: {describe(cfg)}")
             with contextlib.ExitStack() as row:
                 daemon, disk = open_device(row, kind, path, name, cfg, store, sock_dir)
-                reps: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
+                runs_of_row = variants(strategies, cfg["notification_data"])
+                reps: dict[str, list[dict[str, Any]]] = {v: [] for v, _, _ in runs_of_row}
                 for rep in range(repeat):
-                    for strategy in strategies:
+                    for variant, strategy, remedy in runs_of_row:
                         spec = JobSpec(name, workers=cfg["workers"], rw=cfg["rw"], bs=cfg["bs"],
                                        iodepth=cfg["iodepth"], runtime=runtime, size=cfg["area"],
-                                       strategy=strategy, engine=cfg["engine"])  # fmt: skip
+                                       strategy=strategy, engine=cfg["engine"],
+                                       nd_remedy=remedy)  # fmt: skip
                         tag = f" [{rep + 1}/{repeat}]" if repeat > 1 else ""
                         res = run_job(
                             spec,
                             progress=prog,
-                            label=f"{label or 'rfc'} {strategy}{tag}",
+                            label=f"{label or 'rfc'} {variant}{tag}",
                             device=disk,
                         )
                         annotate(res, label, cfg, daemon)
-                        reps[strategy].append(res)
+                        if variant != strategy:
+                            # A remedy's run: its own row of the tables.
+                            res["kick_strategy"] = strategy
+                            res["strategy"] = variant
+                        reps[variant].append(res)
                         prog.clear()
                         note(
-                            f"  {strategy:<8}{tag} {res['iops']:>10,.0f} IOPS  holdtime-max "
+                            f"  {variant:<8}{tag} {res['iops']:>10,.0f} IOPS  holdtime-max "
                             f"{res['lockstat']['holdtime-max']:>10.2f} us  waittime-total "
                             f"{res['lockstat']['waittime-total']:>12.2f} us"
                         )
-                runs += [combine(reps[s]) for s in strategies]
+                runs += [combine(reps[v]) for v, _, _ in runs_of_row]
     add_changes(runs)
     return {
         "runs": runs,

@@ -71,8 +71,26 @@ def combine(reps: Sequence[dict[str, Any]]) -> dict[str, Any]:
         }  # fmt: skip
     for k in ("errors", "dup_completions", "queue_full"):
         out[k] = sum(r[k] for r in reps)
+    if all(r.get("notification_data") for r in reps):
+        out["notification_data"] = combine_nd([r["notification_data"] for r in reps])
     out["repeat"] = len(reps)
     out["repeats"] = [_repeat_summary(r) for r in reps]
+    return out
+
+
+ND_SPREAD_KEYS = ("reordered_per_million", "waiting", "stall_total_ms", "stall_max_ms")
+
+
+def combine_nd(nds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The repeats' notification-data figures: counts and stall times are
+    medians, the longest stall is the longest of any repeat, and "spread"
+    keeps each repeat's (min, max) of the main figures."""
+    out = dict(nds[0])
+    for k, v in nds[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = _median([d[k] for d in nds])
+    out["stall_max_ms"] = max(d["stall_max_ms"] for d in nds)
+    out["spread"] = {k: (min(d[k] for d in nds), max(d[k] for d in nds)) for k in ND_SPREAD_KEYS}
     return out
 
 

@@ -70,6 +70,74 @@ def _table(
     return out
 
 
+def _nd_base(row: str) -> tuple[str, str]:
+    """'shm+nd=trust' -> ('shm', 'trust')."""
+    parts = row.split("+")
+    nd = next((p[3:] for p in parts if p.startswith("nd=")), "")
+    return "+".join(p for p in parts if not p.startswith("nd=")), nd
+
+
+def _spread(nd: Mapping[str, Any], k: str, fmt: str) -> str:
+    lo_hi = (nd.get("spread") or {}).get(k)
+    v = format(nd[k], fmt)
+    if not lo_hi or lo_hi[0] == lo_hi[1]:
+        return v
+    return f"{v} [{format(lo_hi[0], fmt)}-{format(lo_hi[1], fmt)}]"
+
+
+def format_nd_table(result: Mapping[str, Any]) -> str:
+    """compare --notification-data: per row, device and run, the reordered
+    doorbells per million notifications, the requests left waiting past a
+    notification and their stall time, and IOPS against hold, against the
+    same strategy without the remedy (remedies) and against the trusting
+    device (reread).  Medians over the repeats, [min-max] beside them."""
+    runs = [r for r in result["runs"] if r.get("notification_data")]
+    if not runs:
+        return ""
+    by = {(*_nd_base(r["row"]), r["strategy"]): r for r in runs}
+    out = [
+        "Notification data (VIRTIO_F_NOTIFICATION_DATA; medians, [min-max] over the repeats; "
+        "stalls end at the next covering notification or at the trusting device's re-read "
+        f"after {runs[0]['notification_data']['reread_ms']} ms):",
+        "",
+    ]
+    cols = ["row", "device", "run", "notifs", "reordered/M", "waiting", "stall total ms",
+            "stall max ms", "rereads", "IOPS", "vs hold", "remedy cost"]  # fmt: skip
+    cells = []
+    for r in runs:
+        base, dev = _nd_base(r["row"])
+        nd = r["notification_data"]
+        variant = r["strategy"]
+        plain = variant.split("+")[0]
+        hold = by.get((base, dev, "hold"))
+        ref = None
+        if variant != plain:
+            ref = by.get((base, dev, plain))
+        elif dev == "reread":
+            ref = by.get((base, "trust", plain))
+        vs_hold = "" if hold is None or hold is r else _fmt_pct(pct_change(r["iops"], hold["iops"]))
+        cost = "" if ref is None else _fmt_pct(pct_change(r["iops"], ref["iops"]))
+        cells.append([
+            base or "rfc", dev, variant, str(nd["notifications"]),
+            _spread(nd, "reordered_per_million", ".0f"), _spread(nd, "waiting", ".0f"),
+            _spread(nd, "stall_total_ms", ".1f"), f"{nd['stall_max_ms']:.1f}",
+            f"{nd['rereads']:.0f}", f"{r['iops']:.0f}", vs_hold.strip(" ()"), cost.strip(" ()"),
+        ])  # fmt: skip
+    widths = [max(len(c), *(len(line[j]) for line in cells)) for j, c in enumerate(cols)]
+    out.append(" ".join(c.ljust(w) if j < 3 else c.rjust(w)
+                        for j, (c, w) in enumerate(zip(cols, widths))))  # fmt: skip
+    for line in cells:
+        out.append(" ".join(v.ljust(w) if j < 3 else v.rjust(w)
+                            for j, (v, w) in enumerate(zip(line, widths))))  # fmt: skip
+    out.append("")
+    out.append(
+        "remedy cost: IOPS against the same strategy without the remedy (+lock: notify under "
+        "the lock; +monotonic: a doorbell that never goes backwards, emulation only), and for "
+        "the reread device against the trusting one."
+    )
+    return "\n".join(out) + "\n"
+
+
 def format_tables(result: Mapping[str, Any]) -> str:
     """The RFC's two tables per row group, then throughput, kicks and CPU."""
     runs = result["runs"]
@@ -157,4 +225,7 @@ def format_tables(result: Mapping[str, Any]) -> str:
                 f"{sum(w['ctx_switches_involuntary'] for w in ws):>10}"
             )
         out.append("")
+    nd = format_nd_table(result)
+    if nd:
+        out.append(nd)
     return "\n".join(out)

@@ -151,6 +151,34 @@ def _worker_row(r: Mapping[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def nd_summary(
+    spec: JobSpec, region: Region, delta: Mapping[str, int], used_q: Sequence[int]
+) -> dict[str, Any] | None:
+    """The notification-data figures of a run (None when not negotiated):
+    reordered doorbells per million notifications, requests left waiting
+    past a notification, their stall time, the device's behaviour."""
+    if not region.notification_data:
+        return None
+    sh = [region.queue_shared(q) for q in used_q]
+    kicks = max(delta["kicks"], 1)
+    return {
+        "device": {1: "trust", 2: "reread"}.get(int(sh[0].nd.behaviour), "off"),
+        "reread_ms": int(sh[0].nd.reread_ms),
+        "remedy": spec.nd_remedy,
+        "notifications": delta["kicks"],
+        "doorbells": delta["nd_doorbells"],
+        "reordered": delta["nd_reordered"],
+        "reordered_per_million": round(delta["nd_reordered"] * 1e6 / kicks, 1),
+        "misdirected": delta["nd_misdirected"],
+        "waiting": delta["nd_waiting"],
+        "stalls": delta["nd_stalls"],
+        "stall_total_ms": round(delta["nd_stall_ns"] / 1e6, 3),
+        "stall_max_ms": round(max(int(s.nd.stall_max_ns) for s in sh) / 1e6, 3),
+        "rereads": delta["nd_rereads"],
+        "held_back": delta["nd_held_back"],
+    }
+
+
 def summarise(
     spec: JobSpec,
     region: Region,
@@ -247,6 +275,7 @@ def summarise(
         "errors": sum(r["errors"] for r in results),
         "dup_completions": sum(r["dup_completions"] for r in results),
         "queue_full": sum(r["queue_full"] for r in results),
+        "notification_data": nd_summary(spec, region, delta, used_q),
         "verify": verify,
         "workers": workers,
     }  # fmt: skip
@@ -311,6 +340,15 @@ def format_result(res: Mapping[str, Any]) -> str:
     lines.extend(format_deaths(res))
     if res["errors"]:
         lines.append(f"  I/O errors: {res['errors']}")
+    nd = res.get("notification_data")
+    if nd:
+        lines.append(
+            f"  notification data: device {nd['device']} (re-read after {nd['reread_ms']} ms), "
+            f"remedy {nd['remedy']}: {nd['reordered']} reordered doorbells "
+            f"({nd['reordered_per_million']:.0f} per million notifications), "
+            f"{nd['waiting']} requests left waiting past a notification, stall "
+            f"{nd['stall_total_ms']:.1f} ms (max {nd['stall_max_ms']:.1f}), {nd['rereads']} re-reads"
+        )
     v = res["verify"]
     if v is not None:
         if v["failures"]:

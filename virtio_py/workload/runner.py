@@ -43,8 +43,17 @@ class JobError(VirtioError):
 def queue_counters(region: Region, q: int) -> dict[str, int]:
     """The driver's and the device's counters of queue q."""
     sh = region.queue_shared(q)
-    d, v = sh.drv, sh.dev
+    d, v, nd = sh.drv, sh.dev, sh.nd
     return {
+        # VIRTIO_F_NOTIFICATION_DATA: the device's doorbell counters
+        "nd_doorbells": nd.doorbells,
+        "nd_reordered": nd.reordered,
+        "nd_misdirected": nd.misdirected,
+        "nd_waiting": nd.waiting,
+        "nd_stalls": nd.stalls,
+        "nd_stall_ns": nd.stall_ns,
+        "nd_rereads": nd.rereads,
+        "nd_held_back": sh.bell.held_back,
         "added": d.added,
         "completed": d.completed,
         "kicks": d.kicks,
@@ -149,6 +158,10 @@ def _run(
         locks = [SharedLock.of_queue(region, q) for q in used_q]
         for lk in locks:
             lk.reset()
+        for q in used_q:
+            # The run's own longest stall: the device only ever raises it,
+            # and nothing is in flight between runs.
+            region.queue_shared(q).nd.stall_max_ns = 0
         c0 = {q: queue_counters(region, q) for q in used_q}
         d0 = _cpu_seconds(daemon_pid)
         x0 = proc_ctx_switches(daemon_pid) if daemon_pid > 0 else None

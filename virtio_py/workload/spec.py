@@ -36,6 +36,7 @@ class JobSpec:
     verify_seed: int = 0x5EED
     rwmix_read: int = 50
     strategy: str = "hold"
+    nd_remedy: str = "none"  # notification data: "lock" or "monotonic" (vp_vq_set_nd)
     engine: str = "c"
     seed: int = 1
     timeout: float = 30.0
@@ -55,6 +56,7 @@ class JobSpec:
             )
         limits.OFFSET.check(self.offset)
         limits.STRATEGY.check(self.strategy)
+        limits.ND_REMEDY.check(self.nd_remedy)
         limits.ENGINE.check(self.engine)
         limits.RWMIX_READ.check(self.rwmix_read)
         limits.VERIFY_SEED.check(self.verify_seed)

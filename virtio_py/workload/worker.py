@@ -91,6 +91,8 @@ def worker_main(
             vq = EventfdVirtqueue(region, queue, *notify_fds[queue])
         else:
             vq = Virtqueue(region, queue)
+        if spec.nd_remedy != "none":
+            vq.set_nd_remedy(spec.nd_remedy)
         slot = GuestSlot(vq, depth=spec.iodepth, strategy=spec.strategy)
         if spec.bs > slot.max_data:
             raise ConfigError(
