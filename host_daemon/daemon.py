@@ -14,8 +14,8 @@ import threading
 from typing import Any
 
 from virtio_py import limits
-from virtio_py.device import BlockServer, InflightRecord
-from virtio_py.errors import RegionError
+from virtio_py.device import ENGINES, BlockServer, InflightRecord
+from virtio_py.errors import ConfigError, RegionError
 from virtio_py.pidfile import PidFile, open_record, read_record, remove_records, write_record
 from virtio_py.region import Region, check_name, destroy, exists, feature_bits, foreign_objects
 from virtio_py.store import StripedStore
@@ -105,8 +105,12 @@ class HostDaemon:
         buffers: int = 64 << 20,
         serial: str | None = None,
         vhost_user: str | None = None,
+        io_engine: str | None = None,
     ) -> None:
         check_name(name)
+        if io_engine is not None and io_engine not in ENGINES:
+            raise ConfigError(f"I/O engine {io_engine!r}: not one of {', '.join(ENGINES)}")
+        self.io_engine = io_engine
         limits.BLK_QUEUE_SIZE.check(queue_size)  # before the ring's own, wider limit
         limits.check_geometry(stripes, chunk, size)
         limits.check_region(
@@ -241,7 +245,12 @@ class HostDaemon:
             for q in self.queues:
                 self.resubmitted += self.inflight.attach(q)
             self.server = BlockServer(
-                self.store, self.queues, mode=c["mode"], io_threads=io_threads, serial=self.serial
+                self.store,
+                self.queues,
+                mode=c["mode"],
+                io_threads=io_threads,
+                serial=self.serial,
+                engine=self.io_engine,
             )
             self.server.start()
             if self.adopted:
