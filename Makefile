@@ -8,6 +8,9 @@ SOURCES := $(wildcard csrc/*.c csrc/*.h csrc/*.py) setup.py pyproject.toml
 
 all: install
 
+# The daemon's io_uring engine makes raw system calls over <linux/io_uring.h> (Debian's
+# linux-libc-dev, which gcc's libc6-dev pulls in): no liburing.  Built without that header,
+# or run on a kernel that refuses io_uring, the daemon serves with its I/O threads.
 $(STAMP): $(SOURCES)
 	$(PIP) 'setuptools>=61' wheel 'cffi>=1.15' 'posix_ipc>=1.1' 'numpy>=1.21' \
 		'pytest>=7' 'pytest-benchmark>=4' 'matplotlib>=3.5' 'hypothesis>=6'

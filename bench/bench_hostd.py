@@ -13,7 +13,9 @@ costs: CPU and wake-ups.
   requests of 3 descriptors: more than the 128-entry ring holds, so workers
   also wait for room).
 
-Disk and shm at iodepth 1 in both serving modes.  The guests use the kick
+Disk and shm at iodepth 1 in both serving modes, served the default way
+(disk: the io_uring engine; shm: stripe files mapped); bench_engines.py
+puts the old way beside it, interleaved.  The guests use the kick
 strategy Linux merged (prepare under the lock, notify outside it), event
 index on, async exit, and a sleeping lock (mutex): 4 workers with an
 interrupt thread each and the daemon oversubscribe the 2 cores, where a
@@ -108,6 +110,22 @@ def ensure_fio():
 
 def stripe_files(store):
     return [stripe_path(store, i) for i in range(CFG["stripes"])]
+
+
+@contextlib.contextmanager
+def environment(env):
+    """os.environ with env set, restored after (a daemon started inside
+    inherits it: $VIRTIO_PY_IO_ENGINE, $VIRTIO_PY_STORE_MAP)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def direct_works(directory):

@@ -27,14 +27,17 @@
 #include <time.h>
 #include "blkdev.h"
 #include "compiler.h"
+#include "uring.h"
 
 struct srv_queue;
+struct uring_state;
 
 /* A serve loop or an I/O worker, with its own segment array. */
 struct srv_thread {
 	struct srv_queue *sq;
 	pthread_t tid;
 	struct vp_seg *segs;
+	struct uring_state *us;     /* the io_uring engine's loop: its ring */
 };
 
 struct srv_queue {
@@ -47,6 +50,7 @@ struct srv_queue {
 	unsigned busy;              /* poll mode: at the pool, not done (srv->mu) */
 	struct srv_thread *thr;
 	unsigned nthr, started;
+	int engine;                 /* VP_ENGINE_* its threads run */
 };
 
 struct work {
@@ -60,6 +64,7 @@ struct vp_server {
 	struct vp_store *st;
 	int mode;
 	unsigned io_threads;        /* per queue */
+	int engine;                 /* VP_ENGINE_*: asked for */
 	char serial[VIRTIO_BLK_ID_BYTES];
 	unsigned nq;                /* queues lie in sq[0, nq) */
 	struct srv_queue sq[VP_MAX_QUEUES];
@@ -304,6 +309,298 @@ static void *serve_main(void *arg)
 	return NULL;
 }
 
+/* ================= the io_uring engine =================
+ *
+ * Notify mode on a store of files: one thread per queue instead of
+ * io_threads.  It pops every request available, queues the reads and
+ * writes of all of them on its io_uring and hands them to the kernel in
+ * one call; completions are reaped in batches, each finished request is
+ * pushed, and one interrupt goes for the batch.  It sleeps once for both
+ * events: futex_waitv on the kick semaphore and on the ring's CQ tail
+ * word.  Block I/O completes by task work queued to this (the submitting)
+ * thread, which interrupts the sleep; the system call restarts, finds the
+ * tail moved and returns (what the kernel's io-wq completes is passed on
+ * by uring.c's watcher).  A flush syncs every stripe file at once.
+ * Everything else (discard, write zeroes, GET_ID, a bounce buffer, a
+ * request cut into more pieces than a batch takes, a short transfer's
+ * rest) runs inline, synchronously, as the threads would run it. */
+
+#define URING_SQ          256
+#define URING_CQ          2048     /* pieces in flight at most */
+#define URING_MAX_PIECES  64       /* a request cut in more runs inline */
+
+struct upiece {
+	uint8_t *buf;
+	uint64_t off;            /* logical */
+	uint32_t len;
+	uint16_t head;
+};
+
+struct ureq {
+	struct vp_blk_rw rw;
+	unsigned pending;        /* pieces in flight */
+	int err;
+};
+
+struct uring_state {
+	struct vp_uring u;
+	struct ureq *req;        /* by head */
+	struct upiece pc[URING_CQ];
+	uint32_t free[URING_CQ];
+	unsigned nfree;
+	unsigned inflight;       /* requests with pieces in flight */
+};
+
+static void uring_state_free(struct uring_state *us)
+{
+	if (!us)
+		return;
+	vp_uring_exit(&us->u);
+	free(us->req);
+	free(us);
+}
+
+/* A ring for queue q, or NULL (with *err) where io_uring cannot serve. */
+static struct uring_state *uring_state_new(struct vp_server *srv,
+					   struct vp_devq *q, int *err)
+{
+	const int *fds;
+	int fd;
+	uint64_t foff, room;
+	if (!vp_store_files(srv->st, &fds) ||
+	    vp_store_locate(srv->st, 0, &fd, &foff, &room) ||
+	    !vp_notifier_can_wait_or(vp_devq_kick(q))) {
+		*err = -EOPNOTSUPP;
+		return NULL;
+	}
+	struct uring_state *us = calloc(1, sizeof(*us));
+	if (!us || !(us->req = calloc(vp_devq_num(q), sizeof(*us->req)))) {
+		free(us);
+		*err = -ENOMEM;
+		return NULL;
+	}
+	*err = vp_uring_init(&us->u, URING_SQ, URING_CQ);
+	if (*err) {
+		free(us->req);
+		free(us);
+		return NULL;
+	}
+	us->nfree = us->u.cq_entries < URING_CQ ? us->u.cq_entries : URING_CQ;
+	for (unsigned i = 0; i < us->nfree; i++)
+		us->free[i] = us->nfree - 1 - i;
+	return us;
+}
+
+static void uring_finish(struct srv_queue *sq, unsigned head,
+			 const struct vp_blk_rw *rw, int err)
+{
+	int64_t used = vp_blk_rw_end(sq->q, rw, err);
+	vp_devq_push(sq->q, head, used < 0 ? 0 : (uint32_t)used);
+}
+
+struct uring_walk {
+	struct vp_store *st;
+	struct uring_state *us;
+	const struct vp_blk_rw *rw;
+	uint16_t head;
+	unsigned n;              /* pieces counted, or queued */
+	int queue;               /* 0: count only */
+};
+
+/* One guest piece, cut where the store's chunks end. */
+static int uring_piece(uint8_t *p, uint32_t n, uint64_t pos, void *arg)
+{
+	struct uring_walk *w = arg;
+	while (n) {
+		int fd;
+		uint64_t foff, room, off = w->rw->off + pos;
+		if (vp_store_locate(w->st, off, &fd, &foff, &room))
+			return -EIO;
+		uint32_t m = room < n ? (uint32_t)room : n;
+		if (w->queue) {
+			struct uring_state *us = w->us;
+			uint32_t i = us->free[--us->nfree];
+			us->pc[i] = (struct upiece){ p, off, m, w->head };
+			while (vp_uring_prep(&us->u, w->rw->write, fd, p, m,
+					     foff, i) == -EBUSY)
+				vp_uring_submit(&us->u);
+		} else if (w->n >= URING_MAX_PIECES) {
+			return 1;
+		}
+		w->n++;
+		p += m;
+		pos += m;
+		n -= m;
+	}
+	return 0;
+}
+
+/* Start one popped request: queued on the ring, or done now.  Returns 1
+ * if it was pushed already. */
+static int uring_start(struct srv_queue *sq, struct uring_state *us,
+		       const struct vp_chain *c, const struct vp_seg *segs)
+{
+	struct vp_store *st = sq->srv->st;
+	struct ureq *r = &us->req[c->head];
+	if (!vp_blk_rw_begin(st, sq->q, c, segs, &r->rw)) {
+		complete(sq, c, segs, 0);
+		return 1;
+	}
+	if (r->rw.flush) {
+		/* fdatasync of every stripe file, all at once. */
+		const int *fds;
+		unsigned nf = vp_store_files(st, &fds);
+		r->pending = nf;
+		r->err = 0;
+		for (unsigned i = 0; i < nf; i++) {
+			uint32_t k = us->free[--us->nfree];
+			us->pc[k] = (struct upiece){ NULL, 0, 0, (uint16_t)c->head };
+			while (vp_uring_prep(&us->u, 2, fds[i], NULL, 0, 0, k) == -EBUSY)
+				vp_uring_submit(&us->u);
+		}
+		us->inflight++;
+		return 0;
+	}
+	struct uring_walk w = { st, us, &r->rw, (uint16_t)c->head, 0, 0 };
+	int e = r->rw.err;
+	if (!e && vp_blk_rw_walk(segs, &r->rw, uring_piece, &w))
+		e = 1;   /* too many pieces: inline */
+	if (e || !w.n) {
+		if (e > 0)
+			e = vp_blk_rw_do(st, segs, &r->rw);
+		uring_finish(sq, c->head, &r->rw, e);
+		return 1;
+	}
+	r->pending = w.n;
+	r->err = 0;
+	w.queue = 1;
+	w.n = 0;
+	vp_blk_rw_walk(segs, &r->rw, uring_piece, &w);
+	us->inflight++;
+	return 0;
+}
+
+/* Every completion posted: how many requests it finished (pushed). */
+static int uring_reap(struct srv_queue *sq, struct uring_state *us)
+{
+	uint64_t d;
+	int32_t res;
+	int done = 0;
+	while (vp_uring_reap(&us->u, &d, &res)) {
+		if (d >= URING_CQ)
+			continue;   /* not ours */
+		struct upiece *p = &us->pc[d];
+		struct ureq *r = &us->req[p->head];
+		if (r->rw.flush) {
+			if (res == -EINTR || res == -EAGAIN)
+				res = vp_store_flush(sq->srv->st);
+			if (res < 0 && !r->err)
+				r->err = res;
+		} else if (res < 0 || (uint32_t)res < p->len) {
+			/* A short transfer, or one to retry: the rest inline,
+			 * as the threads would (zeros past a stripe's end). */
+			int e = res;
+			if (res >= 0 || res == -EINTR || res == -EAGAIN) {
+				uint32_t got = res > 0 ? (uint32_t)res : 0;
+				e = vp_store_rw(sq->srv->st, r->rw.write,
+						p->off + got, p->buf + got,
+						p->len - got);
+			}
+			if (e && !r->err)
+				r->err = e;
+		}
+		us->free[us->nfree++] = (uint32_t)d;
+		if (--r->pending == 0) {
+			us->inflight--;
+			uring_finish(sq, p->head, &r->rw, r->err);
+			done++;
+		}
+	}
+	return done;
+}
+
+static void *uring_main(void *arg)
+{
+	struct srv_thread *t = arg;
+	struct srv_queue *sq = t->sq;
+	struct vp_devq *q = sq->q;
+	struct uring_state *us = t->us;
+	uint32_t *cq_tail = vp_uring_cq_tail(&us->u);
+	unsigned max_segs = vp_devq_num(q);
+	struct vp_chain c;
+	int acks = 0;
+	for (;;) {
+		int stop = READ_ONCE(sq->stop);
+		if (stop && !us->inflight)
+			break;
+		int pushed = uring_reap(sq, us), popped = 0;
+		if (!stop) {
+			int k = take_kicks(q);
+			if (k > 0)
+				acks = acks_add(q, acks, guest_kicks(sq, k));
+			while (us->nfree >= URING_MAX_PIECES &&
+			       !READ_ONCE(sq->stop) && !vp_devq_broken(q) &&
+			       vp_devq_pop(q, &c, t->segs, max_segs) == 1) {
+				pushed += uring_start(sq, us, &c, t->segs);
+				popped++;
+			}
+		}
+		vp_uring_submit(&us->u);
+		/* Acked once submitted: a sync exit returns when its
+		 * request is taken, not when it is done. */
+		if (acks) {
+			vp_devq_ack_kicks(q, acks);
+			acks = 0;
+		}
+		if (pushed)
+			vp_devq_interrupt(q);
+		if (pushed || popped)
+			continue;
+		/* Idle: kicks on, and a last look before sleeping. */
+		if (!stop && us->nfree >= URING_MAX_PIECES &&
+		    !vp_devq_broken(q) && vp_devq_enable_notify(q))
+			continue;
+		uint32_t tail = __atomic_load_n(cq_tail, __ATOMIC_ACQUIRE);
+		if (tail != *us->u.cq_head)
+			continue;
+		int r = vp_notifier_wait_or(vp_devq_kick(q), cq_tail, tail,
+					    200000000);
+		if (r > 0) {
+			__atomic_fetch_add(&vp_devq_stats(q)->kicks_taken, 1,
+					   __ATOMIC_RELAXED);
+			acks = acks_add(q, acks, guest_kicks(sq, 1));
+			/* Busy from here: no kicks until we go idle again. */
+			vp_devq_disable_notify(q);
+		} else if (r < 0) {
+			/* A wait that fails (a guest's scribble on the kick)
+			 * must not make this loop spin. */
+			struct timespec ts = { 0, 1000000 };
+			nanosleep(&ts, NULL);
+		}
+	}
+	if (acks)
+		vp_devq_ack_kicks(q, acks);
+	return NULL;
+}
+
+int vp_server_set_engine(struct vp_server *srv, int engine)
+{
+	if (engine < VP_ENGINE_AUTO || engine > VP_ENGINE_URING)
+		return -EINVAL;
+	for (unsigned i = 0; i < srv->nq; i++)
+		if (srv->sq[i].running)
+			return -EBUSY;
+	srv->engine = engine;
+	return 0;
+}
+
+int vp_server_queue_engine(struct vp_server *srv, unsigned qi)
+{
+	if (qi >= VP_MAX_QUEUES || !srv->sq[qi].running)
+		return -EINVAL;
+	return srv->sq[qi].engine;
+}
+
 struct vp_server *vp_server_new(struct vp_store *st, int mode,
 				unsigned io_threads, const char *serial,
 				int *err)
@@ -430,8 +727,10 @@ static void queue_stop_end(struct srv_queue *sq)
 	struct vp_server *srv = sq->srv;
 	for (unsigned i = 0; i < sq->started; i++)
 		pthread_join(sq->thr[i].tid, NULL);
-	for (unsigned i = 0; i < sq->nthr; i++)
+	for (unsigned i = 0; i < sq->nthr; i++) {
 		free(sq->thr[i].segs);
+		uring_state_free(sq->thr[i].us);
+	}
 	free(sq->thr);
 	sq->thr = NULL;
 	sq->nthr = sq->started = 0;
@@ -462,9 +761,25 @@ int vp_server_start_queue(struct vp_server *srv, unsigned qi)
 		return r;
 	int workers = srv->mode == VP_MODE_NOTIFY && srv->io_threads;
 	unsigned n = workers ? srv->io_threads : 1;
+	/* The io_uring engine where it can serve: one thread, one ring. */
+	struct uring_state *us = NULL;
+	sq->engine = workers || srv->pool ? VP_ENGINE_THREADS : VP_ENGINE_INLINE;
+	if (workers && srv->engine != VP_ENGINE_THREADS) {
+		int e;
+		us = uring_state_new(srv, q, &e);
+		if (!us && srv->engine == VP_ENGINE_URING)
+			return e;
+		if (us) {
+			n = 1;
+			sq->engine = VP_ENGINE_URING;
+		}
+	}
 	sq->thr = calloc(n, sizeof(*sq->thr));
-	if (!sq->thr)
+	if (!sq->thr) {
+		uring_state_free(us);
 		return -ENOMEM;
+	}
+	sq->thr[0].us = us;
 	sq->nthr = n;
 	sq->started = 0;
 	sq->running = 1;
@@ -479,7 +794,8 @@ int vp_server_start_queue(struct vp_server *srv, unsigned qi)
 	}
 	for (unsigned i = 0; !r && i < n; i++) {
 		r = -pthread_create(&sq->thr[i].tid, NULL,
-				    workers ? worker_main : serve_main, &sq->thr[i]);
+				    us ? uring_main : workers ? worker_main : serve_main,
+				    &sq->thr[i]);
 		if (!r)
 			sq->started++;
 	}

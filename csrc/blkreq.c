@@ -229,3 +229,102 @@ int64_t vp_blk_handle(struct vp_store *st, struct vp_devq *q,
 	WRITE_ONCE(*status, sts);
 	return used;
 }
+
+/* ---- a read or write whose data the caller moves (an I/O engine) ---- */
+
+int vp_blk_rw_begin(struct vp_store *st, struct vp_devq *q,
+		    const struct vp_chain *c, const struct vp_seg *segs,
+		    struct vp_blk_rw *rw)
+{
+	(void)q;
+	struct virtio_blk_outhdr hdr;
+	unsigned n = c->nseg, nout = c->n_out;
+	uint64_t out_len = seg_total(segs, 0, nout);
+	uint64_t in_len = seg_total(segs, nout, n);
+	if (out_len < sizeof(hdr) || in_len < 1)
+		return 0;   /* vp_blk_handle breaks the queue */
+	const struct span head = { segs, 0, nout, 0, sizeof(hdr) };
+	span_walk(&head, piece_from_guest, &hdr);   /* read once */
+	const struct vp_seg *last = &segs[n - 1];
+	rw->status = last->host + last->len - 1;
+	rw->flush = hdr.type == VIRTIO_BLK_T_FLUSH;
+	if (rw->flush) {
+		rw->write = 0;
+		rw->off = rw->len = rw->skip = 0;
+		rw->i0 = rw->i1 = 0;
+		rw->err = 0;
+		return 1;
+	}
+	/* Anything else is vp_blk_handle's, which reads the header again
+	 * and checks it all: this read only routes the request. */
+	if (hdr.type != VIRTIO_BLK_T_IN && hdr.type != VIRTIO_BLK_T_OUT)
+		return 0;
+	int rd = hdr.type == VIRTIO_BLK_T_IN;
+	const struct span out = { segs, 0, nout, sizeof(hdr), out_len - sizeof(hdr) };
+	const struct span in = { segs, nout, n, 0, in_len - 1 };
+	const struct span *data = rd ? &in : &out;
+	uint64_t cap = vp_store_capacity(st), total = data->len;
+	rw->write = !rd;
+	rw->off = hdr.sector * 512;
+	rw->len = total;
+	rw->i0 = data->i0;
+	rw->i1 = data->i1;
+	rw->skip = data->skip;
+	rw->err = 0;
+	/* What vp_blk_handle answers with IOERR is answered so from this
+	 * copy (err -EINVAL); what it moves by a bounce buffer is for
+	 * vp_blk_rw_do (err 1). */
+	if ((rd ? out.len : in.len) || total % 512 ||
+	    hdr.sector > cap / 512 || total > cap - hdr.sector * 512) {
+		rw->err = -EINVAL;
+		return 1;
+	}
+	if (vp_store_direct(st) && span_walk(data, piece_unaligned, NULL))
+		rw->err = 1;
+	return 1;
+}
+
+int vp_blk_rw_walk(const struct vp_seg *segs, const struct vp_blk_rw *rw,
+		   int (*fn)(uint8_t *p, uint32_t n, uint64_t pos, void *arg),
+		   void *arg)
+{
+	const struct span s = { segs, rw->i0, rw->i1, rw->skip, rw->len };
+	return span_walk(&s, fn, arg);
+}
+
+int vp_blk_rw_do(struct vp_store *st, const struct vp_seg *segs,
+		 const struct vp_blk_rw *rw)
+{
+	const struct span s = { segs, rw->i0, rw->i1, rw->skip, rw->len };
+	return data_io(st, &s, rw->write, rw->off);
+}
+
+int64_t vp_blk_rw_end(struct vp_devq *q, const struct vp_blk_rw *rw, int err)
+{
+	struct vp_device_stats *ds = vp_devq_stats(q);
+	if (err == -EFAULT) {
+		vp_devq_mark_broken(q, EFAULT);
+		return -EFAULT;
+	}
+	uint8_t sts = err ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK;
+	uint32_t used = 1;
+	if (rw->flush) {
+		__atomic_fetch_add(&ds->req[VP_REQ_FLUSH], 1, __ATOMIC_RELAXED);
+		if (err)
+			__atomic_fetch_add(&ds->req[VP_REQ_IOERR], 1, __ATOMIC_RELAXED);
+		WRITE_ONCE(*rw->status, sts);
+		return used;
+	}
+	if (!err && !rw->write) {
+		used = rw->len < UINT32_MAX ? (uint32_t)rw->len + 1 : UINT32_MAX;
+		__atomic_fetch_add(&ds->bytes_read, rw->len, __ATOMIC_RELAXED);
+	} else if (!err) {
+		__atomic_fetch_add(&ds->bytes_written, rw->len, __ATOMIC_RELAXED);
+	}
+	__atomic_fetch_add(&ds->req[rw->write ? VP_REQ_OUT : VP_REQ_IN], 1,
+			   __ATOMIC_RELAXED);
+	if (err)
+		__atomic_fetch_add(&ds->req[VP_REQ_IOERR], 1, __ATOMIC_RELAXED);
+	WRITE_ONCE(*rw->status, sts);
+	return used;
+}

@@ -423,6 +423,16 @@ int vp_server_set_queue(struct vp_server *srv, unsigned qi,
 int vp_server_start_queue(struct vp_server *srv, unsigned qi);
 int vp_server_stop_queue(struct vp_server *srv, unsigned qi);
 void vp_server_free(struct vp_server *srv);
+/* the I/O engine (blkdev.h) and the mapped store (store.h) */
+#define VP_ENGINE_AUTO    0
+#define VP_ENGINE_THREADS 1
+#define VP_ENGINE_URING   2
+#define VP_ENGINE_INLINE  3
+int vp_server_set_engine(struct vp_server *srv, int engine);
+int vp_server_queue_engine(struct vp_server *srv, unsigned qi);
+struct vp_store *vp_store_open_mapped(const int *fds, unsigned nstripes,
+				      uint64_t chunk, uint64_t capacity,
+				      int *err);
 
 /* csrc/bench.c */
 int64_t vp_lock_hammer(struct vp_lock *l, int64_t n);

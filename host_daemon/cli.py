@@ -111,8 +111,17 @@ def build_parser():
         "--io-threads",
         type=limit_arg(limits.IO_THREADS),
         default=None,
-        help="I/O threads per queue (default 16; 0, served inline by the queue's "
-        "loop, on a memory store such as tmpfs)",
+        help="I/O threads per queue with --io-engine threads (default 16; 0, served "
+        "inline by the queue's loop, the default on a memory store such as tmpfs); the "
+        "uring engine serves a queue with one thread whatever the number above 0",
+    )
+    s.add_argument(
+        "--io-engine",
+        choices=("auto", "threads", "uring"),
+        default=None,
+        help="how I/O threads run disk requests: uring (one thread per queue, batched "
+        "io_uring submissions and completions), threads (one request per thread), or "
+        "auto: uring where the kernel allows it (default: $VIRTIO_PY_IO_ENGINE, else auto)",
     )
     s.add_argument(
         "--buffers",
@@ -189,6 +198,7 @@ def _daemon_from(a):
         vhost_user=a.vhost_user,
         notification_data=a.notification_data,
         nd_reread_ms=a.nd_reread_ms,
+        io_engine=a.io_engine,
     )
 
 

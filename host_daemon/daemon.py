@@ -14,8 +14,8 @@ import threading
 from typing import Any
 
 from virtio_py import limits
-from virtio_py.device import BlockServer, InflightRecord
-from virtio_py.errors import RegionError
+from virtio_py.device import ENGINES, BlockServer, InflightRecord
+from virtio_py.errors import ConfigError, RegionError
 from virtio_py.pidfile import PidFile, open_record, read_record, remove_records, write_record
 from virtio_py.region import (
     FEATURE_BITS,
@@ -116,10 +116,14 @@ class HostDaemon:
         vhost_user: str | None = None,
         notification_data: str | None = None,
         nd_reread_ms: int = limits.ND_REREAD_MS_DEFAULT,
+        io_engine: str | None = None,
     ) -> None:
         check_name(name)
         limits.check_notification_data(notification_data, mode, vhost_user)
         limits.ND_REREAD_MS.check(nd_reread_ms)
+        if io_engine is not None and io_engine not in ENGINES:
+            raise ConfigError(f"I/O engine {io_engine!r}: not one of {', '.join(ENGINES)}")
+        self.io_engine = io_engine
         limits.BLK_QUEUE_SIZE.check(queue_size)  # before the ring's own, wider limit
         limits.check_geometry(stripes, chunk, size)
         limits.check_region(
@@ -260,7 +264,12 @@ class HostDaemon:
                 if c["notification_data"]:
                     q.set_notification_data(c["notification_data"], c["nd_reread_ms"])
             self.server = BlockServer(
-                self.store, self.queues, mode=c["mode"], io_threads=io_threads, serial=self.serial
+                self.store,
+                self.queues,
+                mode=c["mode"],
+                io_threads=io_threads,
+                serial=self.serial,
+                engine=self.io_engine,
             )
             self.server.start()
             if self.adopted:

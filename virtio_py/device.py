@@ -18,11 +18,30 @@ from .limits import IO_THREADS, MODE, SERIAL
 from .store import StripedStore
 from .virtqueue import DeviceQueue
 
+ENGINES = {
+    "auto": lib.VP_ENGINE_AUTO,
+    "threads": lib.VP_ENGINE_THREADS,
+    "uring": lib.VP_ENGINE_URING,
+}
+ENGINE_NAMES = {v: k for k, v in ENGINES.items()} | {lib.VP_ENGINE_INLINE: "inline"}
+ENGINE_ENV = "VIRTIO_PY_IO_ENGINE"
+
+
+def default_engine() -> str:
+    """$VIRTIO_PY_IO_ENGINE (auto, threads or uring), else auto."""
+    return os.environ.get(ENGINE_ENV, "") or "auto"
+
 
 class BlockServer(Closeable):
     """The serve loops of a virtio-blk device: one per queue in notify or
     poll mode, with io_threads I/O threads per queue (0: served inline by
-    the queue's loop, for a memory store)."""
+    the queue's loop, for a memory store).
+
+    engine, for notify mode with I/O threads on a store of files: "uring"
+    (one thread per queue with an io_uring: batched submissions and
+    completions), "threads" (io_threads threads, one request each), or
+    "auto" (io_uring where the kernel and the kick notifier allow it);
+    None: default_engine()."""
 
     def __init__(
         self,
@@ -32,9 +51,13 @@ class BlockServer(Closeable):
         mode: str = "notify",
         io_threads: int = 16,
         serial: str = "",
+        engine: str | None = None,
     ) -> None:
         IO_THREADS.check(io_threads)
         SERIAL.check(serial)
+        engine = default_engine() if engine is None else engine
+        if engine not in ENGINES:
+            raise ConfigError(f"I/O engine {engine!r}: not one of {', '.join(ENGINES)}")
         self._store = store  # the C server reads and writes through it
         self._queues = list(queues)
         self._srv: Any = opened(
@@ -46,6 +69,7 @@ class BlockServer(Closeable):
             what="server",
         )
         try:
+            check(lib.vp_server_set_engine(self._srv, ENGINES[engine]), "server engine")
             for q in self._queues:
                 check(lib.vp_server_add_queue(self._srv, q.handle), "server")
         except BaseException:
@@ -61,6 +85,14 @@ class BlockServer(Closeable):
     def start(self) -> None:
         """Start the serve loops and I/O threads."""
         check(lib.vp_server_start(self.handle), "server start")
+
+    def engines(self) -> list[str]:
+        """The engine serving each running queue: uring, threads or inline."""
+        out = []
+        for i in range(len(self._queues)):
+            code = lib.vp_server_queue_engine(self.handle, i)
+            out.append(ENGINE_NAMES.get(code, "stopped"))
+        return out
 
     def stop(self) -> None:
         """Stop the threads, after the requests in flight finished."""
@@ -118,4 +150,4 @@ class InflightRecord(Closeable):
             self._mm = None
 
 
-__all__ = ["BlockServer", "InflightRecord"]
+__all__ = ["ENGINES", "BlockServer", "InflightRecord", "default_engine"]

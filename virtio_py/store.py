@@ -207,8 +207,18 @@ def read_meta(directory: str) -> dict[str, Any] | None:
         os.close(dirfd)
 
 
+MAP_ENV = "VIRTIO_PY_STORE_MAP"
+
+
+def default_mapped() -> bool:
+    """$VIRTIO_PY_STORE_MAP: 0 keeps a memory store on read and write calls."""
+    return os.environ.get(MAP_ENV, "1") != "0"
+
+
 class StripedStore(Closeable):
-    """Opened stripe files and the C store over them."""
+    """Opened stripe files and the C store over them.  On a memory
+    filesystem (tmpfs) the stripe files are mapped and requests copy to
+    and from the page cache directly (mapped=None: default_mapped())."""
 
     def __init__(
         self,
@@ -217,6 +227,7 @@ class StripedStore(Closeable):
         stripes: int = 12,
         chunk: int = 64 << 10,
         direct: bool = True,
+        mapped: bool | None = None,
     ) -> None:
         check_geometry(stripes, chunk, size)
         self.directory = directory
@@ -225,6 +236,7 @@ class StripedStore(Closeable):
         self.chunk = chunk
         self.direct = False
         self.memory = False
+        self.mapped = False
         self.notice: str | None = None
         self.fds: list[int] = []
         self._st = None
@@ -250,9 +262,13 @@ class StripedStore(Closeable):
             self._open_files(dirfd, direct)
             _write_meta_at(dirfd, directory, {"stripes": stripes, "chunk": chunk, "size": size})
             fds = ffi.new("int[]", self.fds)
-            self._st = opened(
-                lib.vp_store_open, fds, stripes, chunk, size, int(self.direct), what="store"
-            )
+            if self.memory and (default_mapped() if mapped is None else mapped):
+                self._st = opened(lib.vp_store_open_mapped, fds, stripes, chunk, size, what="store")
+                self.mapped = True
+            else:
+                self._st = opened(
+                    lib.vp_store_open, fds, stripes, chunk, size, int(self.direct), what="store"
+                )
         except BaseException:
             self.close()
             raise
@@ -383,10 +399,12 @@ def prewrite(store_dir: str, stripes: int, chunk: int, nbytes: int) -> int:
 
 
 __all__ = [
+    "MAP_ENV",
     "META",
     "StripedStore",
     "assemble",
     "check_geometry",
+    "default_mapped",
     "fs_type",
     "locate",
     "open_store_dir",
