@@ -564,7 +564,8 @@ static void *uring_main(void *arg)
 		if (tail != *us->u.cq_head)
 			continue;
 		int r = vp_notifier_wait_or(vp_devq_kick(q), cq_tail, tail,
-					    200000000);
+					    vp_devq_kick_timeout(q, 200000000));
+		vp_devq_kick_waited(q, r > 0 ? 1 : r == 0 ? 0 : -1);
 		if (r > 0) {
 			__atomic_fetch_add(&vp_devq_stats(q)->kicks_taken, 1,
 					   __ATOMIC_RELAXED);

@@ -298,6 +298,13 @@ int vp_devq_enable_notify(struct vp_devq *q);
  * once: how many, at most the queue size (a count a guest wrote into the
  * notifier saturates there).  Any thread. */
 int vp_devq_wait_kick(struct vp_devq *q, int64_t timeout_ns);
+/* For a kick wait of the caller's own (the io_uring engine also waits on
+ * its completions): the timeout to wait with (a trusting notification-data
+ * device wakes for its re-read), and what the wait's end needs, r kicks
+ * taken (0: none, the wait timed out or woke for something else).  Serve
+ * thread of q. */
+int64_t vp_devq_kick_timeout(struct vp_devq *q, int64_t timeout_ns);
+void vp_devq_kick_waited(struct vp_devq *q, int r);
 /* Let n sync exits return; at most the queue size are acked at once (no
  * more exits can wait than kicks were taken).  Any thread. */
 int vp_devq_ack_kicks(struct vp_devq *q, int n);

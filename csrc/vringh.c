@@ -761,17 +761,31 @@ int vp_devq_enable_notify(struct vp_devq *q)
 	return more;
 }
 
+int64_t vp_devq_kick_timeout(struct vp_devq *q, int64_t timeout_ns)
+{
+	if (q->nd == VP_ND_TRUST && timeout_ns)
+		return nd_timeout(q, timeout_ns);
+	return timeout_ns;
+}
+
+void vp_devq_kick_waited(struct vp_devq *q, int r)
+{
+	if (r == 0 && q->nd == VP_ND_TRUST)
+		nd_expire(q);
+	else if (r > 0 && q->nd)
+		vp_devq_doorbell(q);
+}
+
 int vp_devq_wait_kick(struct vp_devq *q, int64_t timeout_ns)
 {
 	if (!q->kick)
 		return -EINVAL;
-	if (q->nd == VP_ND_TRUST && timeout_ns)
-		timeout_ns = nd_timeout(q, timeout_ns);
+	timeout_ns = vp_devq_kick_timeout(q, timeout_ns);
 	/* Timeout 0: take what is pending, without a system call on a
 	 * semaphore (the polling device asks on every idle turn). */
 	int r = timeout_ns ? vp_notifier_wait(q->kick, timeout_ns) : 0;
-	if (r == 0 && timeout_ns && q->nd == VP_ND_TRUST)
-		nd_expire(q);
+	if (r == 0 && timeout_ns)
+		vp_devq_kick_waited(q, 0);
 	if (r < 0 || (r == 0 && timeout_ns))
 		return r;
 	/* One take, whatever the count: a guest's store of 2^32 into the
