@@ -24,7 +24,6 @@ import pytest
 
 from bench_hostd import (
     AREA,
-    BS,
     CFG,
     IOS,
     WORKERS,
@@ -32,12 +31,11 @@ from bench_hostd import (
     ensure_fio,
     environment,
     fio_randread,
-    voluntary_switches,
+    randread_round,
 )
 from benchutil import print_report, unique_name
 from virtio_py.compare import DaemonProcess, write_json
 from virtio_py.store import prewrite
-from virtio_py.workload import JobSpec, run_job
 
 ROUNDS = 5
 COMPARISONS = {
@@ -85,27 +83,12 @@ def beds(request):
 
 
 def _round(daemon, iodepth):
-    v0 = voluntary_switches(daemon.proc.pid)
-    res = run_job(
-        JobSpec(
-            daemon.name,
-            workers=WORKERS,
-            rw="randread",
-            bs=BS,
-            iodepth=iodepth,
-            size=AREA,
-            strategy="prepare",
-        )
-    )
-    v1 = voluntary_switches(daemon.proc.pid)
-    if res["errors"]:
-        pytest.fail(f"{res['errors']} requests failed")
-    n = max(res["ios"], 1)
+    res = randread_round(daemon, iodepth)
     return {
         "iops": res["iops"],
         "cpu_us": res["host_cpu_us_per_request"] + res["guest_cpu_us_per_request"],
         "host_cpu_us": res["host_cpu_us_per_request"],
-        "host_vcs": (v1 - v0) / n,
+        "host_vcs": res["host_vcs_per_request"],
         "p99_us": res["latency_us"]["p99"],
     }
 

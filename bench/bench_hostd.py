@@ -97,6 +97,33 @@ def voluntary_switches(pid):
     return n
 
 
+def randread_round(daemon, iodepth):
+    """One round of 4 KiB random reads by WORKERS workers (prepare) on a
+    running daemon; the run's result, with the daemon's and the guests'
+    voluntary context switches per request."""
+    v0 = voluntary_switches(daemon.proc.pid)
+    res = run_job(
+        JobSpec(
+            daemon.name,
+            workers=WORKERS,
+            rw="randread",
+            bs=BS,
+            iodepth=iodepth,
+            size=AREA,
+            strategy="prepare",
+        )
+    )
+    v1 = voluntary_switches(daemon.proc.pid)
+    if res["errors"]:
+        pytest.fail(f"{res['errors']} requests failed")
+    n = max(res["ios"], 1)
+    res["host_vcs_per_request"] = round((v1 - v0) / n, 3)
+    res["guest_vcs_per_request"] = round(
+        sum(w["ctx_switches_voluntary"] for w in res["workers"]) / n, 3
+    )
+    return res
+
+
 def ensure_fio():
     """fio, installed from Debian if missing (as `make bench` does)."""
     if not shutil.which("fio"):
@@ -214,27 +241,7 @@ def _bench(benchmark, bed, kind, mode, iodepth=1):
         refs.append(fio_randread(fio, store, IOS, direct))
 
     def daemon_round():
-        v0 = voluntary_switches(daemon.proc.pid)
-        res = run_job(
-            JobSpec(
-                daemon.name,
-                workers=WORKERS,
-                rw="randread",
-                bs=BS,
-                iodepth=iodepth,
-                size=AREA,
-                strategy="prepare",
-            )
-        )
-        v1 = voluntary_switches(daemon.proc.pid)
-        if res["errors"]:
-            pytest.fail(f"{res['errors']} requests failed")
-        n = max(res["ios"], 1)
-        res["host_vcs_per_request"] = round((v1 - v0) / n, 3)
-        res["guest_vcs_per_request"] = round(
-            sum(w["ctx_switches_voluntary"] for w in res["workers"]) / n, 3
-        )
-        runs.append(res)
+        runs.append(randread_round(daemon, iodepth))
 
     benchmark.group = f"hostd-{kind}" + (f"-iodepth{iodepth}" if iodepth > 1 else "")
     # fio's reference is psync at iodepth 1: no match for a deeper queue.

@@ -18,6 +18,7 @@ import tempfile
 
 import pytest
 
+from bench_hostd import CFG as HOSTD_CFG
 from bench_hostd import environment
 from benchutil import print_report, unique_name
 from virtio_py import limits
@@ -27,19 +28,8 @@ from virtio_py.workload import JobSpec, run_job
 ROUNDS = 5
 RUNTIME = 5.0
 ENGINES = ("threads", "uring")
-CFG = {
-    "size": 1 << 30,
-    "stripes": 12,
-    "chunk": 64 << 10,
-    "queues": 1,
-    "queue_size": 128,
-    "mode": "notify",
-    "exit": "async",
-    "exit_cost_us": 0.0,
-    "lock": limits.LOCK_DEFAULT,
-    "event_idx": True,
-    "io_threads": None,
-}
+# bench_hostd's disk daemon, on the default lock.
+CFG = dict(HOSTD_CFG, mode="notify", lock=limits.LOCK_DEFAULT)
 RESULTS = {}
 
 
