@@ -80,15 +80,37 @@ def _kill(name):
 
 def _acked(log):
     """(block, pass, time) of every acknowledged write in a writer's log."""
-    out = []
-    if not os.path.exists(log):
-        return out
-    with open(log) as f:
-        for line in f:
+    tail = _AckTail(log)
+    tail.poll()
+    return tail.acks
+
+
+class _AckTail:
+    """A writer's log read as it grows: each poll parses only the lines
+    written since the last (a polling loop that re-read whole logs would
+    spend the run parsing millions of lines)."""
+
+    def __init__(self, log):
+        self.log = log
+        self.pos = 0
+        self.acks = []
+
+    def poll(self):
+        """The acknowledged writes new since the last poll."""
+        if not os.path.exists(self.log):
+            return []
+        with open(self.log) as f:
+            f.seek(self.pos)
+            data = f.read()
+        end = data.rfind("\n") + 1  # a line still being written waits
+        self.pos += len(data[:end].encode())
+        new = []
+        for line in data[:end].splitlines():
             parts = line.split()
             if len(parts) == 3:
-                out.append((int(parts[0]), int(parts[1]), float(parts[2])))
-    return out
+                new.append((int(parts[0]), int(parts[1]), float(parts[2])))
+        self.acks.extend(new)
+        return new
 
 
 def test_writers_survive_daemon_kills_and_the_store_equals_the_acknowledged_writes(
@@ -108,11 +130,16 @@ def test_writers_survive_daemon_kills_and_the_store_equals_the_acknowledged_writ
         for w in range(WORKERS)
     ]
     first_completion = []
+    tails = [_AckTail(g) for g in logs]
     try:
         for _ in range(TRIALS):
             # Under load: wait until every writer has acknowledged more.
-            seen = [len(_acked(g)) for g in logs]
-            while any(len(_acked(g)) <= n + 2 for g, n in zip(logs, seen)):
+            seen = [len(t.acks) for t in tails]
+            while True:
+                for t in tails:
+                    t.poll()
+                if all(len(t.acks) > n + 2 for t, n in zip(tails, seen)):
+                    break
                 assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
                 time.sleep(0.01)
             _kill(name)
@@ -120,7 +147,7 @@ def test_writers_survive_daemon_kills_and_the_store_equals_the_acknowledged_writ
             _start(name, store)
             # Restart to first completion: the first write acknowledged after.
             while True:
-                after = [t for g in logs for _, _, t in _acked(g) if t > t0]
+                after = [at for t in tails for _, _, at in t.poll() if at > t0]
                 if after:
                     first_completion.append(min(after) - t0)
                     break
