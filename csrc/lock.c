@@ -263,6 +263,10 @@ static int ticket_acquire(struct vp_lock *l, int yield)
  * ticket sleeps, sets PV_SLOW so its own unlock kicks it: one kick per
  * hand-over, to the next in line only.
  *
+ * A waiter among the first four in line names itself in pv_waiter (its
+ * ticket and VP_LOCK_ID), so that the others skip a head that is gone, and
+ * only such a one (pv_check).
+ *
  * Announcements and the words they race with are SEQ_CST: "announce,
  * then look at owner / the lock word" here against "move owner / the lock
  * word, then look at the announcement" on the other side; one of them
@@ -306,9 +310,42 @@ static void pv_advance_owner(struct vp_lock *l, uint32_t t)
 
 static void pv_kick_head(struct vp_lock *l);
 
+/* A waiter names itself, so that the others can tell a head of the line
+ * that is gone from one that only waits for a CPU: the taker of ticket t writes
+ * CLAIM(t, its id) into pv_waiter[t % PV_NAMED] once t is among the first
+ * PV_NAMED in line (the ticket that had the word before has left the line;
+ * a compare-exchange keeps a later ticket's record from a late writer), and
+ * clears it once it holds the lock.  1 once named. */
+#define PV_NAMED        (sizeof(((struct vp_lock *)0)->pv_waiter) / sizeof(uint64_t))
+
+static int pv_name(struct vp_lock *l, uint32_t t, uint64_t id)
+{
+	uint32_t o = __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST);
+	if ((int32_t)(t - o) > (int32_t)PV_NAMED)
+		return 0;
+	uint64_t *rec = &l->pv_waiter[t % PV_NAMED];
+	uint64_t c = __atomic_load_n(rec, __ATOMIC_SEQ_CST);
+	do {
+		if (c && (int16_t)(CLAIM_TICKET(c) - TKT(t)) > 0)
+			return 1;       /* a later ticket's: the line passed us */
+	} while (!__atomic_compare_exchange_n(rec, &c, CLAIM(t, id), 0,
+					      __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+	return 1;
+}
+
+static void pv_unname(struct vp_lock *l, uint32_t t, uint64_t id)
+{
+	uint64_t c = CLAIM(t, id);
+	__atomic_compare_exchange_n(&l->pv_waiter[t % PV_NAMED], &c, 0, 0,
+				    __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
+}
+
 /* A pvspin waiter's periodic look: release the word of a dead holder, and
- * skip a head that has not taken a free lock for VP_LOCK_STALL_NS (it
- * died in line). */
+ * skip a head that leaves the word free and is gone: named and dead, or
+ * never named (it died before naming itself) and the head for
+ * VP_LOCK_STALL_NS.  A live head is waited for, however long it waits for
+ * a CPU: skipping it would break the line's order, and cost it and the
+ * next head a sleep and a kick more. */
 static void pv_check(struct vp_lock *l, struct stall *st, uint64_t now)
 {
 	uint32_t o = __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST);
@@ -332,7 +369,10 @@ static void pv_check(struct vp_lock *l, struct stall *st, uint64_t now)
 		}
 		return;
 	}
-	if (now - st->since < VP_LOCK_STALL_NS)
+	uint32_t h = o + 1;
+	uint64_t c = __atomic_load_n(&l->pv_waiter[h % PV_NAMED], __ATOMIC_SEQ_CST);
+	int named = (c & ((1ULL << 48) - 1)) && CLAIM_TICKET(c) == TKT(h);
+	if (named ? !id_gone(c) : now - st->since < VP_LOCK_STALL_NS)
 		return;
 	if (__atomic_compare_exchange_n(&l->owner, &o, o + 1, 0,
 					__ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
@@ -378,13 +418,17 @@ static int pv_acquire(struct vp_lock *l, uint64_t *slept)
 	uint32_t *word = &l->futex;
 	if (pv_trylock(word))
 		return 0;
+	uint64_t id = lock_self_id();
 	uint32_t t = __atomic_fetch_add(&l->next, 1, __ATOMIC_SEQ_CST);
 	uint32_t *w = &l->pv_halted[t % VP_LOCK_PV_WAITERS];
 	uint32_t halted = t << 1 | 1;
+	int named = pv_name(l, t, id);
 	struct stall st;
 	stall_start(&st, __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST), vp_now_ns());
 	/* In line until we are the head. */
 	while (!spin_until_owner(l, t - 1)) {
+		if (!named)
+			named = pv_name(l, t, id);
 		pv_check(l, &st, vp_now_ns());
 		uint32_t o = __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST);
 		if ((int32_t)(o - (t - 1)) >= 0)
@@ -400,6 +444,8 @@ static int pv_acquire(struct vp_lock *l, uint64_t *slept)
 		pv_sleep(w, halted, slept);
 	}
 	/* The head. */
+	if (!named)
+		named = pv_name(l, t, id);
 	uint64_t t_head = vp_now_ns();
 	while (!pv_spin_take(l)) {
 		pv_check(l, &st, vp_now_ns());
@@ -418,6 +464,8 @@ static int pv_acquire(struct vp_lock *l, uint64_t *slept)
 	/* Pass the headship on; if the next in line sleeps, our unlock
 	 * kicks it. */
 	pv_advance_owner(l, t);
+	if (named)
+		pv_unname(l, t, id);
 	uint32_t s = t + 1;
 	if (__atomic_load_n(&l->next, __ATOMIC_SEQ_CST) != s &&
 	    __atomic_load_n(&l->pv_halted[s % VP_LOCK_PV_WAITERS],

@@ -72,7 +72,8 @@
  * acquires); holder[1] its full start time.  The mutex word is the holder's
  * pid | VP_MUTEX_WAITERS, the pvspin word pid << VP_PV_PID_SHIFT | VP_PV_*
  * bits.  A waiter that has waited VP_LOCK_CHECK_NS asks whether the holder
- * lives; a ticket nobody claims for VP_LOCK_STALL_NS is skipped. */
+ * lives; a ticket nobody claims (pvspin: a head nobody named in pv_waiter)
+ * for VP_LOCK_STALL_NS is skipped. */
 #define VP_LOCK_PID_BITS     22
 #define VP_LOCK_PID_MASK     ((1U << VP_LOCK_PID_BITS) - 1)
 #define VP_LOCK_START_MASK   ((1ULL << 26) - 1)
@@ -193,7 +194,8 @@ struct vp_lock {
 	uint64_t takeovers;      /* holders found dead and released by a waiter (atomic) */
 	uint32_t dirty;          /* 1 from a takeover until the queue's driver state is repaired */
 	uint32_t pad;
-	uint64_t reserved[4];    /* 0; the line is the counters' alone */
+	uint64_t pv_waiter[4];   /* pvspin: who took ticket t, among the first four in
+				  * line: (t + 1) << 48 | VP_LOCK_ID in word t % 4, 0 none */
 	uint32_t pv_halted[VP_LOCK_PV_WAITERS]; /* pvspin: t << 1 | 1 while ticket t sleeps here */
 	struct vp_lockhist hist;
 } __attribute__((aligned(64)));

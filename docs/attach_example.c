@@ -99,13 +99,31 @@ static int sem_wait_ns(sem_t *s, uint64_t ns)
 /* ---- the queue lock (REGION.md §7) ---- */
 
 /* pvspin, as a waiter that never sleeps (it then needs no kick): take the
- * word if it is free and nobody asked for a hand-off; else queue, wait to
- * be the head of the line, ask for the hand-off at once, take the word,
- * and pass the headship on, asking our unlock to kick the next if it
- * sleeps. */
+ * word if it is free and nobody asked for a hand-off; else queue (named
+ * as our ticket's taker), wait to be the head of the line, ask for the
+ * hand-off at once, take the word, and pass the headship on, asking our
+ * unlock to kick the next if it sleeps. */
 #define PV_BITS (VP_PV_LOCKED | VP_PV_HANDOFF | VP_PV_SLOW)
 
 static uint64_t lock_self_id(void);
+
+/* pvspin: name ourselves the taker of ticket t in pv_waiter[t % 4] once t is
+ * among the first four in line, so that the line waits for us however long
+ * we wait for a CPU, and skips us only if we die (§7.1).  1 once named. */
+static int pvspin_name(struct vp_lock *l, uint32_t t)
+{
+	uint64_t mine = (uint64_t)((t + 1) & 0xffff) << 48 | lock_self_id();
+	if ((int32_t)(t - __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST)) > 4)
+		return 0;
+	uint64_t *w = &l->pv_waiter[t % 4];
+	uint64_t c = __atomic_load_n(w, __ATOMIC_SEQ_CST);
+	do {
+		if (c && (int16_t)((c >> 48) - ((t + 1) & 0xffff)) > 0)
+			return 1;       /* a later ticket's: the line passed us */
+	} while (!__atomic_compare_exchange_n(w, &c, mine, 0, __ATOMIC_SEQ_CST,
+					      __ATOMIC_SEQ_CST));
+	return 1;
+}
 
 static void pvspin_acquire(struct vp_lock *l)
 {
@@ -118,9 +136,15 @@ static void pvspin_acquire(struct vp_lock *l)
 					__ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
 		return;
 	uint32_t t = __atomic_fetch_add(&l->next, 1, __ATOMIC_SEQ_CST);
+	int named = pvspin_name(l, t);
 	/* Until the head, or past it: a waiter skipped us (§7.1). */
-	while ((int32_t)(__atomic_load_n(&l->owner, __ATOMIC_SEQ_CST) - (t - 1)) < 0)
+	while ((int32_t)(__atomic_load_n(&l->owner, __ATOMIC_SEQ_CST) - (t - 1)) < 0) {
+		if (!named)
+			named = pvspin_name(l, t);
 		sched_yield();
+	}
+	if (!named)
+		named = pvspin_name(l, t);
 	__atomic_fetch_or(word, VP_PV_HANDOFF, __ATOMIC_SEQ_CST);
 	for (;;) {
 		v = __atomic_load_n(word, __ATOMIC_SEQ_CST);
@@ -139,6 +163,11 @@ static void pvspin_acquire(struct vp_lock *l)
 	       !__atomic_compare_exchange_n(&l->owner, &o, t, 0, __ATOMIC_SEQ_CST,
 					    __ATOMIC_SEQ_CST))
 		;
+	if (named) {          /* out of the line: clear our name */
+		uint64_t c = (uint64_t)((t + 1) & 0xffff) << 48 | lock_self_id();
+		__atomic_compare_exchange_n(&l->pv_waiter[t % 4], &c, 0, 0,
+					    __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
+	}
 	uint32_t s = t + 1;
 	if (__atomic_load_n(&l->next, __ATOMIC_SEQ_CST) != s &&
 	    __atomic_load_n(&l->pv_halted[s % VP_LOCK_PV_WAITERS],

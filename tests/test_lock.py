@@ -2,6 +2,8 @@
 counters, for every lock kind."""
 
 import os
+import signal
+import time
 
 import pytest
 
@@ -176,34 +178,174 @@ def test_one_contention_and_bounce(name, kind):
         assert st["contentions"] == st["con-bounces"] == st["acq-bounces"] == 0
 
 
-def _asleep(pid):
-    """True while the process sleeps (state S in /proc/PID/stat)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "S"
-    except FileNotFoundError:
-        return False
-
-
-def take_in_turn(name, me, log_gpa):
+def take_in_turn(name, me, log_gpa, go_gpa=None):
     """Take the lock once; under it, append me to the log (a count, then the
-    entries)."""
+    entries), and, given go_gpa, hold it until byte me there is set."""
     r = Region.attach(name)
     lock = SharedLock.of_queue(r, 0)
     with lock:
         n = int.from_bytes(r.read(log_gpa, 8), "little")
         r.write_data(log_gpa + 8 + 8 * n, me.to_bytes(8, "little"))
         r.write_data(log_gpa, (n + 1).to_bytes(8, "little"))
+        while go_gpa is not None and r.read(go_gpa + me, 1) == b"\0":
+            time.sleep(0.001)
     r.close()
     return me
 
 
+def _state(pid):
+    """The process's state letter (/proc/PID/stat): S asleep, T stopped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def _asleep(pid):
+    return _state(pid) == "S"
+
+
+def _sleeps_ended(pid):
+    """How many times the process has gone to sleep (its voluntary context
+    switches); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        return None
+
+
+def _queue_sleepers(r, kids, name, log, n, go=None):
+    """With the lock held, start n take_in_turn waiters one after the other,
+    each once the one before sleeps in line; return them."""
+    sh = r.queue_shared(0)
+    ks = []
+    for i in range(n):
+        ks.append(kids.start(take_in_turn, name, i, log, go))
+        t = sh.lock.owner + 1 + i  # the ticket it takes
+        wait_for(lambda t=t: sh.lock.next == t + 1, f"waiter {i} to take a ticket")
+        # It announced the sleep in its ticket's word, then slept.
+        wait_for(
+            lambda t=t, k=ks[-1]: (
+                sh.lock.pv_halted[t % PV_WAITERS] == (t << 1 | 1) and _asleep(k.pid)
+            ),
+            f"waiter {i} to sleep",
+        )
+    return ks
+
+
+def _log(r, log):
+    n = int.from_bytes(r.read(log, 8), "little")
+    return [int.from_bytes(r.read(log + 8 + 8 * i, 8), "little") for i in range(n)]
+
+
+def _stop(ks):
+    for k in ks:
+        os.kill(k.pid, signal.SIGSTOP)
+    for k in ks:
+        wait_for(lambda k=k: _state(k.pid) == "T", f"waiter {k.pid} to stop")
+
+
+def _cont(ks):
+    for k in ks:
+        os.kill(k.pid, signal.SIGCONT)
+
+
 def test_pvspin_unlock_wakes_the_next_ticket_only(name):
     """Three waiters queue on a held pvspin lock one after the other, and each
-    spins, then goes to sleep.  Each unlock kicks the head of the line and
-    no one else: they take the lock in the order they queued, and there are
-    three sleeps and three wake-ups in all (waking any other sleeper would
-    add a sleep, or leave the head asleep for good)."""
+    spins, then goes to sleep, announced in its ticket's word.  Each unlock
+    kicks the head of the line and no one else: with the waiters in line
+    stopped for the unlock (else a sleeper's own look at the line every 2 ms
+    decides whether a kick finds it asleep), it takes back the head's
+    announcement and leaves every other; and they take the lock in the
+    order they queued, every sleep a wake-up ended counted by its waker."""
+    with Region.create(name, queue_size=8, data_size=1 << 16, lock="pvspin") as r:
+        lock = SharedLock.of_queue(r, 0)
+        sh = r.queue_shared(0)
+        log = r.queue_info(0)["data"]
+        go = log + 64
+        first = sh.lock.owner + 1  # waiter i's ticket is first + i
+
+        def word(i):
+            return sh.lock.pv_halted[(first + i) % PV_WAITERS]
+
+        with procs.Children() as kids:
+            lock.acquire()
+            ks = []
+            try:
+                ks = _queue_sleepers(r, kids, name, log, 3, go)
+            finally:
+                if len(ks) < 3:
+                    lock.release()
+            for j in range(4):  # the unlock of main, then of waiter j - 1
+                line = ks[j:]
+                _stop(line)
+                try:
+                    assert [word(i) for i in range(j, 3)] == [
+                        (first + i) << 1 | 1 for i in range(j, 3)
+                    ], "a waiter in line lost its announcement before its turn"
+                    if j == 0:
+                        lock.release()
+                    else:
+                        r.write_data(go + j - 1, b"\1")
+                        assert ks[j - 1].join(timeout=60, watch=ks) == j - 1
+                    # The head's announcement taken back, the others' kept.
+                    assert [word(i) for i in range(j, 3)] == [
+                        (first + i) << 1 | (i != j) for i in range(j, 3)
+                    ]
+                finally:
+                    _cont(line)
+                if j < 3:
+                    wait_for(lambda j=j: len(_log(r, log)) == j + 1, f"waiter {j} to take the lock")
+                    assert _log(r, log) == list(range(j + 1))
+        assert _log(r, log) == [0, 1, 2]
+        raw = lock.raw_stats()
+        assert raw["acquisitions"] == 4 and raw["contentions"] == 3
+        assert raw["sleeps"] == raw["wakeups"] and raw["takeovers"] == 0
+        check_histograms(raw)
+
+
+def test_pvspin_a_kick_wakes_the_sleeping_head(name):
+    """The unlock's kick is a wake-up that reaches a waiter asleep in another
+    process (a shared futex, on the head's word), counted by the unlocker
+    and by the waiter.  A sleeper also wakes every 2 ms on its own to look at
+    the line, and a kick that finds it up wakes no one: so rounds repeat
+    until one kick found its head asleep."""
+    with Region.create(name, queue_size=8, data_size=1 << 16, lock="pvspin") as r:
+        lock = SharedLock.of_queue(r, 0)
+        log = r.queue_info(0)["data"]
+        for _ in range(50):
+            lock.reset()
+            r.write_data(log, bytes(8))
+            with procs.Children() as kids:
+                lock.acquire()
+                ks = []
+                try:
+                    ks = _queue_sleepers(r, kids, name, log, 1)
+                finally:
+                    lock.release()
+                assert ks[0].join(timeout=60) == 0
+            raw = lock.raw_stats()
+            assert raw["sleeps"] == raw["wakeups"] <= 1
+            if raw["wakeups"]:
+                break
+        assert raw["sleeps"] == raw["wakeups"] == 1
+
+
+# A sleeper in line wakes every VP_LOCK_CHECK_NS (2 ms) to look at the line;
+# this many looks span twice VP_LOCK_STALL_NS (10 ms; REGION.md §13).
+LOOKS_PAST_THE_STALL = 2 * 10_000_000 // 2_000_000
+
+
+def test_pvspin_a_live_head_that_does_not_run_keeps_its_place(name):
+    """The head of a pvspin line that is kicked but gets no CPU (here: stopped)
+    is alive, and the waiters behind it, looking at the line many times over
+    longer than VP_LOCK_STALL_NS while the lock lies free, do not skip it: it
+    takes the lock first once it runs, and the line keeps its order.  (A head
+    that is gone is skipped: test_lock_takeover.py.)"""
     with Region.create(name, queue_size=8, data_size=1 << 16, lock="pvspin") as r:
         lock = SharedLock.of_queue(r, 0)
         sh = r.queue_shared(0)
@@ -212,33 +354,31 @@ def test_pvspin_unlock_wakes_the_next_ticket_only(name):
             lock.acquire()
             ks = []
             try:
-                for i in range(3):
-                    ks.append(kids.start(take_in_turn, name, i, log))
-                    t = sh.lock.owner + 1 + i  # the ticket it takes
-                    wait_for(lambda t=t: sh.lock.next == t + 1, f"waiter {i} to take a ticket")
-                    # It announced the sleep in its ticket's word, then slept.
-                    wait_for(
-                        lambda t=t, k=ks[-1]: (
-                            sh.lock.pv_halted[t % PV_WAITERS] == (t << 1 | 1) and _asleep(k.pid)
-                        ),
-                        f"waiter {i} to sleep",
-                    )
-                # Each still has its sleep announced (a sleeper wakes every 2 ms on
-                # its own to ask whether the holder lives, so "asleep this instant"
-                # is no invariant), and no unlock has kicked anyone yet.
-                first = sh.lock.owner + 1
-                for t in range(first, first + 3):
-                    assert sh.lock.pv_halted[t % PV_WAITERS] == (t << 1 | 1)
-                assert sh.lock.wakeups == 0
+                ks = _queue_sleepers(r, kids, name, log, 3)
+                head = sh.lock.owner
+                _stop(ks[:1])
             finally:
                 lock.release()
+            try:
+                seen = [_sleeps_ended(k.pid) for k in ks[1:]]
+
+                def looked_or_moved():
+                    if sh.lock.owner != head or _log(r, log):
+                        return True
+                    now = [_sleeps_ended(k.pid) for k in ks[1:]]
+                    return all(
+                        b is not None and b - a >= LOOKS_PAST_THE_STALL for a, b in zip(seen, now)
+                    )
+
+                wait_for(looked_or_moved, "the waiters behind the head to look at the line")
+                assert sh.lock.owner == head and _log(r, log) == []
+            finally:
+                _cont(ks[:1])
             assert [k.join(timeout=60, watch=ks) for k in ks] == [0, 1, 2]
-        n = int.from_bytes(r.read(log, 8), "little")
-        order = [int.from_bytes(r.read(log + 8 + 8 * i, 8), "little") for i in range(n)]
-        assert order == [0, 1, 2]
+        assert _log(r, log) == [0, 1, 2]
         raw = lock.raw_stats()
         assert raw["acquisitions"] == 4 and raw["contentions"] == 3
-        assert raw["sleeps"] == raw["wakeups"] == 3
+        assert raw["sleeps"] == raw["wakeups"] and raw["takeovers"] == 0
         check_histograms(raw)
 
 

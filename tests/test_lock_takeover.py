@@ -10,6 +10,7 @@ import pytest
 
 from procs import lock_waiter_queued, wait_for
 from virtio_py import Region, SharedLock
+from virtio_py._lowlevel import ffi
 
 KINDS = ["spin", "spinyield", "mutex", "pvspin"]
 
@@ -82,6 +83,74 @@ def test_a_waiter_killed_in_line_does_not_stall_the_line(name, kind):
         for _ in range(3):
             with lock:
                 pass
+        assert lock.takeovers() == 0
+
+
+# struct vp_lock's pv_waiter: uint64_t[4] at offset 160 (REGION.md §6.1).
+PV_WAITER = 160
+
+
+def _pv_named(r, ticket):
+    """The pid that named itself the taker of ticket in pv_waiter, or 0."""
+    gpa = r.queue_info(0)["shared"] + ffi.offsetof("struct vp_queue_shared", "lock")
+    rec = int.from_bytes(r.read(gpa + PV_WAITER + 8 * (ticket % 4), 8), "little")
+    return rec & ((1 << 22) - 1) if rec >> 48 == (ticket + 1) & 0xFFFF else 0
+
+
+def test_a_pvspin_head_killed_in_line_is_skipped_by_the_waiter_behind_it(name):
+    """The head of a pvspin line named itself and died: the waiter behind it
+    finds it gone, skips it and takes the lock (no takeover: it never held
+    it)."""
+    with Region.create(name, queue_size=8, data_size=1 << 16, lock="pvspin") as r:
+        lock = SharedLock.of_queue(r, 0)
+        sh = r.queue_shared(0)
+        lock.acquire()
+        head = behind = None
+        try:
+            head = _fork(lambda: _wait_in_line(name))
+            wait_for(lambda: _pv_named(r, 1) == head, what="the head to name itself")
+            behind = _fork(lambda: _take_once(name))
+            wait_for(lambda: sh.lock.next == 3, what="the second child to queue")
+            _kill(head)
+            head = None
+            lock.release()
+            wait_for(lambda: sh.lock.owner == 2, what="the second child to take the lock")
+        finally:
+            for pid in (head, behind):
+                if pid:
+                    _kill(pid)
+        assert sh.lock.next == 3
+        assert lock.takeovers() == 0
+
+
+def _take_once(name):
+    r = Region.attach(name)
+    with SharedLock.of_queue(r, 0):
+        pass
+
+
+def test_a_pvspin_head_that_never_named_itself_is_skipped(name):
+    """A ticket whose taker never named itself in pv_waiter (a driver that
+    does not, or one that died between its ticket and its name) is an
+    unknown head: skipped once it has been the head for VP_LOCK_STALL_NS,
+    and no takeover.  A live named head is never skipped (test_lock.py)."""
+    with Region.create(name, queue_size=8, data_size=1 << 16, lock="pvspin") as r:
+        lock = SharedLock.of_queue(r, 0)
+        sh = r.queue_shared(0)
+        lock.acquire()
+        waiter = None
+        try:
+            sh.lock.next += 1  # the head's ticket, taken by nobody we know
+            waiter = _fork(lambda: _take_once(name))
+            wait_for(lambda: sh.lock.next == 3, what="the child to queue behind it")
+            lock.release()
+            # Both tickets leave the line: the unknown head skipped, the
+            # child's served.
+            wait_for(lambda: sh.lock.owner == 2, what="the child to take the lock")
+        finally:
+            if waiter:
+                _kill(waiter)
+        assert sh.lock.next == 3
         assert lock.takeovers() == 0
 
 
