@@ -74,6 +74,7 @@ struct vp_lock {
 	uint64_t wakeups;
 	uint64_t takeovers;
 	uint32_t dirty;
+	uint64_t pv_waiter[4];
 	uint32_t pv_halted[...];
 	struct vp_lockhist hist;
 	...;

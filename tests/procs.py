@@ -113,6 +113,22 @@ class Child:
             self._fd = None
 
 
+def fork_call(fn):
+    """Fork a child that runs fn() and exits: 0 when it returns, 1 when it
+    raises (the traceback on stderr); the caller waits for the pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fn()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
+
+
 def run(fn, *args, timeout=120, **kwargs):
     return Child(fn, *args, **kwargs).join(timeout)
 

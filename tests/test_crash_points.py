@@ -21,6 +21,7 @@ import subprocess
 import pytest
 
 from hostd_util import EMU, Daemons
+from procs import fork_call
 from virtio_py import DeviceQueue, Region, SharedLock, Virtqueue
 from virtio_py._lowlevel import ffi, lib
 from virtio_py.blk import T_IN, GuestSlot
@@ -46,16 +47,6 @@ def _serve(region, dq, n=1):
         region.write_data(st_gpa + st_len - 1, bytes([OK]))
         dq.push(head, sum(ln for _, ln, w in segs if w))
         dq.interrupt()
-
-
-def _fork(fn):
-    pid = os.fork()
-    if pid == 0:
-        try:
-            fn()
-        finally:
-            os._exit(3)
-    return pid
 
 
 def _killed_by_sigkill(pid):
@@ -90,7 +81,7 @@ def test_a_completion_whose_reaper_died_reaches_its_owner_once(name, point):
             d0 = _delivered(region, owner.slot)
             owner.submit(0, T_IN, 0, 512)
             _serve(region, dq)
-            reaper = _fork(lambda: _reap_and_die_at(name, point))
+            reaper = fork_call(lambda: _reap_and_die_at(name, point))
             assert _killed_by_sigkill(reaper)
             assert owner.wait(0, timeout=5) == (OK, 513)
             # The same tag again: its submission takes the lock (a repair
@@ -131,7 +122,7 @@ def test_python_driver_calls_under_a_taken_over_lock_repair_first(name):
         dq = DeviceQueue(r, 0)
         vq = Virtqueue(Region.attach(name), 0)
         try:
-            assert _killed_by_sigkill(_fork(lambda: _hold_and_half_add(name, data)))
+            assert _killed_by_sigkill(fork_call(lambda: _hold_and_half_add(name, data)))
             plain = SharedLock.of_queue(r, 0)
             with plain:
                 assert r.queue_shared(0).lock.dirty == 1
@@ -165,7 +156,9 @@ def test_a_chain_published_by_a_holder_killed_before_its_kick_is_kicked_by_the_r
         dq = DeviceQueue(r, 0)
         vq = Virtqueue(Region.attach(name), 0)
         try:
-            assert _killed_by_sigkill(_fork(lambda: _submit_and_die_before_the_notify(name, data)))
+            assert _killed_by_sigkill(
+                fork_call(lambda: _submit_and_die_before_the_notify(name, data))
+            )
             assert dq.wait_kick(0) == 0  # never notified
             with vq.lock:
                 pass

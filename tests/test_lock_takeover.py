@@ -8,21 +8,10 @@ import time
 
 import pytest
 
-from procs import lock_waiter_queued, wait_for
+from procs import fork_call, lock_waiter_queued, wait_for
 from virtio_py import Region, SharedLock
-from virtio_py._lowlevel import ffi
 
 KINDS = ["spin", "spinyield", "mutex", "pvspin"]
-
-
-def _fork(fn):
-    pid = os.fork()
-    if pid == 0:
-        try:
-            fn()
-        finally:
-            os._exit(0)
-    return pid
 
 
 def _kill(pid):
@@ -51,7 +40,7 @@ def test_a_holder_killed_inside_the_lock_is_taken_over_and_counted(name, kind):
     with Region.create(name, queue_size=8, data_size=1 << 16, lock=kind) as r:
         flag = r.queue_info(0)["data"]
         lock = SharedLock.of_queue(r, 0)
-        holder = _fork(lambda: _hold_forever(name, flag))
+        holder = fork_call(lambda: _hold_forever(name, flag))
         wait_for(lambda: r.read(flag, 1) == b"\1", what="the child to hold the lock")
         assert lock.holder()[0] == holder
         _kill(holder)
@@ -74,7 +63,7 @@ def test_a_waiter_killed_in_line_does_not_stall_the_line(name, kind):
     with Region.create(name, queue_size=8, data_size=1 << 16, lock=kind) as r:
         lock = SharedLock.of_queue(r, 0)
         lock.acquire()
-        waiter = _fork(lambda: _wait_in_line(name))
+        waiter = fork_call(lambda: _wait_in_line(name))
         try:
             wait_for(lambda: lock_waiter_queued(r), what="the child to queue")
         finally:
@@ -86,14 +75,9 @@ def test_a_waiter_killed_in_line_does_not_stall_the_line(name, kind):
         assert lock.takeovers() == 0
 
 
-# struct vp_lock's pv_waiter: uint64_t[4] at offset 160 (REGION.md §6.1).
-PV_WAITER = 160
-
-
 def _pv_named(r, ticket):
     """The pid that named itself the taker of ticket in pv_waiter, or 0."""
-    gpa = r.queue_info(0)["shared"] + ffi.offsetof("struct vp_queue_shared", "lock")
-    rec = int.from_bytes(r.read(gpa + PV_WAITER + 8 * (ticket % 4), 8), "little")
+    rec = r.queue_shared(0).lock.pv_waiter[ticket % 4]
     return rec & ((1 << 22) - 1) if rec >> 48 == (ticket + 1) & 0xFFFF else 0
 
 
@@ -107,9 +91,9 @@ def test_a_pvspin_head_killed_in_line_is_skipped_by_the_waiter_behind_it(name):
         lock.acquire()
         head = behind = None
         try:
-            head = _fork(lambda: _wait_in_line(name))
+            head = fork_call(lambda: _wait_in_line(name))
             wait_for(lambda: _pv_named(r, 1) == head, what="the head to name itself")
-            behind = _fork(lambda: _take_once(name))
+            behind = fork_call(lambda: _take_once(name))
             wait_for(lambda: sh.lock.next == 3, what="the second child to queue")
             _kill(head)
             head = None
@@ -141,7 +125,7 @@ def test_a_pvspin_head_that_never_named_itself_is_skipped(name):
         waiter = None
         try:
             sh.lock.next += 1  # the head's ticket, taken by nobody we know
-            waiter = _fork(lambda: _take_once(name))
+            waiter = fork_call(lambda: _take_once(name))
             wait_for(lambda: sh.lock.next == 3, what="the child to queue behind it")
             lock.release()
             # Both tickets leave the line: the unknown head skipped, the
@@ -176,7 +160,7 @@ def test_the_next_holder_repairs_the_driver_state_a_dead_holder_left(name):
         data = r.queue_info(0)["data"]
         dev = DeviceQueue(r, 0)
         drv = Virtqueue(Region.attach(name), 0)
-        holder = _fork(lambda: _die_mid_add(name, data))
+        holder = fork_call(lambda: _die_mid_add(name, data))
         wait_for(lambda: r.read(data, 1) == b"\1", what="the child to hold the lock")
         _kill(holder)
         drv.submit([(data + 64, 16)], [(data + 4096, 512)], token=7, strategy="prepare")
@@ -223,7 +207,7 @@ def test_holders_killed_at_random_points_are_taken_over(name, kind):
         died_holding = 0
         for _ in range(TRIALS):
             r.write_data(flag, b"\0")
-            child = _fork(lambda: _hold_in_a_loop(name, flag))
+            child = fork_call(lambda: _hold_in_a_loop(name, flag))
             wait_for(lambda: r.read(flag, 1) == b"\1", what="the child to hold the lock")
             time.sleep(rng.uniform(0, 0.003))
             wait_for(lambda: r.read(flag, 1) == b"\1", what="the child to hold the lock")
