@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
+import time
 from typing import Any
 
 from virtio_py import limits
@@ -170,7 +170,7 @@ class HostDaemon:
         self.resubmitted = 0  # requests of the dead daemon run again
         self._keep_on_error = False
         self._replacing = ""
-        self._stop = threading.Event()
+        self._stop_requested = False
         self.notices: list[str] = []
 
     def setup(self) -> None:
@@ -310,12 +310,15 @@ class HostDaemon:
         return rec
 
     def request_stop(self, *_: object) -> None:
-        self._stop.set()
+        """Make wait() return.  A plain store, safe in a signal handler: an
+        Event.set() there would block for ever if the signal came while
+        wait() held the Event's lock."""
+        self._stop_requested = True
 
     def wait(self) -> None:
         """Block until SIGTERM/SIGINT/SIGHUP or request_stop()."""
-        while not self._stop.wait(0.2):
-            pass
+        while not self._stop_requested:
+            time.sleep(0.1)
 
     def install_signals(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
