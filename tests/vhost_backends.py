@@ -3,8 +3,7 @@ on a raw file, and our own daemon (virtio-hostd start --vhost-user) on a
 one-stripe store, which is a raw file too.  Either way ``image`` is the file
 whose bytes are the disk's, offset for offset.
 
-A back-end a test cannot have (no qemu-storage-daemon, a daemon without
---vhost-user) skips that test with the reason.
+A test that cannot have qemu-storage-daemon skips with the reason.
 """
 
 import os
@@ -20,11 +19,6 @@ from virtio_py.store import stripe_path
 
 KINDS = ("qsd", "hostd")
 HOSTD = [sys.executable, "-m", "host_daemon"]
-
-
-def hostd_has_vhost_user():
-    p = subprocess.run(HOSTD + ["start", "--help"], capture_output=True, text=True, timeout=60)
-    return "--vhost-user" in p.stdout
 
 
 class Backend:
@@ -66,13 +60,8 @@ class HostdBackend(Backend):
     child of the test, as compare runs its daemon."""
 
     kind = "hostd"
-    _checked = None
 
     def __init__(self, directory, size, name, num_queues=1):
-        if HostdBackend._checked is None:
-            HostdBackend._checked = hostd_has_vhost_user()
-        if not HostdBackend._checked:
-            pytest.skip("virtio-hostd has no --vhost-user yet")
         self.name = name
         store = os.path.join(directory, "store")
         self.image = stripe_path(store, 0)

@@ -35,20 +35,12 @@ from .limits import BLK_QUEUE_SIZE, BUFFERS, EXIT_COST_US, LOCK, LOCK_DEFAULT, Q
 from .notifier import Notifier
 from .proc import pid_alive
 from .region import Region, check_name
-from .vhost_user.frontend import VhostUserFrontend
+from .vhost_user.frontend import DEFAULT_FEATURES, VhostUserFrontend
 from .vhost_user.protocol import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_BLK_CONFIG_SIZE,
     VIRTIO_BLK_CONFIG_SIZE_V1,
-    VIRTIO_BLK_F_BLK_SIZE,
-    VIRTIO_BLK_F_DISCARD,
-    VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ,
-    VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX,
-    VIRTIO_BLK_F_SIZE_MAX,
-    VIRTIO_BLK_F_WRITE_ZEROES,
-    VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     MemoryRegionDesc,
     Request,
@@ -60,16 +52,7 @@ from .vhost_user.protocol import (
 from .virtqueue import Virtqueue
 
 #: taken when the back-end offers them; EVENT_IDX and MQ as asked
-WANTED_FEATURES = bits(
-    VIRTIO_F_VERSION_1,
-    VIRTIO_BLK_F_FLUSH,
-    VIRTIO_BLK_F_DISCARD,
-    VIRTIO_BLK_F_WRITE_ZEROES,
-    VIRTIO_BLK_F_SEG_MAX,
-    VIRTIO_BLK_F_BLK_SIZE,
-    VIRTIO_BLK_F_SIZE_MAX,
-    VIRTIO_BLK_F_RO,
-)
+WANTED_FEATURES = DEFAULT_FEATURES & ~bits(VIRTIO_RING_F_EVENT_IDX, VIRTIO_BLK_F_MQ)
 SYNC_EXIT_REFUSED = (
     "a vhost-user kick is an eventfd write, asynchronous by nature: "
     "use --exit async (and --exit-cost US to model the trap)"

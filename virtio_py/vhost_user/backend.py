@@ -519,6 +519,9 @@ class VhostUserBackend(Closeable):
         if not self.protocol_features >> ProtocolFeature.INFLIGHT_SHMFD & 1:
             raise _Refused(f"{msg.name} without INFLIGHT_SHMFD")
 
+    def _inflight_shape_ok(self, d: InflightDesc) -> bool:
+        return 0 < d.num_queues <= len(self._vrings) and 0 < d.queue_size <= VIRTQUEUE_MAX_SIZE
+
     def _replace_inflight(self, area: _InflightArea) -> None:
         if any(s.running for s in self._vrings):
             area.close()
@@ -533,9 +536,7 @@ class VhostUserBackend(Closeable):
         self._no_fds(msg)
         self._inflight_negotiated(msg)
         want = InflightDesc.unpack(msg.payload)
-        if not 0 < want.num_queues <= len(self._vrings) or not (
-            0 < want.queue_size <= VIRTQUEUE_MAX_SIZE
-        ):
+        if not self._inflight_shape_ok(want):
             raise _Refused(f"in-flight area for {want.num_queues} x {want.queue_size}")
         size = want.num_queues * inflight_queue_size(want.queue_size)
         fd = os.memfd_create("vhost-user-inflight", os.MFD_CLOEXEC)
@@ -557,8 +558,7 @@ class VhostUserBackend(Closeable):
             raise _Refused(f"SET_INFLIGHT_FD with {len(msg.fds)} fds")
         need = got.num_queues * inflight_queue_size(max(got.queue_size, 1))
         if (
-            not 0 < got.num_queues <= len(self._vrings)
-            or not 0 < got.queue_size <= VIRTQUEUE_MAX_SIZE
+            not self._inflight_shape_ok(got)
             or got.mmap_size < need
             or got.mmap_offset % mmap.PAGESIZE
         ):

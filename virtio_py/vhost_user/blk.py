@@ -23,6 +23,7 @@ from .._lowlevel import check, ffi, lib, opened
 from .._resource import Closeable
 from ..device import BlockServer
 from ..errors import ConfigError
+from ..limits import QUEUES
 from ..notifier import Notifier
 from ..region import Region
 from ..store import StripedStore
@@ -155,8 +156,7 @@ class VhostUserBlk(VhostUserDevice, Closeable):
         serial: str = "",
         region: Region | None = None,
     ) -> None:
-        if not 1 <= num_queues <= lib.VP_MAX_QUEUES:
-            raise ConfigError(f"queues must be from 1 to {lib.VP_MAX_QUEUES}, not {num_queues}")
+        QUEUES.check(num_queues)
         if not 1 <= seg_max <= lib.VP_MAX_QUEUE_SIZE - 2:
             raise ConfigError(f"seg_max must be from 1 to {lib.VP_MAX_QUEUE_SIZE - 2}")
         self.store = store
