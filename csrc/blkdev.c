@@ -398,6 +398,16 @@ static void uring_finish(struct srv_queue *sq, unsigned head,
 	vp_devq_push(sq->q, head, used < 0 ? 0 : (uint32_t)used);
 }
 
+/* Queue piece pc (op as vp_uring_prep's, on fd at foff) on a free tag. */
+static void uring_queue(struct uring_state *us, struct upiece pc, int op,
+			int fd, uint64_t foff)
+{
+	uint32_t i = us->free[--us->nfree];
+	us->pc[i] = pc;
+	while (vp_uring_prep(&us->u, op, fd, pc.buf, pc.len, foff, i) == -EBUSY)
+		vp_uring_submit(&us->u);
+}
+
 struct uring_walk {
 	struct vp_store *st;
 	struct uring_state *us;
@@ -418,12 +428,8 @@ static int uring_piece(uint8_t *p, uint32_t n, uint64_t pos, void *arg)
 			return -EIO;
 		uint32_t m = room < n ? (uint32_t)room : n;
 		if (w->queue) {
-			struct uring_state *us = w->us;
-			uint32_t i = us->free[--us->nfree];
-			us->pc[i] = (struct upiece){ p, off, m, w->head };
-			while (vp_uring_prep(&us->u, w->rw->write, fd, p, m,
-					     foff, i) == -EBUSY)
-				vp_uring_submit(&us->u);
+			uring_queue(w->us, (struct upiece){ p, off, m, w->head },
+				    w->rw->write, fd, foff);
 		} else if (w->n >= URING_MAX_PIECES) {
 			return 1;
 		}
@@ -452,12 +458,9 @@ static int uring_start(struct srv_queue *sq, struct uring_state *us,
 		unsigned nf = vp_store_files(st, &fds);
 		r->pending = nf;
 		r->err = 0;
-		for (unsigned i = 0; i < nf; i++) {
-			uint32_t k = us->free[--us->nfree];
-			us->pc[k] = (struct upiece){ NULL, 0, 0, (uint16_t)c->head };
-			while (vp_uring_prep(&us->u, 2, fds[i], NULL, 0, 0, k) == -EBUSY)
-				vp_uring_submit(&us->u);
-		}
+		for (unsigned i = 0; i < nf; i++)
+			uring_queue(us, (struct upiece){ NULL, 0, 0, (uint16_t)c->head },
+				    2, fds[i], 0);
 		us->inflight++;
 		return 0;
 	}
@@ -565,7 +568,7 @@ static void *uring_main(void *arg)
 			continue;
 		int r = vp_notifier_wait_or(vp_devq_kick(q), cq_tail, tail,
 					    vp_devq_kick_timeout(q, 200000000));
-		vp_devq_kick_waited(q, r > 0 ? 1 : r == 0 ? 0 : -1);
+		vp_devq_kick_waited(q, r);
 		if (r > 0) {
 			__atomic_fetch_add(&vp_devq_stats(q)->kicks_taken, 1,
 					   __ATOMIC_RELAXED);

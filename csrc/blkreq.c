@@ -115,6 +115,30 @@ static int data_io(struct vp_store *st, const struct span *data, int write,
 	return r;
 }
 
+/* A read (rd) or write that moved total bytes: counted; its used.len. */
+static uint32_t rw_moved(struct vp_device_stats *ds, int rd, uint64_t total)
+{
+	if (!rd) {
+		__atomic_fetch_add(&ds->bytes_written, total, __ATOMIC_RELAXED);
+		return 1;
+	}
+	/* used.len is 32 bits: segments may overlap, so a read can pass
+	 * 4 GiB; say as much as fits. */
+	__atomic_fetch_add(&ds->bytes_read, total, __ATOMIC_RELAXED);
+	return total < UINT32_MAX ? (uint32_t)total + 1 : UINT32_MAX;
+}
+
+/* Count a request of class cls and write its status: used. */
+static uint32_t answer(struct vp_device_stats *ds, int cls, uint8_t sts,
+		       uint8_t *status, uint32_t used)
+{
+	__atomic_fetch_add(&ds->req[cls], 1, __ATOMIC_RELAXED);
+	if (sts == VIRTIO_BLK_S_IOERR)
+		__atomic_fetch_add(&ds->req[VP_REQ_IOERR], 1, __ATOMIC_RELAXED);
+	WRITE_ONCE(*status, sts);
+	return used;
+}
+
 int64_t vp_blk_handle(struct vp_store *st, struct vp_devq *q,
 		      const struct vp_chain *c, const struct vp_seg *segs,
 		      const char *serial)
@@ -162,14 +186,7 @@ int64_t vp_blk_handle(struct vp_store *st, struct vp_devq *q,
 			sts = VIRTIO_BLK_S_IOERR;
 			break;
 		}
-		if (rd) {
-			/* used.len is 32 bits: segments may overlap, so a
-			 * read can pass 4 GiB; say as much as fits. */
-			used = total < UINT32_MAX ? (uint32_t)total + 1 : UINT32_MAX;
-			__atomic_fetch_add(&ds->bytes_read, total, __ATOMIC_RELAXED);
-		} else {
-			__atomic_fetch_add(&ds->bytes_written, total, __ATOMIC_RELAXED);
-		}
+		used = rw_moved(ds, rd, total);
 		break;
 	}
 	case VIRTIO_BLK_T_FLUSH:
@@ -223,11 +240,7 @@ int64_t vp_blk_handle(struct vp_store *st, struct vp_devq *q,
 		sts = VIRTIO_BLK_S_UNSUPP;
 		break;
 	}
-	__atomic_fetch_add(&ds->req[cls], 1, __ATOMIC_RELAXED);
-	if (sts == VIRTIO_BLK_S_IOERR)
-		__atomic_fetch_add(&ds->req[VP_REQ_IOERR], 1, __ATOMIC_RELAXED);
-	WRITE_ONCE(*status, sts);
-	return used;
+	return answer(ds, cls, sts, status, used);
 }
 
 /* ---- a read or write whose data the caller moves (an I/O engine) ---- */
@@ -306,25 +319,13 @@ int64_t vp_blk_rw_end(struct vp_devq *q, const struct vp_blk_rw *rw, int err)
 		vp_devq_mark_broken(q, EFAULT);
 		return -EFAULT;
 	}
-	uint8_t sts = err ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK;
+	int cls = VP_REQ_FLUSH;
 	uint32_t used = 1;
-	if (rw->flush) {
-		__atomic_fetch_add(&ds->req[VP_REQ_FLUSH], 1, __ATOMIC_RELAXED);
-		if (err)
-			__atomic_fetch_add(&ds->req[VP_REQ_IOERR], 1, __ATOMIC_RELAXED);
-		WRITE_ONCE(*rw->status, sts);
-		return used;
+	if (!rw->flush) {
+		cls = rw->write ? VP_REQ_OUT : VP_REQ_IN;
+		if (!err)
+			used = rw_moved(ds, !rw->write, rw->len);
 	}
-	if (!err && !rw->write) {
-		used = rw->len < UINT32_MAX ? (uint32_t)rw->len + 1 : UINT32_MAX;
-		__atomic_fetch_add(&ds->bytes_read, rw->len, __ATOMIC_RELAXED);
-	} else if (!err) {
-		__atomic_fetch_add(&ds->bytes_written, rw->len, __ATOMIC_RELAXED);
-	}
-	__atomic_fetch_add(&ds->req[rw->write ? VP_REQ_OUT : VP_REQ_IN], 1,
-			   __ATOMIC_RELAXED);
-	if (err)
-		__atomic_fetch_add(&ds->req[VP_REQ_IOERR], 1, __ATOMIC_RELAXED);
-	WRITE_ONCE(*rw->status, sts);
-	return used;
+	return answer(ds, cls, err ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK,
+		      rw->status, used);
 }

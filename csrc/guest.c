@@ -61,11 +61,6 @@ static long futex_wait(uint32_t *w, uint32_t val, int64_t ns)
 		       NULL, 0);
 }
 
-static void futex_wake_all(uint32_t *w)
-{
-	syscall(SYS_futex, w, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
-}
-
 /* A slot owner that died; 0 is a free slot, not a dead owner. */
 static int pid_dead(int32_t pid)
 {
@@ -215,7 +210,7 @@ int vp_guest_reap(struct vp_guest *g)
 	/* wake_seq moved before the unlock, so a waiter that has not slept
 	 * yet will not sleep on the old value: no wake-up is lost. */
 	for (; wake; wake &= wake - 1)
-		futex_wake_all(&g->sh->slot[__builtin_ctzll(wake)].wake_seq);
+		vp_vq_slot_wake(g->vq, (unsigned)__builtin_ctzll(wake));
 	return r < 0 ? r : n;
 }
 

@@ -89,6 +89,9 @@ static void record_holder(struct vp_lock *l, uint64_t claim)
 	__atomic_store_n(&l->holder[0], claim, __ATOMIC_RELEASE);
 }
 
+/* A record's VP_LOCK_ID: below the ticket a claim keeps in bits 48..63. */
+#define CLAIM_ID(c)      ((c) & ((1ULL << 48) - 1))
+
 /* Is the process of id (VP_LOCK_ID) gone?  A zombie is. */
 static int id_gone(uint64_t id)
 {
@@ -99,7 +102,7 @@ static int id_gone(uint64_t id)
 	int r = vp_pid_starttime(pid, &start);
 	if (r == -ESRCH)
 		return 1;
-	return !r && VP_LOCK_ID(pid, start) != (id & ((1ULL << 48) - 1));
+	return !r && VP_LOCK_ID(pid, start) != CLAIM_ID(id);
 }
 
 /* The holder named by the pid in a lock word: with its start time if the
@@ -170,18 +173,27 @@ static void stall_start(struct stall *st, uint32_t seen, uint64_t now)
 	st->since = st->checked = now;
 }
 
+/* 1 when a waiter that sees o served is due a liveness check: o served
+ * since the last look, and VP_LOCK_CHECK_NS since the last check. */
+static int stall_due(struct stall *st, uint32_t o, uint64_t now)
+{
+	if (o != st->seen) {
+		stall_start(st, o, now);
+		return 0;
+	}
+	if (now - st->checked < VP_LOCK_CHECK_NS)
+		return 0;
+	st->checked = now;
+	return 1;
+}
+
 /* A ticket waiter's periodic look at the ticket now served: release it for
  * a dead claimant, skip it if nobody claimed it for VP_LOCK_STALL_NS. */
 static void ticket_check(struct vp_lock *l, struct stall *st, uint32_t o,
 			 uint64_t now)
 {
-	if (o != st->seen) {
-		stall_start(st, o, now);
+	if (!stall_due(st, o, now))
 		return;
-	}
-	if (now - st->checked < VP_LOCK_CHECK_NS)
-		return;
-	st->checked = now;
 	uint64_t c = __atomic_load_n(&l->holder[0], __ATOMIC_ACQUIRE);
 	/* The record must be o's or older, read while o is still served: a
 	 * newer one means the line moved past what we saw. */
@@ -189,7 +201,7 @@ static void ticket_check(struct vp_lock *l, struct stall *st, uint32_t o,
 	    __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST) != o)
 		return;
 	int claimed = CLAIM_TICKET(c) == TKT(o);
-	if (claimed && !(c & ((1ULL << 48) - 1)))
+	if (claimed && !CLAIM_ID(c))
 		return;                 /* skipped already: owner moves on */
 	if (claimed ? !id_gone(c) : now - st->since < VP_LOCK_STALL_NS)
 		return;
@@ -349,13 +361,8 @@ static void pv_unname(struct vp_lock *l, uint32_t t, uint64_t id)
 static void pv_check(struct vp_lock *l, struct stall *st, uint64_t now)
 {
 	uint32_t o = __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST);
-	if (o != st->seen) {
-		stall_start(st, o, now);
+	if (!stall_due(st, o, now))
 		return;
-	}
-	if (now - st->checked < VP_LOCK_CHECK_NS)
-		return;
-	st->checked = now;
 	uint32_t v = __atomic_load_n(&l->futex, __ATOMIC_SEQ_CST);
 	if (v & PV_LOCKED) {
 		if (!pid_holder_gone(l, v >> VP_PV_PID_SHIFT))
@@ -371,7 +378,7 @@ static void pv_check(struct vp_lock *l, struct stall *st, uint64_t now)
 	}
 	uint32_t h = o + 1;
 	uint64_t c = __atomic_load_n(&l->pv_waiter[h % PV_NAMED], __ATOMIC_SEQ_CST);
-	int named = (c & ((1ULL << 48) - 1)) && CLAIM_TICKET(c) == TKT(h);
+	int named = CLAIM_ID(c) && CLAIM_TICKET(c) == TKT(h);
 	if (named ? !id_gone(c) : now - st->since < VP_LOCK_STALL_NS)
 		return;
 	if (__atomic_compare_exchange_n(&l->owner, &o, o + 1, 0,

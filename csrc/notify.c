@@ -140,6 +140,20 @@ static struct timespec deadline_after(int64_t timeout_ns)
 	return t;
 }
 
+/* A registered sleeper's take: while *d (the last look at s->data) shows
+ * a post, take one and unregister in one step.  1 taken, 0 none (*d is
+ * the word last seen). */
+static int gsem_sleeper_take(struct glibc_sem *s, uint64_t *d)
+{
+	while (*d & SEMV_MASK)
+		if (__atomic_compare_exchange_n(&s->data, d,
+						*d - 1 - SEM_WAITER, 1,
+						__ATOMIC_ACQUIRE,
+						__ATOMIC_RELAXED))
+			return 1;
+	return 0;
+}
+
 /* sem_clockwait's protocol: register as a sleeper, sleep while the count
  * is 0, take one and unregister in one step. */
 static int gsem_wait(struct glibc_sem *s, int64_t timeout_ns)
@@ -155,14 +169,8 @@ static int gsem_wait(struct glibc_sem *s, int64_t timeout_ns)
 	}
 	uint64_t d = __atomic_add_fetch(&s->data, SEM_WAITER, __ATOMIC_RELAXED);
 	for (;;) {
-		if (d & SEMV_MASK) {
-			if (__atomic_compare_exchange_n(&s->data, &d,
-							d - 1 - SEM_WAITER, 1,
-							__ATOMIC_ACQUIRE,
-							__ATOMIC_RELAXED))
-				return 1;
-			continue;
-		}
+		if (gsem_sleeper_take(s, &d))
+			return 1;
 		/* FUTEX_WAIT_BITSET: an absolute CLOCK_MONOTONIC deadline. */
 		if (futex(sem_word(s), FUTEX_WAIT_BITSET, 0, endp) &&
 		    errno != EAGAIN && errno != EINTR) {
@@ -462,14 +470,8 @@ int vp_notifier_wait_or(struct vp_notifier *n, uint32_t *word, uint32_t val,
 	for (;;) {
 		/* A post is taken even on the way out: its wake-up may have
 		 * been ours, and no other sleeper would see it. */
-		if (d & SEMV_MASK) {
-			if (__atomic_compare_exchange_n(&s->data, &d,
-							d - 1 - SEM_WAITER, 1,
-							__ATOMIC_ACQUIRE,
-							__ATOMIC_RELAXED))
-				return 1;
-			continue;
-		}
+		if (gsem_sleeper_take(s, &d))
+			return 1;
 		if (leave) {
 			if (__atomic_compare_exchange_n(&s->data, &d,
 							d - SEM_WAITER, 1,

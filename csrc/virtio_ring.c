@@ -183,6 +183,11 @@ static void futex_wake_all(uint32_t *w)
 	syscall(SYS_futex, w, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
+void vp_vq_slot_wake(struct vp_vq *vq, unsigned s)
+{
+	futex_wake_all(&vq->sh->slot[s].wake_seq);
+}
+
 /* The reap record (REGION.md 7.1): a reaper that died between taking a
  * used entry and delivering it.  Not taken (the token is still on its
  * head): the entry stays for the next reaper.  Taken: last_used_idx is

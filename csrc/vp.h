@@ -187,6 +187,9 @@ int vp_vq_get_buf_reap(struct vp_vq *vq, uint64_t *token, uint32_t *len);
  * clear the reap record: the slot to wake after unlocking, or -1 (no
  * slot, or another generation's: dropped).  Caller holds the queue lock. */
 int vp_vq_deliver(struct vp_vq *vq, uint64_t token, uint32_t len);
+/* Wake the waiters of slot s (a slot vp_vq_deliver returned) on its
+ * wake_seq.  Any thread; best after the queue lock is dropped. */
+void vp_vq_slot_wake(struct vp_vq *vq, unsigned s);
 /* comp[tag].done: 0 submitted (reset under the queue lock), VP_COMP_DONE
  * delivered, VP_COMP_TAKEN taken by its owner (REGION.md 7.1). */
 #define VP_COMP_DONE   1
@@ -301,8 +304,8 @@ int vp_devq_wait_kick(struct vp_devq *q, int64_t timeout_ns);
 /* For a kick wait of the caller's own (the io_uring engine also waits on
  * its completions): the timeout to wait with (a trusting notification-data
  * device wakes for its re-read), and what the wait's end needs, r kicks
- * taken (0: none, the wait timed out or woke for something else).  Serve
- * thread of q. */
+ * taken (0: none, the wait timed out or woke for something else; <0:
+ * it failed, nothing to do).  Serve thread of q. */
 int64_t vp_devq_kick_timeout(struct vp_devq *q, int64_t timeout_ns);
 void vp_devq_kick_waited(struct vp_devq *q, int r);
 /* Let n sync exits return; at most the queue size are acked at once (no

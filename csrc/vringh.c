@@ -381,7 +381,7 @@ static void nd_read(struct vp_devq *q)
 		WRITE_ONCE(ns->reordered, ns->reordered + 1);
 		return;
 	}
-	if (q->nd == VP_ND_REREAD && (int16_t)(v - q->last_avail_idx) <= 0) {
+	if (q->nd == VP_ND_REREAD && rv <= 0) {
 		q->nd_idx = v;            /* the ring was read past it already */
 		WRITE_ONCE(ns->index, v);
 		return;
@@ -784,10 +784,10 @@ int vp_devq_wait_kick(struct vp_devq *q, int64_t timeout_ns)
 	/* Timeout 0: take what is pending, without a system call on a
 	 * semaphore (the polling device asks on every idle turn). */
 	int r = timeout_ns ? vp_notifier_wait(q->kick, timeout_ns) : 0;
-	if (r == 0 && timeout_ns)
-		vp_devq_kick_waited(q, 0);
-	if (r < 0 || (r == 0 && timeout_ns))
+	if (timeout_ns && r <= 0) {
+		vp_devq_kick_waited(q, r);
 		return r;
+	}
 	/* One take, whatever the count: a guest's store of 2^32 into the
 	 * kick costs what one kick does. */
 	int more = vp_notifier_take(q->kick, q->num);
@@ -795,10 +795,10 @@ int vp_devq_wait_kick(struct vp_devq *q, int64_t timeout_ns)
 		r = (int64_t)r + more > q->num ? q->num : r + more;
 	if (r > q->num)
 		r = q->num;
-	if (r)
+	if (r) {
 		__atomic_fetch_add(&q->stats->kicks_taken, r, __ATOMIC_RELAXED);
-	if (r && q->nd)
-		vp_devq_doorbell(q);
+		vp_devq_kick_waited(q, r);
+	}
 	return r;
 }
 
