@@ -33,8 +33,8 @@ from bench_hostd import (
     fio_randread,
     randread_round,
 )
-from benchutil import print_report, unique_name
-from virtio_py.compare import DaemonProcess, write_json
+from benchutil import print_report, save_results, unique_name
+from virtio_py.compare import DaemonProcess
 from virtio_py.store import prewrite
 
 ROUNDS = 5
@@ -45,9 +45,6 @@ COMPARISONS = {
 }
 VALUE = {"threads": "threads", "uring": "uring", "rw": "0", "map": "1"}
 RESULTS = {}
-OUT = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), os.pardir, ".benchmarks", "engines.json"
-)
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +174,5 @@ def _report():
                 f"host wake-ups {statistics.median(x['host_vcs_per_request']):.2f}/req, "
                 f"p99 {statistics.median(x['p99_us']):.0f} us{fio}"
             )
-    try:
-        os.makedirs(os.path.dirname(OUT), exist_ok=True)
-        write_json(list(RESULTS.values()), OUT)
-    except OSError:
-        pass
+    save_results("engines.json", list(RESULTS.values()))
     return "\n".join(lines)

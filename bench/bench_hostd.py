@@ -48,8 +48,8 @@ import tempfile
 import pytest
 
 import virtio_py
-from benchutil import print_report, unique_name
-from virtio_py.compare import DaemonProcess, write_json
+from benchutil import print_report, save_results, unique_name
+from virtio_py.compare import DaemonProcess
 from virtio_py.store import prewrite, stripe_path
 from virtio_py.workload import JobSpec, run_job
 
@@ -72,12 +72,6 @@ CFG = {
 }
 RESULTS = {}
 TAG = os.environ.get("BENCH_TAG", "")
-OUT = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)),
-    os.pardir,
-    ".benchmarks",
-    f"hostd-{TAG}.json" if TAG else "hostd.json",
-)
 # The tree under test: this one, or an older one put first on PYTHONPATH.
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(virtio_py.__file__)))
 
@@ -332,9 +326,7 @@ def _report():
             f"{r['guest_vcs_per_request']:>6.2f} {lat['p50']:>7.1f} {lat['p99']:>7.1f}"
         )
     text = "\n".join(lines)
-    try:
-        os.makedirs(os.path.dirname(OUT), exist_ok=True)
-        write_json({"tree": TREE, "runs": list(RESULTS.values())}, OUT)
-    except OSError:
-        pass
+    save_results(
+        f"hostd-{TAG}.json" if TAG else "hostd.json", {"tree": TREE, "runs": list(RESULTS.values())}
+    )
     return text

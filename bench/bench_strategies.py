@@ -26,12 +26,11 @@ fail the suite; see extra_info["claims"] and the table printed at the end):
 
 import contextlib
 import json
-import os
 import statistics
 
 import pytest
 
-from benchutil import print_report, unique_name
+from benchutil import print_report, save_results, unique_name
 from virtio_py.compare import (
     BASE,
     DaemonProcess,
@@ -39,7 +38,6 @@ from virtio_py.compare import (
     annotate,
     compare,
     format_tables,
-    write_json,
 )
 from virtio_py.workload import JobSpec, run_job
 
@@ -54,9 +52,6 @@ LOCK_RUNTIME, LOCK_REPEAT = 2.0, 3
 RESULTS = {}  # (group, label) -> median run
 RATIOS = {}  # notification setting -> the pairs behind the mem ratio
 LOCK_TABLES = []  # format_tables text of the lock comparison
-OUT = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), os.pardir, ".benchmarks", "strategies.json"
-)
 
 
 @pytest.fixture(scope="module")
@@ -310,16 +305,12 @@ def _report():
     claims = {"rfc": _rfc_claims(), "mem": _mem_claims()}
     lines.append(f"  claims: {json.dumps(claims)}")
     text = "\n".join(lines)
-    try:
-        os.makedirs(os.path.dirname(OUT), exist_ok=True)
-        write_json(
-            {
-                "runs": list(RESULTS.values()),
-                "ratio_pairs": {k: _ratio_summary(v) for k, v in RATIOS.items()},
-                "claims": claims,
-            },
-            OUT,
-        )
-    except OSError:
-        pass
+    save_results(
+        "strategies.json",
+        {
+            "runs": list(RESULTS.values()),
+            "ratio_pairs": {k: _ratio_summary(v) for k, v in RATIOS.items()},
+            "claims": claims,
+        },
+    )
     return text

@@ -28,8 +28,7 @@ import tempfile
 
 import pytest
 
-from benchutil import print_report, unique_name
-from virtio_py.compare import write_json
+from benchutil import print_report, save_results, unique_name
 from virtio_py.qsd import QsdProcess, qsd_path
 from virtio_py.region import destroy
 from virtio_py.store import prewrite, stripe_path
@@ -46,9 +45,6 @@ RUNTIME = 2.0  # seconds a round
 BACKENDS = ("hostd", "qsd", "qsd-iothread")
 QSD_OPTS = {"qsd": {}, "qsd-iothread": {"iothread": True, "aio": "io_uring"}}
 RESULTS = {}  # (place, iodepth) -> {backend: [runs]}
-OUT = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), os.pardir, ".benchmarks", "vhost_user.json"
-)
 
 
 class Hostd:
@@ -204,9 +200,7 @@ def _report():
                 f"{cpu:>11}"
             )
     text = "\n".join(lines)
-    try:
-        os.makedirs(os.path.dirname(OUT), exist_ok=True)
-        write_json({f"{p}-iodepth{d}": _summary(runs) for (p, d), runs in RESULTS.items()}, OUT)
-    except OSError:
-        pass
+    save_results(
+        "vhost_user.json", {f"{p}-iodepth{d}": _summary(runs) for (p, d), runs in RESULTS.items()}
+    )
     return text
