@@ -82,3 +82,15 @@ def device(name, tmp_path):
     finally:
         for d in started:
             d.stop()
+
+
+@pytest.fixture(scope="module")
+def guest_ready():
+    """The Linux guest harness (tests/linux_guest.py) can boot: QEMU, a kernel
+    and busybox there (installed if need be), the initramfs built; else skip."""
+    import linux_guest
+
+    reason = linux_guest.ensure_packages()
+    if reason:
+        pytest.skip(reason)
+    linux_guest.build_initramfs()

@@ -42,14 +42,16 @@ def hostd(*args, timeout=60, check=False):
     return p
 
 
-def emu(*args, timeout=120):
-    """Run ``python3 -m virtio_py ARGS``; the CompletedProcess (text)."""
+def emu(*args, timeout=120, env=None):
+    """Run ``python3 -m virtio_py ARGS`` (in env, if given); the
+    CompletedProcess (text)."""
     return subprocess.run(
         EMU + [str(a) for a in args],
         capture_output=True,
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        env=env,
     )
 
 
@@ -104,7 +106,8 @@ class Daemons:
 
     def start(self, name, store, *opts, size="8M", check=True):
         """Detached start; returns the CompletedProcess."""
-        self.names.append(name)
+        if name not in self.names:  # a restart: one stop at teardown is enough
+            self.names.append(name)
         p = hostd("start", "--name", name, "--store", store, "--size", size, *opts)
         if check and p.returncode != 0:
             pytest.fail(f"start failed ({p.returncode}): {p.stdout}{p.stderr}")

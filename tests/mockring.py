@@ -18,6 +18,20 @@ F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4  # VRING_DESC_F_*
 DESC_SIZE, USED_ELEM_SIZE = 16, 8
 
 
+def aligned_stores(gpa, data):
+    """data at gpa as a guest CPU stores it: (address, little-endian value,
+    width) in the widest aligned pieces (8, 4, 2, 1), lowest address first."""
+    data = bytes(data)
+    off = 0
+    while off < len(data):
+        a = gpa + off
+        w = 8
+        while w > 1 and (a % w or len(data) - off < w):
+            w //= 2
+        yield a, int.from_bytes(data[off : off + w], "little"), w
+        off += w
+
+
 class RegionMemory:
     """The guest memory of a native region.  Stores go through the C core's
     vp_guest_poke, each an aligned atomic store with release order as a
@@ -33,15 +47,8 @@ class RegionMemory:
 
     def write(self, gpa, data):
         """Store data at gpa in the widest aligned pieces, lowest address first."""
-        data = bytes(data)
-        off = 0
-        while off < len(data):
-            a = gpa + off
-            w = 8
-            while w > 1 and (a % w or len(data) - off < w):
-                w //= 2
-            self.region.poke(a, int.from_bytes(data[off : off + w], "little"), w)
-            off += w
+        for a, value, w in aligned_stores(gpa, data):
+            self.region.poke(a, value, w)
 
     def read(self, gpa, n):
         return self.region.read(gpa, n)

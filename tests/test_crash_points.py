@@ -16,11 +16,10 @@ import os
 import random
 import signal
 import statistics
-import subprocess
 
 import pytest
 
-from hostd_util import EMU, Daemons
+from hostd_util import Daemons, emu
 from procs import fork_call
 from virtio_py import DeviceQueue, Region, SharedLock, Virtqueue
 from virtio_py._lowlevel import ffi, lib
@@ -297,18 +296,16 @@ def test_virtio_emu_run_reports_the_killed_worker_and_the_survivors(disk, tmp_pa
     the JSON has it, and a read-back run's --verify is clean."""
     out = tmp_path / "r.json"
     env = dict(os.environ, **{CRASH_ENV: "getbuf_used:2:2"})
-    args = ["run", "--name", disk, "--workers", str(WORKERS), "--rw", "write", "--size",
-            str(AREA), "--iodepth", "4", "--verify", "--json", str(out)]  # fmt: skip
-    p = subprocess.run(EMU + args, env=env, capture_output=True, text=True, timeout=120)
+    p = emu("run", "--name", disk, "--workers", WORKERS, "--rw", "write", "--size", AREA,
+            "--iodepth", 4, "--verify", "--json", out, env=env)  # fmt: skip
     assert p.returncode == 0, p.stdout + p.stderr
     assert "worker 2 (pid" in p.stdout and "killed by SIGKILL (armed crash point)" in p.stdout
     assert "crash point getbuf_used:2 killed worker 2: the others resumed after" in p.stdout
     res = json.loads(out.read_text())
     assert [(k["worker"], k["signal"]) for k in res["killed"]] == [(2, "SIGKILL")]
     back = tmp_path / "b.json"
-    args = ["run", "--name", disk, "--workers", str(WORKERS), "--rw", "read", "--size",
-            str(AREA), "--verify", "--json", str(back)]  # fmt: skip
-    p = subprocess.run(EMU + args, capture_output=True, text=True, timeout=120)
+    p = emu("run", "--name", disk, "--workers", WORKERS, "--rw", "read", "--size", AREA,
+            "--verify", "--json", back)  # fmt: skip
     assert p.returncode == 0, p.stdout + p.stderr
     v = json.loads(back.read_text())["verify"]
     assert v["failures"] == 0 and v["verified"] > 0

@@ -17,12 +17,10 @@ import time
 import pytest
 
 from hostd_util import hostd, shm_objects
-from procs import wait_for
+from procs import used_idx_moves, wait_for
 from virtio_py.blk import BlockDevice
 from virtio_py.pidfile import probe, runtime_dir
-from virtio_py.region import Region
 from virtio_py.store import assemble
-from virtio_py.views import used_ring
 
 SOAK = bool(os.environ.get("VIRTIO_PY_SOAK"))
 TRIALS = 100 if SOAK else 3
@@ -64,17 +62,16 @@ def _stamp(w, p, b):
     return struct.pack("<QQQ", w, p, b) * (BS // 24) + bytes(BS % 24)
 
 
-def _start(name, store):
-    p = hostd("start", "--name", name, "--store", store, "--size", "8M", "--stripes", "4")
-    assert p.returncode == 0, p.stdout + p.stderr
-    return p
+def _start(daemons, name, store):
+    """Start the daemon, or take over a killed one's device: always the same
+    options (other ones would replace the device instead)."""
+    return daemons.start(name, store, "--stripes", 4)
 
 
 def _kill(name):
     pid = probe(name).pid
     os.kill(pid, signal.SIGKILL)
-    while probe(name).alive:
-        time.sleep(0.005)
+    wait_for(lambda: not probe(name).alive, "the killed daemon to be gone")
     return pid
 
 
@@ -117,8 +114,7 @@ def test_writers_survive_daemon_kills_and_the_store_equals_the_acknowledged_writ
     daemons, name, tmp_path
 ):
     store = str(tmp_path / "store")
-    daemons.names.append(name)
-    _start(name, store)
+    _start(daemons, name, store)
     stop = tmp_path / "stop"
     logs = [str(tmp_path / f"w{w}.log") for w in range(WORKERS)]
     procs = [
@@ -135,23 +131,24 @@ def test_writers_survive_daemon_kills_and_the_store_equals_the_acknowledged_writ
         for _ in range(TRIALS):
             # Under load: wait until every writer has acknowledged more.
             seen = [len(t.acks) for t in tails]
-            while True:
+
+            def acked_more(seen=seen):
                 for t in tails:
                     t.poll()
-                if all(len(t.acks) > n + 2 for t, n in zip(tails, seen)):
-                    break
                 assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
-                time.sleep(0.01)
+                return all(len(t.acks) > n + 2 for t, n in zip(tails, seen))
+
+            wait_for(acked_more, "every writer to acknowledge more writes", 120)
             _kill(name)
             t0 = time.monotonic()
-            _start(name, store)
+            _start(daemons, name, store)
             # Restart to first completion: the first write acknowledged after.
-            while True:
-                after = [at for t in tails for _, _, at in t.poll() if at > t0]
-                if after:
-                    first_completion.append(min(after) - t0)
-                    break
-                time.sleep(0.005)
+            after = wait_for(
+                lambda t0=t0: [at for t in tails for _, _, at in t.poll() if at > t0],
+                "a write acknowledged after the restart",
+                120,
+            )
+            first_completion.append(min(after) - t0)
         stop.touch()
         for p in procs:
             err = p.communicate(timeout=120)[1]
@@ -185,13 +182,11 @@ def test_writers_survive_daemon_kills_and_the_store_equals_the_acknowledged_writ
 
 def test_a_request_in_flight_at_the_kill_is_completed_by_the_successor(daemons, name, tmp_path):
     store = str(tmp_path / "store")
-    daemons.names.append(name)
-    # A slow exit keeps the daemon busy enough to be killed with requests popped.
-    _start(name, store)
+    _start(daemons, name, store)
     with BlockDevice.attach(name) as d:
         d.write(0, b"\x5a" * BS)
         _kill(name)
-        _start(name, store)
+        _start(daemons, name, store)
         # Written while no daemon ran: waits, then completes.
         d.write(BS, b"\xa5" * BS)
         assert d.read(0, 2 * BS) == b"\x5a" * BS + b"\xa5" * BS
@@ -202,8 +197,7 @@ def test_a_guest_waiting_past_the_restart_wait_fails_with_device_gone(daemons, n
     from virtio_py.errors import DeviceGoneError
 
     store = str(tmp_path / "store")
-    daemons.names.append(name)
-    _start(name, store)
+    _start(daemons, name, store)
     old = lib.vp_restart_wait_ns()
     lib.vp_set_restart_wait_ns(200_000_000)
     try:
@@ -219,8 +213,7 @@ def test_a_guest_waiting_past_the_restart_wait_fails_with_device_gone(daemons, n
 
 def test_start_with_other_options_replaces_instead_of_taking_over(daemons, name, tmp_path):
     store = str(tmp_path / "store")
-    daemons.names.append(name)
-    _start(name, store)
+    _start(daemons, name, store)
     with BlockDevice.attach(name) as d:
         d.write(0, b"\x44" * BS)
     _kill(name)
@@ -236,8 +229,7 @@ def _fds(pid):
 
 def test_nothing_leaks_across_start_kill_restart_cycles(daemons, name, tmp_path):
     store = str(tmp_path / "store")
-    daemons.names.append(name)
-    _start(name, store)
+    _start(daemons, name, store)
     with BlockDevice.attach(name) as d:
         d.write(0, b"\x33" * BS)
         guest_fds = _fds(os.getpid())
@@ -245,7 +237,7 @@ def test_nothing_leaks_across_start_kill_restart_cycles(daemons, name, tmp_path)
         objects = shm_objects(name)
         for i in range(CYCLES):
             _kill(name)
-            _start(name, store)
+            _start(daemons, name, store)
             d.write(BS * (i % 64), bytes([i % 251]) * BS)
             assert shm_objects(name) == objects
             assert _fds(probe(name).pid) == daemon_fds
@@ -268,21 +260,16 @@ def test_emu_workers_writing_with_verify_ride_out_a_daemon_kill(daemons, name, t
     while the daemon is killed and started again: the run ends clean, and a
     read-back run with --verify finds every block it wrote."""
     store = str(tmp_path / "s")
-    daemons.names.append(name)
-    _start(name, store)
+    _start(daemons, name, store)
     out = tmp_path / "w.json"
     run = subprocess.Popen(
         _emu_run(name, "write", 4, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
         # The kill lands inside the run (it lasts 4 s): once writes complete.
-        region = Region.attach(name)
-        try:
-            wait_for(lambda: int(used_ring(region)["idx"]) != 0, "the workers' writes to complete")
-        finally:
-            region.close()
+        wait_for(used_idx_moves(lambda: name), "the workers' writes to complete")
         _kill(name)
-        _start(name, store)
+        _start(daemons, name, store)
         text, _ = run.communicate(timeout=120)
     finally:
         if run.poll() is None:

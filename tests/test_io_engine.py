@@ -9,6 +9,7 @@ import struct
 
 import pytest
 
+from conftest import SESSION
 from hostd_util import emu, hostd
 from mockring import MockRing
 from procs import wait_for
@@ -24,12 +25,13 @@ SIZE = 1 << 20
 ENGINES = ("threads", "uring")
 
 
-def uring_works(tmp_path):
+@pytest.fixture(scope="module")
+def uring_works(tmp_path_factory):
     """Can this kernel run the io_uring engine (rings in our own memory)?
-    Where it cannot, auto serves with threads."""
-    st = StripedStore(str(tmp_path / "probe"), SIZE, STRIPES, CHUNK, direct=False)
+    Where it cannot, auto serves with threads.  Probed once."""
+    st = StripedStore(str(tmp_path_factory.mktemp("probe")), SIZE, STRIPES, CHUNK, direct=False)
     try:
-        with Region.create(f"vpt{os.getpid()}-probe", queue_size=8) as region:
+        with Region.create(f"{SESSION}-uring-probe", queue_size=8) as region:
             dq = DeviceQueue(region, 0)
             srv = BlockServer(st, [dq], io_threads=1, engine="auto")
             try:
@@ -97,16 +99,16 @@ def device(name, tmp_path):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_each_engine_serves_the_queue_it_was_asked_for(device, engine, tmp_path):
-    if engine == "uring" and not uring_works(tmp_path):
+def test_each_engine_serves_the_queue_it_was_asked_for(device, engine, uring_works):
+    if engine == "uring" and not uring_works:
         pytest.skip("this kernel cannot run the io_uring engine")
     d = device(engine)
     assert d.server.engines() == [engine]
 
 
-def test_auto_is_io_uring_where_the_kernel_runs_it_else_threads(device, tmp_path):
+def test_auto_is_io_uring_where_the_kernel_runs_it_else_threads(device, uring_works):
     d = device("auto")
-    assert d.server.engines() == ["uring" if uring_works(tmp_path) else "threads"]
+    assert d.server.engines() == ["uring" if uring_works else "threads"]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -165,41 +167,29 @@ def test_a_read_of_a_stripe_file_cut_short_returns_zeros_past_its_end(device, en
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
-def test_mapped_store_on_tmpfs_moves_the_same_bytes_as_read_and_write_calls(name):
-    base = f"/dev/shm/{name}-stores"
-    os.makedirs(base, mode=0o700)
-    try:
-        for mapped in (True, False):
-            d = Device(f"{name}-m{int(mapped)}", f"{base}/{int(mapped)}", "auto", mapped=mapped)
-            try:
-                assert d.store.mapped is mapped
-                data = _pattern(3 * CHUNK + 512, 4)
-                d.disk.write(CHUNK - 512, data)
-                assert _raw(d.store.directory, CHUNK - 512, len(data)) == data
-                assert d.disk.read(CHUNK - 512, len(data)) == data
-                d.disk.discard(CHUNK, CHUNK)  # punched: the mapping reads zeros
-                assert d.disk.read(CHUNK, CHUNK) == bytes(CHUNK)
-                assert _raw(d.store.directory, CHUNK, CHUNK) == bytes(CHUNK)
-            finally:
-                d.close()
-    finally:
-        for root, dirs, files in os.walk(base, topdown=False):
-            for f in files:
-                os.unlink(os.path.join(root, f))
-            for x in dirs:
-                os.rmdir(os.path.join(root, x))
-        os.rmdir(base)
+def test_mapped_store_on_tmpfs_moves_the_same_bytes_as_read_and_write_calls(name, shm_store):
+    for mapped in (True, False):
+        d = Device(f"{name}-m{int(mapped)}", f"{shm_store}/{int(mapped)}", "auto", mapped=mapped)
+        try:
+            assert d.store.mapped is mapped
+            data = _pattern(3 * CHUNK + 512, 4)
+            d.disk.write(CHUNK - 512, data)
+            assert _raw(d.store.directory, CHUNK - 512, len(data)) == data
+            assert d.disk.read(CHUNK - 512, len(data)) == data
+            d.disk.discard(CHUNK, CHUNK)  # punched: the mapping reads zeros
+            assert d.disk.read(CHUNK, CHUNK) == bytes(CHUNK)
+            assert _raw(d.store.directory, CHUNK, CHUNK) == bytes(CHUNK)
+        finally:
+            d.close()
 
 
-def test_mapped_store_reports_a_truncated_stripe_as_an_io_error():
+def test_mapped_store_reports_a_truncated_stripe_as_an_io_error(shm_store):
     """A stripe file truncated under a mapped store: the request that finds
     its bytes gone fails (EIO) instead of the process dying of SIGBUS."""
-    d = f"/dev/shm/vpt{os.getpid()}-trunc"
-    os.makedirs(d, mode=0o700)
     fds = []
     try:
         for i in range(2):
-            fd = os.open(os.path.join(d, f"s{i}"), os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(os.path.join(shm_store, f"s{i}"), os.O_RDWR | os.O_CREAT, 0o600)
             os.ftruncate(fd, 64 << 10)
             fds.append(fd)
         err = ffi.new("int *")
@@ -216,9 +206,6 @@ def test_mapped_store_reports_a_truncated_stripe_as_an_io_error():
     finally:
         for fd in fds:
             os.close(fd)
-        for f in os.listdir(d):
-            os.unlink(os.path.join(d, f))
-        os.rmdir(d)
 
 
 def test_raw_chain_with_header_split_over_descriptors_reads_under_io_uring(name, tmp_path):
@@ -261,11 +248,13 @@ def test_raw_chain_with_header_split_over_descriptors_reads_under_io_uring(name,
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_daemon_started_with_an_engine_serves_verified_writes(daemons, name, tmp_path, engine):
+def test_daemon_started_with_an_engine_serves_verified_writes(
+    daemons, name, tmp_path, engine, uring_works
+):
     """virtio-hostd start --io-engine: `virtio-emu run --verify` over it
     finds every block it wrote (either engine, or auto where io_uring
     cannot serve)."""
-    if engine == "uring" and not uring_works(tmp_path):
+    if engine == "uring" and not uring_works:
         pytest.skip("this kernel cannot run the io_uring engine")
     daemons.start(name, str(tmp_path / "store"), "--io-engine", engine)
     p = emu(

@@ -11,6 +11,7 @@ import time
 import pytest
 
 import procs
+from hostd_util import emu, hostd, one_line_error
 from procs import wait_for
 from virtio_py import ConfigError, DeviceQueue, Region, RingError, Virtqueue, avail_ring
 from virtio_py._lowlevel import ffi, lib
@@ -407,22 +408,16 @@ def test_compare_notification_data_table(name, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "cmd",
+    "run,prog,args",
     [
-        ["-m", "host_daemon", "start", "--mode", "poll", "--notification-data", "trust",
-         "--size", "64M"],
-        ["-m", "virtio_py", "compare", "--notification-data", "--poll", "--runtime", "1"],
+        (hostd, "virtio-hostd", ["start", "--mode", "poll", "--notification-data", "trust",
+                                 "--size", "64M"]),
+        (emu, "virtio-emu", ["compare", "--notification-data", "--poll", "--runtime", "1"]),
     ],
     ids=["virtio-hostd", "virtio-emu compare"],
 )  # fmt: skip
-def test_poll_mode_with_notification_data_is_one_line(name, tmp_path, cmd):
-    import subprocess
-    import sys
-
-    if cmd[1] == "host_daemon":
-        cmd = cmd + ["--name", name, "--store", str(tmp_path / "store")]
-    r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "never waits on a doorbell" in lines[0]
+def test_poll_mode_with_notification_data_is_one_line(name, tmp_path, run, prog, args):
+    if run is hostd:
+        args = args + ["--name", name, "--store", tmp_path / "store"]
+    one_line_error(run(*args, timeout=60), prog, "never waits on a doorbell")
     assert not (tmp_path / "store").exists()

@@ -26,14 +26,6 @@ LENGTH = 8192
 KERNEL_ARGS = "cryptomgr.notests=1"
 
 
-@pytest.fixture(scope="module")
-def guest_ready():
-    reason = linux_guest.ensure_packages()
-    if reason:
-        pytest.skip(reason)
-    linux_guest.build_initramfs()
-
-
 @pytest.mark.parametrize("queues", [1, 2])
 def test_linux_guest_does_direct_io_on_the_daemon(guest_ready, queues, name, tmp_path, daemons):
     sock, store = str(tmp_path / "vhost.sock"), str(tmp_path / "store")

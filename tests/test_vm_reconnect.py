@@ -9,11 +9,11 @@ Skips, with the reason, where QEMU, the kernel or busybox are missing."""
 import os
 import signal
 import time
-
-import pytest
+from functools import partial
 
 import linux_guest
 from hostd_util import hostd
+from procs import wait_for
 from virtio_py.pidfile import probe
 
 SIZE = 64 << 20
@@ -22,23 +22,10 @@ KERNEL_ARGS = "cryptomgr.notests=1"
 RESTARTS = 3
 
 
-@pytest.fixture(scope="module")
-def guest_ready():
-    reason = linux_guest.ensure_packages()
-    if reason:
-        pytest.skip(reason)
-    linux_guest.build_initramfs()
-
-
-def _maps_inflight(pid, timeout=30):
-    """Has pid mapped the in-flight memfd (within timeout s)?"""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/maps") as f:
-            if "memfd:vhost-user-inflight" in f.read():
-                return True
-        time.sleep(0.1)
-    return False
+def _maps_inflight(pid):
+    """Has pid mapped the in-flight memfd?"""
+    with open(f"/proc/{pid}/maps") as f:
+        return "memfd:vhost-user-inflight" in f.read()
 
 
 def test_linux_guest_writes_on_through_three_daemon_restarts(guest_ready, name, tmp_path, daemons):
@@ -57,12 +44,13 @@ def test_linux_guest_writes_on_through_three_daemon_restarts(guest_ready, name, 
         for _ in range(RESTARTS):
             time.sleep(2)
             os.kill(probe(name).pid, signal.SIGKILL)
-            while probe(name).alive:
-                time.sleep(0.01)
+            wait_for(lambda: not probe(name).alive, "the killed daemon to be gone")
             p = daemons.start(name, store, *args, size="64M")
             assert "took over" in p.stdout, p.stdout
             # QEMU hands back the in-flight area the first daemon made.
-            assert _maps_inflight(probe(name).pid), "no in-flight area after the reconnect"
+            wait_for(
+                partial(_maps_inflight, probe(name).pid), "the in-flight area after the reconnect"
+            )
         res = g.wait(240)
     assert res.ok, res.report()
     hostd("stop", "--name", name, check=True)

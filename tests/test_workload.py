@@ -13,11 +13,9 @@ import sys
 import pytest
 
 from hostd_util import EMU, emu, one_line_error, processes_with
-from procs import wait_for
+from procs import used_idx_moves, wait_for
 from virtio_py.errors import ConfigError
-from virtio_py.region import Region
 from virtio_py.store import locate, stripe_path
-from virtio_py.views import used_ring
 from virtio_py.workload import JobError, JobSpec, plan_areas, run_job
 
 MB = 1 << 20
@@ -359,14 +357,7 @@ def test_sigterm_stops_run_cleanly(device):
     try:
         # The daemon, run and its 4 workers; then requests in flight.
         wait_for(lambda: len(processes_with(name)) >= 6, "the workers to start", 60)
-        region = Region.attach(name)
-        try:
-            start = int(used_ring(region)["idx"])
-            wait_for(
-                lambda: int(used_ring(region)["idx"]) != start, "the workers' requests to complete"
-            )
-        finally:
-            region.close()
+        wait_for(used_idx_moves(lambda: name), "the workers' requests to complete")
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=60)
     finally:

@@ -18,7 +18,7 @@ import select
 import struct
 import time
 
-from mockring import MockRing
+from mockring import MockRing, aligned_stores
 from virtio_py import DeviceGoneError
 from virtio_py._lowlevel import check, ffi, lib
 from virtio_py.vhost_user import FrontendMemory, VhostUserFrontend
@@ -51,23 +51,8 @@ class GuestRam:
         data = bytes(data)
         r = self._region(gpa, len(data))
         base = ffi.cast("void *", r.va)
-        off = 0
-        while off < len(data):
-            a = gpa + off
-            w = 8
-            while w > 1 and (a % w or len(data) - off < w):
-                w //= 2
-            check(
-                lib.vp_guest_poke(
-                    base,
-                    r.memory_size,
-                    a - r.guest_phys_addr,
-                    int.from_bytes(data[off : off + w], "little"),
-                    w,
-                ),
-                "poke",
-            )
-            off += w
+        for a, value, w in aligned_stores(gpa, data):
+            check(lib.vp_guest_poke(base, r.memory_size, a - r.guest_phys_addr, value, w), "poke")
 
     def read(self, gpa, n):
         return self.mem.read(gpa, n)
