@@ -251,11 +251,7 @@ class HostDaemon:
                 )
                 self.vhost.start()
                 if self.adopted:
-                    prev = self.identity.previous_pid
-                    self.notices.append(
-                        f"took over {self.name!r} from a daemon that died "
-                        f"(pid {prev or 'unknown'}): its front-end reconnects"
-                    )
+                    self._took_over("its front-end reconnects")
                 return
             self.queues = [DeviceQueue(self.region, q) for q in range(c["queues"])]
             assert self.inflight is not None
@@ -275,16 +271,19 @@ class HostDaemon:
             if self.adopted:
                 for q in self.queues:
                     q.interrupt()  # what the dead daemon published untold
-                prev = self.identity.previous_pid
-                self.notices.append(
-                    f"took over {self.name!r} from a daemon that died (pid {prev or 'unknown'}): "
-                    f"{self.resubmitted} requests in flight run again"
-                )
+                self._took_over(f"{self.resubmitted} requests in flight run again")
         except BaseException:
             if self._keep_on_error and self.region is not None:
                 self.region._unlinked = True  # not ours to remove yet
             self.shutdown(keep_records=self._keep_on_error)
             raise
+
+    def _took_over(self, what: str) -> None:
+        assert self.identity is not None
+        prev = self.identity.previous_pid
+        self.notices.append(
+            f"took over {self.name!r} from a daemon that died (pid {prev or 'unknown'}): {what}"
+        )
 
     def _adoptable(self) -> dict[str, Any] | None:
         """The layout record of a device whose daemon died, if this daemon

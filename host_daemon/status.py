@@ -12,7 +12,7 @@ from virtio_py.limits import EXIT, LOCK, MODE
 from virtio_py.lock import SharedLock
 from virtio_py.pidfile import DaemonState, probe
 from virtio_py.region import FEATURE_BITS, STATUS_NEEDS_RESET, Region
-from virtio_py.virtqueue import broken_reason, nd_stats
+from virtio_py.virtqueue import broken_reason, nd_behaviour, nd_stats
 
 from .vhost import listening_socket
 
@@ -122,7 +122,7 @@ def format_status(st):
         )
         nd = q.get("notification_data")
         if nd:
-            dev = {1: "trust", 2: "reread"}.get(nd["behaviour"], "off")
+            dev = nd_behaviour(nd["behaviour"])
             lines.append(
                 f"    notification data: device {dev} (re-read after {nd['reread_ms']} ms), "
                 f"doorbells {nd['doorbells']}, reordered {nd['reordered']}, "

@@ -113,6 +113,16 @@ def probe(name: str) -> DaemonState | None:
     return DaemonState(holder or pid, True)
 
 
+def _names(dirfd: int, file: str, fd: int) -> bool:
+    """Does file in dirfd (not followed if a symlink) still lead to fd's file?"""
+    st = os.fstat(fd)
+    try:
+        now = os.stat(file, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
 class PidFile:
     """The lock on a name: held by its daemon from before it creates
     anything until after it removed everything."""
@@ -160,11 +170,7 @@ class PidFile:
                 # Locked; but a holder that was exiting may have unlinked
                 # the file we opened: the lock counts only on the file the
                 # name still leads to.
-                try:
-                    now = os.stat(self._file, dir_fd=self._dirfd, follow_symlinks=False)
-                except FileNotFoundError:
-                    now = None
-                if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                if not _names(self._dirfd, self._file, fd):
                     os.close(fd)
                     continue
             except BaseException:
@@ -186,9 +192,7 @@ class PidFile:
         if self._fd is not None:
             assert self._dirfd is not None
             try:
-                st = os.fstat(self._fd)
-                now = os.stat(self._file, dir_fd=self._dirfd, follow_symlinks=False)
-                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                if _names(self._dirfd, self._file, self._fd):
                     os.unlink(self._file, dir_fd=self._dirfd)
             except OSError as e:
                 if e.errno != errno.ENOENT:
@@ -281,9 +285,13 @@ def read_record(pidfile: PidFile, kind: str, limit: int = 1 << 20) -> bytes | No
 def remove_records(pidfile: PidFile) -> None:
     """Remove NAME's records (held pidfile: no daemon uses them)."""
     assert pidfile._dirfd is not None
+    _unlink_records(pidfile._dirfd, pidfile.name)
+
+
+def _unlink_records(dirfd: int, name: str) -> None:
     for kind in RECORDS:
         try:
-            os.unlink(_record_name(pidfile.name, kind), dir_fd=pidfile._dirfd)
+            os.unlink(_record_name(name, kind), dir_fd=dirfd)
         except FileNotFoundError:
             pass
 
@@ -313,15 +321,9 @@ def remove_stale(name: str) -> bool:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        st = os.fstat(fd)
-        now = os.stat(_pidfile_name(name), dir_fd=dirfd, follow_symlinks=False)
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        if not _names(dirfd, _pidfile_name(name), fd):
             return False
-        for kind in RECORDS:
-            try:
-                os.unlink(_record_name(name, kind), dir_fd=dirfd)
-            except FileNotFoundError:
-                pass
+        _unlink_records(dirfd, name)
         os.unlink(_pidfile_name(name), dir_fd=dirfd)
         return True
     except OSError:  # held (BlockingIOError), or gone meanwhile

@@ -113,17 +113,21 @@ def _objects(name: str) -> list[tuple[str, str]]:
     return objs
 
 
+def _owner(kind: str, posix_name: str) -> int | None:
+    """The uid of an object of a device, None if there is none."""
+    try:
+        return os.lstat(object_path(kind, posix_name)).st_uid
+    except FileNotFoundError:
+        return None
+
+
 def foreign_objects(name: str) -> list[str]:
     """The /dev/shm paths of device name that belong to another user."""
-    out = []
-    for kind, n in _objects(name):
-        path = object_path(kind, n)
-        try:
-            if os.lstat(path).st_uid != os.geteuid():
-                out.append(path)
-        except FileNotFoundError:
-            pass
-    return out
+    return [
+        object_path(kind, n)
+        for kind, n in _objects(name)
+        if _owner(kind, n) not in (None, os.geteuid())
+    ]
 
 
 def destroy(name: str) -> list[str]:
@@ -135,11 +139,8 @@ def destroy(name: str) -> list[str]:
     remove_stale(name)
     removed = []
     for kind, n in _objects(name):
-        try:
-            if os.lstat(object_path(kind, n)).st_uid != os.geteuid():
-                continue
-        except FileNotFoundError:
-            continue
+        if _owner(kind, n) != os.geteuid():
+            continue  # none there, or another user's
         _unlink(kind, n)
         removed.append(n)
     return removed
@@ -164,6 +165,51 @@ def _queue_info_of(qi: Any) -> dict[str, int]:
         "data": qi.data,
         "data_size": qi.data_size,
     }
+
+
+def _region_params(
+    name: bytes,
+    queues: int,
+    queue_size: int,
+    data_size: int,
+    capacity: int,
+    blk_size: int,
+    seg_max: int | None,
+    lock: str,
+    exit: str,
+    exit_cost_us: float,
+    mode: str,
+    features: int,
+) -> tuple[Any, Any]:
+    """struct vp_region_params of a region, and the name buffer it points
+    to (keep it referenced while the struct is used)."""
+    p = ffi.new("struct vp_region_params *")
+    cname = ffi.new("char[]", name)
+    p.num_queues = queues
+    p.queue_size = queue_size
+    p.data_size = data_size
+    p.device_features = features
+    p.capacity = capacity
+    p.blk_size = blk_size
+    p.seg_max = seg_max if seg_max is not None else max(1, queue_size - 2)
+    p.lock_kind = LOCK.code(lock)
+    p.exit_mode = EXIT.code(exit)
+    p.exit_cost_ns = int(exit_cost_us * 1000)
+    p.serve_mode = MODE.code(mode)
+    p.name = cname
+    return p, cname
+
+
+def _region_layout(params: Any, queues: int) -> tuple[int, list[dict[str, int]]]:
+    """The size of a region and each queue's layout, from its parameters."""
+    size_p = ffi.new("uint64_t *")
+    check(lib.vp_region_size(params, size_p), "region layout")
+    qi = ffi.new("struct vp_queue_info *")
+    layout = []
+    for q in range(queues):
+        check(lib.vp_region_layout(params, q, qi), "region layout")
+        layout.append(_queue_info_of(qi))
+    return int(size_p[0]), layout
 
 
 class Region(Closeable):
@@ -250,30 +296,13 @@ class Region(Closeable):
             if mode == "poll":
                 raise ConfigError(POLL_REFUSES_ND)
             features |= 1 << FEATURE_BITS["NOTIFICATION_DATA"]
-        params = ffi.new("struct vp_region_params *")
-        cname = ffi.new("char[]", name.encode())
-        params.num_queues = queues
-        params.queue_size = queue_size
-        params.data_size = data_size
-        params.device_features = features
-        params.capacity = capacity
-        params.blk_size = blk_size
-        params.seg_max = seg_max if seg_max is not None else max(1, queue_size - 2)
-        params.lock_kind = LOCK.code(lock)
-        params.exit_mode = EXIT.code(exit)
-        params.exit_cost_ns = int(exit_cost_us * 1000)
-        params.serve_mode = MODE.code(mode)
-        params.name = cname
-        size_p = ffi.new("uint64_t *")
-        check(lib.vp_region_size(params, size_p), "region layout")
-        size = size_p[0]
+        params, _cname = _region_params(
+            name.encode(), queues, queue_size, data_size, capacity, blk_size, seg_max,
+            lock, exit, exit_cost_us, mode, features,
+        )  # fmt: skip
         # The device's copy of its layout, from the parameters alone: a
         # guest may rewrite the header as soon as it can open the object.
-        layout = []
-        qi = ffi.new("struct vp_queue_info *")
-        for q in range(queues):
-            check(lib.vp_region_layout(params, q, qi), "region layout")
-            layout.append(_queue_info_of(qi))
+        size, layout = _region_layout(params, queues)
 
         created: list[tuple[str, str, tuple[int, int] | None]] = []
         region = None
@@ -390,30 +419,23 @@ class Region(Closeable):
         features = params.get("features")
         if features is None:
             features = feature_bits(("VERSION_1", "BLK_SIZE", "SEG_MAX"), queues)
-        p = ffi.new("struct vp_region_params *")
-        cname = ffi.new("char[]", b"x")
-        p.num_queues = queues
-        p.queue_size = queue_size
-        p.data_size = params.get("data_size", 16 << 20)
-        p.device_features = features
-        p.capacity = params.get("capacity", 0)
-        p.blk_size = params.get("blk_size", 512)
-        seg_max = params.get("seg_max")
-        p.seg_max = seg_max if seg_max is not None else max(1, queue_size - 2)
-        p.lock_kind = LOCK.code(params.get("lock", LOCK_DEFAULT))
-        p.exit_mode = EXIT.code(params.get("exit", "async"))
-        p.exit_cost_ns = int(params.get("exit_cost_us", 0) * 1000)
-        p.serve_mode = MODE.code(params.get("mode", "notify"))
-        p.name = cname
-        size_p = ffi.new("uint64_t *")
-        check(lib.vp_region_size(p, size_p), "region layout")
-        qi = ffi.new("struct vp_queue_info *")
-        layout = []
-        for q in range(queues):
-            check(lib.vp_region_layout(p, q, qi), "region layout")
-            layout.append(_queue_info_of(qi))
+        p, _cname = _region_params(
+            b"x",
+            queues,
+            queue_size,
+            params.get("data_size", 16 << 20),
+            params.get("capacity", 0),
+            params.get("blk_size", 512),
+            params.get("seg_max"),
+            params.get("lock", LOCK_DEFAULT),
+            params.get("exit", "async"),
+            params.get("exit_cost_us", 0),
+            params.get("mode", "notify"),
+            features,
+        )
+        size, layout = _region_layout(p, queues)
         return {
-            "size": int(size_p[0]),
+            "size": size,
             "layout": layout,
             "event_idx": event_idx,
             "exit_mode": EXIT.code(params.get("exit", "async")),

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ._lowlevel import check, code_name, ffi, lib, opened, strerror
 from ._resource import Closeable
 from .errors import ConfigError
-from .limits import ND_REMEDY, ND_REREAD_MS_DEFAULT, STRATEGY
+from .limits import ND_DEVICE, ND_REMEDY, ND_REREAD_MS_DEFAULT, STRATEGY
 from .lock import SharedLock
 from .notifier import Notifier
 
@@ -25,7 +25,8 @@ STRATEGIES = STRATEGY.codes
 #: Driver remedies of the notification-data reordering hazard (vp_vq_set_nd).
 ND_REMEDIES = ND_REMEDY.codes
 #: What a device does with the notification word.
-ND_BEHAVIOURS = {"off": lib.VP_ND_OFF, "trust": lib.VP_ND_TRUST, "reread": lib.VP_ND_REREAD}
+ND_BEHAVIOURS = {"off": lib.VP_ND_OFF, **ND_DEVICE.codes}
+_ND_NAMES = {v: k for k, v in ND_BEHAVIOURS.items()}
 ND_REREAD_MS = ND_REREAD_MS_DEFAULT
 # A buffer of a chain: (guest physical address, length).
 Buffer = tuple[int, int]
@@ -430,6 +431,15 @@ ND_STAT_FIELDS = (
     "behaviour", "reread_ms", "index", "doorbells", "reordered", "misdirected", "waiting",
     "stalls", "stall_ns", "stall_max_ns", "rereads",
 )  # fmt: skip
+
+
+def nd_behaviour(code: int) -> str:
+    """The name of a behaviour read back from a queue's shared block; "off"
+    for any value but trust's and reread's."""
+    for k, v in ND_DEVICE.codes.items():
+        if v == code:
+            return k
+    return "off"
 
 
 def nd_stats(shared: Any) -> dict[str, int]:

@@ -22,6 +22,7 @@ from ..lock import (
 )
 from ..region import Region
 from ..units import format_size
+from ..virtqueue import nd_behaviour
 from .spec import JobSpec
 
 NCPU = os.cpu_count() or 1
@@ -162,7 +163,7 @@ def nd_summary(
     sh = [region.queue_shared(q) for q in used_q]
     kicks = max(delta["kicks"], 1)
     return {
-        "device": {1: "trust", 2: "reread"}.get(int(sh[0].nd.behaviour), "off"),
+        "device": nd_behaviour(int(sh[0].nd.behaviour)),
         "reread_ms": int(sh[0].nd.reread_ms),
         "remedy": spec.nd_remedy,
         "notifications": delta["kicks"],
