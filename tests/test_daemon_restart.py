@@ -135,7 +135,9 @@ def test_writers_survive_daemon_kills_and_the_store_equals_the_acknowledged_writ
             def acked_more(seen=seen):
                 for t in tails:
                     t.poll()
-                assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
+                assert all(p.poll() is None for p in procs), [
+                    p.stderr.read() for p in procs if p.poll() is not None
+                ]
                 return all(len(t.acks) > n + 2 for t, n in zip(tails, seen))
 
             wait_for(acked_more, "every writer to acknowledge more writes", 120)

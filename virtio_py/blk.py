@@ -88,27 +88,26 @@ class GuestSlot:
         be replaced (the restart wait, vp_device_gone): its successor
         completes what is in the ring."""
         end = time.monotonic() + timeout
+        # Only a device virtio-hostd made (it left its layout record) has a
+        # daemon that can come back; a vhost-user front-end's transport
+        # says itself when its device is gone.  Asked while the device
+        # serves: once it is gone, a successor may be rewriting the record.
+        if self._restartable is None:
+            from .pidfile import has_record
+
+            r = self.vq.region
+            self._restartable = not r.owner and has_record(r.name, "layout")
+        restartable = self._restartable
         while True:
             left = max(0.0, end - time.monotonic())
             r = fn(self._g, arg, int(left * 1e9), self._status, self._len)
             if (
                 r != -lib.VP_EDEVGONE
                 or left == 0
-                or not self._can_restart()
+                or not restartable
                 or lib.vp_device_gone(self._daemon_pid)
             ):
                 return check(r, "waiting for the device")
-
-    def _can_restart(self) -> bool:
-        """Only a device virtio-hostd made (it left its layout record) has a
-        daemon that can come back; a vhost-user front-end's transport says
-        itself when its device is gone."""
-        if self._restartable is None:
-            from .pidfile import has_record
-
-            r = self.vq.region
-            self._restartable = not r.owner and has_record(r.name, "layout")
-        return self._restartable
 
     def wait(self, tag: int, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, int]:
         """Wait for tag; returns (status, used length)."""
