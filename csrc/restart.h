@@ -62,6 +62,7 @@ void vp_set_restart_wait_ns(int64_t ns);
 /* 1 once the device process whose pid *daemon_pid holds (a region header's,
  * rewritten by each successor) has been gone for the restart wait; 0 while
  * it lives or a successor may still come; 1 at once for a pid <= 0 (no
- * device, said on purpose).  One clock per process. */
+ * device, said on purpose).  One clock per dead pid and process: a
+ * successor that dies starts a new wait.  Any thread. */
 int vp_device_gone(const int32_t *daemon_pid);
 #endif

@@ -213,6 +213,33 @@ def test_a_guest_waiting_past_the_restart_wait_fails_with_device_gone(daemons, n
         lib.vp_set_restart_wait_ns(old)
 
 
+def _dead_pid():
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_each_dead_device_process_gets_its_own_restart_wait():
+    """A guest that waited out one daemon's restart gives the successor's
+    death the whole wait again, however long ago the first one died."""
+    from virtio_py._lowlevel import ffi, lib
+
+    old = lib.vp_restart_wait_ns()
+    lib.vp_set_restart_wait_ns(100_000_000)
+    try:
+        daemon_pid = ffi.new("int32_t *", _dead_pid())
+        assert not lib.vp_device_gone(daemon_pid)
+        wait_for(lambda: lib.vp_device_gone(daemon_pid), "the restart wait to pass", 5)
+        # A successor serves (completions come, nobody asks) and dies.
+        daemon_pid[0] = _dead_pid()
+        assert not lib.vp_device_gone(daemon_pid)
+        wait_for(lambda: lib.vp_device_gone(daemon_pid), "its restart wait to pass", 5)
+        daemon_pid[0] = 0  # no device process, said on purpose
+        assert lib.vp_device_gone(daemon_pid)
+    finally:
+        lib.vp_set_restart_wait_ns(old)
+
+
 def test_start_with_other_options_replaces_instead_of_taking_over(daemons, name, tmp_path):
     store = str(tmp_path / "store")
     _start(daemons, name, store)
