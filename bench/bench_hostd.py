@@ -12,6 +12,11 @@ costs: CPU and wake-ups.
 - shm, iodepth 16: the same 4 workers with 16 requests each in flight (64
   requests of 3 descriptors: more than the 128-entry ring holds, so workers
   also wait for room).
+- placed: the same rows again with the daemon's threads on a CPU of their
+  own and the workers on the others (virtio-hostd start --cpus, virtio-emu
+  run --cpus: the last CPU for the daemon), as a host runs a VM beside its
+  I/O thread; in the same run as the unplaced rows, so their ratio is like
+  against like.
 
 Disk and shm at iodepth 1 in both serving modes, served the default way
 (disk: the io_uring engine; shm: stripe files mapped); bench_engines.py
@@ -50,6 +55,7 @@ import pytest
 import virtio_py
 from benchutil import print_report, save_results, unique_name
 from virtio_py.compare import DaemonProcess
+from virtio_py.cpus import split_for_device
 from virtio_py.store import prewrite, stripe_path
 from virtio_py.workload import JobSpec, run_job
 
@@ -91,10 +97,10 @@ def voluntary_switches(pid):
     return n
 
 
-def randread_round(daemon, iodepth):
-    """One round of 4 KiB random reads by WORKERS workers (prepare) on a
-    running daemon; the run's result, with the daemon's and the guests'
-    voluntary context switches per request."""
+def randread_round(daemon, iodepth, cpus=None):
+    """One round of 4 KiB random reads by WORKERS workers (prepare, on cpus
+    if given) on a running daemon; the run's result, with the daemon's and
+    the guests' voluntary context switches per request."""
     v0 = voluntary_switches(daemon.proc.pid)
     res = run_job(
         JobSpec(
@@ -105,6 +111,7 @@ def randread_round(daemon, iodepth):
             iodepth=iodepth,
             size=AREA,
             strategy="prepare",
+            cpus=cpus,
         )
     )
     v1 = voluntary_switches(daemon.proc.pid)
@@ -192,16 +199,28 @@ def fio_randread(fio, store, ios_per_job, direct=True):
     }
 
 
+def placement(placed):
+    """(daemon's CPUs, workers' CPUs): split_for_device()'s when placed,
+    else (None, None): anywhere."""
+    if not placed:
+        return None, None
+    split = split_for_device()
+    if split is None:
+        pytest.skip("one CPU: no CPU of its own for the daemon")
+    return split
+
+
 @pytest.fixture(scope="module")
 def bed(request):
-    """Factory: bed(kind, mode) -> (daemon, store dir, fio); one store per
-    kind (its read area written once), served by one daemon at a time (a
-    store takes one daemon): a daemon of another mode is stopped first."""
+    """Factory: bed(kind, mode, placed) -> (daemon, store dir, fio); one
+    store per kind (its read area written once), served by one daemon at a
+    time (a store takes one daemon): a daemon of another mode or placement
+    is stopped first."""
     fio = ensure_fio()
     with contextlib.ExitStack() as stack:
         stores, daemons = {}, {}
 
-        def get(kind, mode):
+        def get(kind, mode, placed=False):
             if kind not in stores:
                 parent = "/dev/shm" if kind == "shm" else None
                 d = stack.enter_context(
@@ -212,22 +231,25 @@ def bed(request):
                 prewrite(d, CFG["stripes"], CFG["chunk"], WORKERS * AREA)
                 stores[kind] = d
             cur = daemons.get(kind)
-            if cur is None or cur[0] != mode:
+            if cur is None or cur[0] != (mode, placed):
                 if cur is not None:
                     cur[1].stop()
                 dp = DaemonProcess(
-                    unique_name(f"hostd-{kind}-{mode}"), stores[kind], dict(CFG, mode=mode)
+                    unique_name(f"hostd-{kind}-{mode}"),
+                    stores[kind],
+                    dict(CFG, mode=mode, cpus=placement(placed)[0]),
                 )
                 stack.enter_context(dp)
-                daemons[kind] = (mode, dp)
+                daemons[kind] = ((mode, placed), dp)
             return daemons[kind][1], stores[kind], fio
 
         yield get
     print_report(request, _report())
 
 
-def _bench(benchmark, bed, kind, mode, iodepth=1):
-    daemon, store, fio = bed(kind, mode)
+def _bench(benchmark, bed, kind, mode, iodepth=1, placed=False):
+    guest_cpus = placement(placed)[1]
+    daemon, store, fio = bed(kind, mode, placed)
     runs, refs = [], []
     direct = direct_works(store)
 
@@ -235,7 +257,7 @@ def _bench(benchmark, bed, kind, mode, iodepth=1):
         refs.append(fio_randread(fio, store, IOS, direct))
 
     def daemon_round():
-        runs.append(randread_round(daemon, iodepth))
+        runs.append(randread_round(daemon, iodepth, guest_cpus))
 
     benchmark.group = f"hostd-{kind}" + (f"-iodepth{iodepth}" if iodepth > 1 else "")
     # fio's reference is psync at iodepth 1: no match for a deeper queue.
@@ -251,6 +273,7 @@ def _bench(benchmark, bed, kind, mode, iodepth=1):
         "kind": kind,
         "mode": mode,
         "iodepth": iodepth,
+        "placed": placed,
         "iops": statistics.median(iops),
         "fio_iops": fio_med,
         "ratio": round(statistics.median(iops) / fio_med, 3) if refs else None,
@@ -285,7 +308,7 @@ def _bench(benchmark, bed, kind, mode, iodepth=1):
         ),
     }
     benchmark.extra_info.update({k: v for k, v in med.items() if k != "config"})
-    RESULTS[(kind, mode, iodepth)] = med
+    RESULTS[(kind, mode, iodepth, placed)] = med
     return med
 
 
@@ -294,13 +317,25 @@ def test_disk_randread_4k_vs_fio(benchmark, bed, mode):
     _bench(benchmark, bed, "disk", mode)
 
 
+def test_disk_randread_4k_vs_fio_placed(benchmark, bed):
+    _bench(benchmark, bed, "disk", "notify", placed=True)
+
+
 @pytest.mark.parametrize("mode", ["notify", "poll"])
 def test_shm_randread_4k(benchmark, bed, mode):
     _bench(benchmark, bed, "shm", mode)
 
 
+def test_shm_randread_4k_placed(benchmark, bed):
+    _bench(benchmark, bed, "shm", "notify", placed=True)
+
+
 def test_shm_randread_4k_iodepth16(benchmark, bed):
     _bench(benchmark, bed, "shm", "notify", iodepth=16)
+
+
+def test_shm_randread_4k_iodepth16_placed(benchmark, bed):
+    _bench(benchmark, bed, "shm", "notify", iodepth=16, placed=True)
 
 
 def _report():
@@ -310,17 +345,18 @@ def _report():
         "",
         f"host daemon vs fio ({TREE}): 4 KiB random reads, 4 workers, "
         "12 stripes x 64 KiB (median of rounds)",
-        f"  {'store':<5} {'mode':<7} {'depth':>5} {'daemon IOPS':>11} {'fio IOPS':>9} "
+        f"  {'store':<5} {'mode':<7} {'placed':<6} {'depth':>5} {'daemon IOPS':>11} {'fio IOPS':>9} "
         f"{'ratio':>6} {'host us/req':>11} {'guest us/req':>12} {'vcs/req host':>12} "
         f"{'guest':>6} {'p50 us':>7} {'p99 us':>7}",
     ]
-    for (kind, mode, depth), r in RESULTS.items():
+    for (kind, mode, depth, placed), r in RESULTS.items():
         lat = r["latency_us"]
         fio = ratio = "-"
         if r["ratio"] is not None:
             fio, ratio = f"{r['fio_iops']:.0f}", f"{r['ratio']:.2f}"
         lines.append(
-            f"  {kind:<5} {mode:<7} {depth:>5} {r['iops']:>11.0f} {fio:>9} "
+            f"  {kind:<5} {mode:<7} {'yes' if placed else 'no':<6} {depth:>5} "
+            f"{r['iops']:>11.0f} {fio:>9} "
             f"{ratio:>6} {r['host_cpu_us_per_request']:>11.1f} "
             f"{r['guest_cpu_us_per_request']:>12.1f} {r['host_vcs_per_request']:>12.2f} "
             f"{r['guest_vcs_per_request']:>6.2f} {lat['p50']:>7.1f} {lat['p99']:>7.1f}"

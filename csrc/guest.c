@@ -52,6 +52,7 @@ struct vp_guest {
 	int direct;         /* waiters take interrupts themselves (see top) */
 	uint32_t waiting;   /* our threads asleep in a wait, taking interrupts */
 	uint32_t waits;     /* sleeps begun: the irq thread's sign of waiters */
+	uint32_t asleep;    /* our threads asleep on the slot's wake_seq */
 };
 
 static long futex_wait(uint32_t *w, uint32_t val, int64_t ns)
@@ -208,7 +209,14 @@ int vp_guest_reap(struct vp_guest *g)
 	} while (r == 0 && !virtqueue_enable_cb(g->vq));
 	vp_lock_release(lock);
 	/* wake_seq moved before the unlock, so a waiter that has not slept
-	 * yet will not sleep on the old value: no wake-up is lost. */
+	 * yet will not sleep on the old value: no wake-up is lost.  Only our
+	 * own threads wait on our slot: with none asleep (the reaper is the
+	 * waiter, the common case) its wake would be a system call for
+	 * nobody.  Both sides order with a full barrier: wake_seq++ before
+	 * this load, asleep++ before the futex compares wake_seq. */
+	if (wake >> g->slot_idx & 1 &&
+	    !__atomic_load_n(&g->asleep, __ATOMIC_SEQ_CST))
+		wake &= ~(1ULL << g->slot_idx);
 	for (; wake; wake &= wake - 1)
 		vp_vq_slot_wake(g->vq, (unsigned)__builtin_ctzll(wake));
 	return r < 0 ? r : n;
@@ -343,18 +351,22 @@ static int take_calls(struct vp_guest *g)
 static int guest_sleep(struct vp_guest *g, uint32_t *word, uint32_t seq,
 		       int64_t ns)
 {
+	int r = -EOPNOTSUPP;
+	__atomic_add_fetch(&g->asleep, 1, __ATOMIC_SEQ_CST);
 	if (g->direct && g->call) {
 		__atomic_add_fetch(&g->waits, 1, __ATOMIC_RELAXED);
 		__atomic_add_fetch(&g->waiting, 1, __ATOMIC_RELAXED);
-		int r = vp_notifier_wait_or(g->call, word, seq, ns);
+		r = vp_notifier_wait_or(g->call, word, seq, ns);
 		__atomic_sub_fetch(&g->waiting, 1, __ATOMIC_RELAXED);
-		if (r >= 0)
-			return r;
 		if (r == -EOPNOTSUPP || r == -ENOSYS)
 			WRITE_ONCE(g->direct, 0);   /* for good: the irq thread takes them */
 	}
-	futex_wait(word, seq, ns);
-	return 0;
+	if (r < 0) {
+		futex_wait(word, seq, ns);
+		r = 0;
+	}
+	__atomic_sub_fetch(&g->asleep, 1, __ATOMIC_RELAXED);
+	return r;
 }
 
 /* Sleep until one tag of mask completes.  A lost interrupt (its taker

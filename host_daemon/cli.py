@@ -141,6 +141,12 @@ def build_parser():
         help="serve the queues over vhost-user on the Unix socket PATH (QEMU's "
         "vhost-user-blk-pci) instead of the shared-memory rings",
     )
+    add_option(
+        s,
+        "--cpus",
+        help="run the daemon's threads on these CPUs only (taskset's list: 1, 0-1, 0,2-3), "
+        "e.g. CPUs the guests' workers do not use (virtio-emu run --cpus); default: any",
+    )
     s.add_argument("--foreground", action="store_true", help="do not detach")
 
     for cmd, text in (
@@ -199,6 +205,7 @@ def _daemon_from(a):
         notification_data=a.notification_data,
         nd_reread_ms=a.nd_reread_ms,
         io_engine=a.io_engine,
+        cpus=a.cpus,
     )
 
 

@@ -11,9 +11,11 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from virtio_py import limits
+from virtio_py.cpus import check_cpus, pin
 from virtio_py.device import ENGINES, BlockServer, InflightRecord
 from virtio_py.errors import ConfigError, RegionError
 from virtio_py.pidfile import PidFile, open_record, read_record, remove_records, write_record
@@ -117,6 +119,7 @@ class HostDaemon:
         notification_data: str | None = None,
         nd_reread_ms: int = limits.ND_REREAD_MS_DEFAULT,
         io_engine: str | None = None,
+        cpus: Iterable[int] | None = None,
     ) -> None:
         check_name(name)
         limits.check_notification_data(notification_data, mode, vhost_user)
@@ -124,6 +127,9 @@ class HostDaemon:
         if io_engine is not None and io_engine not in ENGINES:
             raise ConfigError(f"I/O engine {io_engine!r}: not one of {', '.join(ENGINES)}")
         self.io_engine = io_engine
+        # Where the threads run: the process's, not the device's (a
+        # successor may run elsewhere and still take the device over).
+        self.cpus = None if cpus is None else check_cpus(cpus)
         limits.BLK_QUEUE_SIZE.check(queue_size)  # before the ring's own, wider limit
         limits.check_geometry(stripes, chunk, size)
         limits.check_region(
@@ -176,6 +182,7 @@ class HostDaemon:
     def setup(self) -> None:
         """Create everything and start serving.  On error, nothing is left."""
         c = self.cfg
+        pin(self.cpus)  # before any thread starts: they inherit it
         try:
             # The name first: while we hold it, no other daemon serves it,
             # and what is left under it is a dead one's.

@@ -109,6 +109,12 @@ def build_parser():
         "only). Default none",
     )
     add_option(r, "--engine", default="c", help="the per-request loop in C (default) or in Python")
+    add_option(
+        r,
+        "--cpus",
+        help="run the workers on these CPUs only (taskset's list: 1, 0-1, 0,2-3), e.g. CPUs "
+        "the device's threads do not use (virtio-hostd start --cpus); default: any",
+    )
     r.add_argument("--seed", type=int, default=1, help="random offsets (default 1)")
     r.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
     r.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -343,6 +349,7 @@ def cmd_run(a):
         engine=a.engine,
         seed=a.seed,
         nd_remedy=a.nd_remedy,
+        cpus=a.cpus,
     ).check()
     prog = Progress(sys.stderr)
     # SIGTERM must stop the workers cleanly too: one killed holding the

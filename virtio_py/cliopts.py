@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import limits
-from .cliutil import choice_arg, limit_arg, name_arg, parse_float
+from .cliutil import choice_arg, cpus_arg, limit_arg, name_arg, parse_float
 from .units import parse_size
 
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -31,6 +31,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "help": "extra microseconds spent inside every kick (default 0)",
     },
     "--vhost-user": {"metavar": "PATH"},
+    # where its processes run
+    "--cpus": {"type": cpus_arg, "metavar": "LIST", "default": None},
     # the guests' workload
     "--workers": {"type": limit_arg(limits.WORKERS)},
     "--bs": {"type": limit_arg(limits.BS, parse_size)},

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .cpus import parse_cpus
 from .errors import ConfigError, VirtioError
 from .limits import Choice, Limit
 from .region import check_name
@@ -40,6 +41,7 @@ def _arg_type(parse, errors):
 
 
 name_arg = _arg_type(check_name, VirtioError)
+cpus_arg = _arg_type(parse_cpus, ValueError)  # CPU list: 1, 0-1, 0,2-3
 size_arg = _arg_type(parse_size, ValueError)  # bytes: 4096, 4k, 64K, 1G
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..children import spawn, terminate
+from ..cpus import format_cpus
 from ..errors import VirtioError
 from ..region import destroy
 
@@ -27,6 +28,8 @@ def hostd_command(name: str, store_dir: str, cfg: Mapping[str, Any]) -> list[str
         "--mode", c["mode"], "--exit", c["exit"], "--exit-cost", str(c["exit_cost_us"]),
         "--lock", c["lock"], "--event-idx" if c["event_idx"] else "--no-event-idx",
     ]  # fmt: skip
+    if c.get("cpus"):
+        args += ["--cpus", format_cpus(c["cpus"])]
     if c.get("io_threads") is not None:
         args += ["--io-threads", str(c["io_threads"])]
     if c.get("notification_data"):

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .._lowlevel import lib
+from ..cpus import format_cpus
 from ..limits import SECTOR
 from ..lock import (
     LOCKSTAT_COLUMNS,
@@ -48,6 +49,8 @@ def describe(cfg: Mapping[str, Any]) -> str:
     served = cfg.get("served_by")
     line += f", {served or cfg['mode']}"
     line += f", event_idx {'on' if cfg['event_idx'] else 'off'}, lock {cfg['lock']}"
+    if cfg.get("guest_cpus"):
+        line += f", workers on CPUs {cfg['guest_cpus']}"
     if cfg.get("store") is not None:
         line += f", store {cfg['store']}"
         if served:
@@ -129,6 +132,7 @@ def _worker_row(r: Mapping[str, Any]) -> dict[str, Any]:
     cpu = r["cpu_user"] + r["cpu_sys"]
     return {
         "worker": r["worker"], "pid": r["pid"], "queue": r["queue"], "slot": r["slot"],
+        "cpus": r.get("cpus"),
         "ios": r["ios"], "issued": r["issued"], "reads": r["reads"], "writes": r["writes"],
         "errors": r["errors"], "dup_completions": r["dup_completions"],
         "queue_full": r["queue_full"],
@@ -240,6 +244,7 @@ def summarise(
             "exit": region.exit_mode, "exit_cost_us": h.exit_cost_ns / 1000.0,
             "mode": region.serve_mode, "lock": region.lock_kind, "event_idx": region.event_idx,
             "cpus": NCPU,
+            "guest_cpus": None if spec.cpus is None else format_cpus(spec.cpus),
         },
         "lockstat": lockstat,
         "lockstat_ns": {f: raw[f] for f in LOCKSTAT_FIELDS},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from .. import limits
+from ..cpus import check_cpus
 from ..errors import ConfigError
 from ..limits import SECTOR
 
@@ -41,6 +42,7 @@ class JobSpec:
     seed: int = 1
     timeout: float = 30.0
     lat_samples: int = LAT_SAMPLES
+    cpus: frozenset[int] | None = None  # where the workers run (None: anywhere)
 
     def check(self) -> JobSpec:
         """self, or ConfigError naming the first parameter outside virtio_py.limits."""
@@ -60,6 +62,8 @@ class JobSpec:
         limits.ENGINE.check(self.engine)
         limits.RWMIX_READ.check(self.rwmix_read)
         limits.VERIFY_SEED.check(self.verify_seed)
+        if self.cpus is not None:
+            self.cpus = check_cpus(self.cpus)
         return self
 
 
