@@ -20,17 +20,14 @@ asserted (a loaded machine must not fail the suite).
 
 import contextlib
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 
 import pytest
 
 from benchutil import print_report, save_results, unique_name
+from virtio_py.compare import DaemonProcess
 from virtio_py.qsd import QsdProcess, qsd_path
-from virtio_py.region import destroy
 from virtio_py.store import prewrite, stripe_path
 from virtio_py.vhost_front import VhostUserDisk, queue_size_for
 from virtio_py.workload import JobSpec, run_job
@@ -47,40 +44,18 @@ QSD_OPTS = {"qsd": {}, "qsd-iothread": {"iothread": True, "aio": "io_uring"}}
 RESULTS = {}  # (place, iodepth) -> {backend: [runs]}
 
 
-class Hostd:
+class Hostd(DaemonProcess):
     """`virtio-hostd start --foreground --vhost-user SOCK --stripes 1` on store."""
 
     def __init__(self, store, sock):
-        self.name = unique_name("vhu")
-        self.sock = sock
-        cmd = [sys.executable, "-m", "host_daemon", "start", "--foreground",
-               "--name", self.name, "--store", store, "--size", str(SIZE), "--stripes", "1",
-               "--vhost-user", sock]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
+        super().__init__(
+            unique_name("vhu"), store, {"size": SIZE, "stripes": 1, "vhost_user": sock}
         )
-        lines = []
-        for line in self.proc.stdout:
-            lines.append(line.strip())
-            if "ready:" in line:
-                return
-        self.close()
-        raise RuntimeError(f"virtio-hostd --vhost-user did not start: {lines}")
+        self.sock = sock
+        self.start()
 
     def close(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-        destroy(self.name)
+        self.stop()
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,13 @@ per round and the ratio of medians; nothing is asserted.
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 
 import pytest
 
 from benchutil import print_report
+from virtio_py.compare import DaemonProcess
 from virtio_py.store import prewrite, stripe_path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
@@ -36,37 +36,6 @@ CHUNK = 64 << 10
 RESULTS = {}
 # The kernel's crypto self-tests only slow the boot.
 KERNEL_ARGS = "cryptomgr.notests=1"
-
-
-class OurDaemon:
-    """virtio-hostd in the foreground as a child, serving vhost-user on sock."""
-
-    def __init__(self, name, store, sock):
-        self.name, self.store, self.sock = name, store, sock
-        self.proc = None
-
-    def __enter__(self):
-        cmd = [sys.executable, "-m", "host_daemon", "start", "--foreground", "--name",
-               self.name, "--store", self.store, "--size", str(SIZE), "--stripes", "1",
-               "--chunk", str(CHUNK), "--vhost-user", self.sock]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, text=True)  # fmt: skip
-        out = []
-        for line in self.proc.stdout:
-            out.append(line)
-            if "ready:" in line:
-                return self
-        self.proc.wait(10)
-        raise RuntimeError("virtio-hostd did not start: " + "".join(out))
-
-    def __exit__(self, *exc):
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +79,8 @@ def test_guest_dd_4k_direct_vs_qemu_storage_daemon(benchmark, bed):
         qsd.append(res.rates()["total"])
 
     def our_round():
-        with OurDaemon(bed["name"], bed["store"], bed["sock"]):
+        cfg = {"size": SIZE, "stripes": 1, "chunk": CHUNK, "vhost_user": bed["sock"]}
+        with DaemonProcess(bed["name"], bed["store"], cfg):
             res = _guest(bed["sock"])
         ours.append(res.rates()["total"])
         boots.append(res.boot_s)

@@ -13,24 +13,12 @@ import uuid
 import pytest
 
 import procs
-from hostd_util import emu, one_line_error, processes_with, shm_objects
+from hostd_util import LOCKSTAT, emu, one_line_error, processes_with, shm_objects
 from procs import wait_for
 from virtio_py.compare import BASE, DaemonProcess, combine, format_tables, parse_row, pct_change
 from virtio_py.errors import ConfigError
 from virtio_py.region import destroy
 
-LOCKSTAT = (
-    "con-bounces",
-    "contentions",
-    "waittime-min",
-    "waittime-max",
-    "waittime-total",
-    "acq-bounces",
-    "acquisitions",
-    "holdtime-min",
-    "holdtime-max",
-    "holdtime-total",
-)
 RUN_KEYS = (
     "strategy",
     "config",

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from hostd_util import EMU, emu, one_line_error, processes_with
+from hostd_util import EMU, LOCKSTAT, emu, one_line_error, processes_with
 from procs import used_idx_moves, wait_for
 from virtio_py.errors import ConfigError
 from virtio_py.store import locate, stripe_path
@@ -204,18 +204,7 @@ def test_measurements_are_all_there(device, tmp_path):
     import json
 
     res = json.loads(out.read_text())
-    for k in (
-        "con-bounces",
-        "contentions",
-        "waittime-min",
-        "waittime-max",
-        "waittime-total",
-        "acq-bounces",
-        "acquisitions",
-        "holdtime-min",
-        "holdtime-max",
-        "holdtime-total",
-    ):
+    for k in LOCKSTAT:
         assert k in res["lockstat"]
     for k in (
         "iops",

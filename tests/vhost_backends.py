@@ -7,18 +7,14 @@ A test that cannot have qemu-storage-daemon skips with the reason.
 """
 
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
+from virtio_py.compare import DaemonProcess
 from virtio_py.qsd import QSD_SERIAL, QsdProcess, qsd_path
-from virtio_py.region import destroy
 from virtio_py.store import stripe_path
 
 KINDS = ("qsd", "hostd")
-HOSTD = [sys.executable, "-m", "host_daemon"]
 
 
 class Backend:
@@ -62,46 +58,19 @@ class HostdBackend(Backend):
     kind = "hostd"
 
     def __init__(self, directory, size, name, num_queues=1):
-        self.name = name
         store = os.path.join(directory, "store")
         self.image = stripe_path(store, 0)
         self.sock = os.path.join(directory, "hostd.sock")
         self.serial = f"vpy-{name}".encode()[:20]
-        cmd = HOSTD + [
-            "start", "--foreground", "--name", name, "--store", store, "--size", str(size),
-            "--stripes", "1", "--queues", str(num_queues), "--vhost-user", self.sock,
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
+        cfg = {"size": size, "stripes": 1, "queues": num_queues, "vhost_user": self.sock}
+        self.proc = DaemonProcess(name, store, cfg).start()
         self.pid = self.proc.pid
-        lines = []
-        for line in self.proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if "ready:" in line:
-                return
-        self.stop()
-        pytest.fail(f"virtio-hostd --vhost-user did not get ready: {lines}")
 
     def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        self.proc.kill()
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-        destroy(self.name)  # what a killed daemon left
+        self.proc.stop()
         if os.path.exists(self.sock):
             os.unlink(self.sock)
 

@@ -16,22 +16,31 @@ from ..cpus import format_cpus
 from ..errors import VirtioError
 from ..region import destroy
 
+# cfg key -> virtio-hostd start option, given when the key is set.
+_OPTIONS = (
+    ("size", "--size"), ("stripes", "--stripes"), ("chunk", "--chunk"),
+    ("queues", "--queues"), ("queue_size", "--queue-size"), ("mode", "--mode"),
+    ("exit", "--exit"), ("exit_cost_us", "--exit-cost"), ("lock", "--lock"),
+    ("io_threads", "--io-threads"), ("vhost_user", "--vhost-user"),
+)  # fmt: skip
+
 
 def hostd_command(name: str, store_dir: str, cfg: Mapping[str, Any]) -> list[str]:
-    """The command line of a foreground daemon serving cfg's device."""
+    """The command line of a foreground daemon serving cfg's device: an
+    option for each key of cfg that is set (missing or None: the daemon's
+    default); vhost_user: serve that socket instead of the named region."""
     c = cfg
     args = [
         sys.executable, "-m", "host_daemon", "start", "--foreground",
-        "--name", name, "--store", store_dir, "--size", str(c["size"]),
-        "--stripes", str(c["stripes"]), "--chunk", str(c["chunk"]),
-        "--queues", str(c["queues"]), "--queue-size", str(c["queue_size"]),
-        "--mode", c["mode"], "--exit", c["exit"], "--exit-cost", str(c["exit_cost_us"]),
-        "--lock", c["lock"], "--event-idx" if c["event_idx"] else "--no-event-idx",
+        "--name", name, "--store", store_dir,
     ]  # fmt: skip
+    for key, flag in _OPTIONS:
+        if c.get(key) is not None:
+            args += [flag, str(c[key])]
+    if c.get("event_idx") is not None:
+        args.append("--event-idx" if c["event_idx"] else "--no-event-idx")
     if c.get("cpus"):
         args += ["--cpus", format_cpus(c["cpus"])]
-    if c.get("io_threads") is not None:
-        args += ["--io-threads", str(c["io_threads"])]
     if c.get("notification_data"):
         args += ["--notification-data", c["notification_data"]]
         if c.get("nd_reread_ms"):
@@ -97,6 +106,13 @@ class DaemonProcess:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: what it made stays, for a successor
+        to take over (stop() unlinks it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM, wait, SIGKILL if it must; then unlink what it left."""
