@@ -27,9 +27,10 @@ import pytest
 
 from benchutil import print_report, save_results, unique_name
 from virtio_py.compare import DaemonProcess
+from virtio_py.limits import queue_size_for
 from virtio_py.qsd import QsdProcess, qsd_path
 from virtio_py.store import prewrite, stripe_path
-from virtio_py.vhost_front import VhostUserDisk, queue_size_for
+from virtio_py.vhost_front import VhostUserDisk
 from virtio_py.workload import JobSpec, run_job
 
 SIZE = 1 << 30

@@ -290,3 +290,18 @@ def test_a_ring_of_one_is_a_region_but_not_a_blk_device(name, tmp_path):
     with pytest.raises(ConfigError, match="queue size must be a power of two from 2"):
         HostDaemon(name, str(tmp_path / "store"), 8 << 20, queue_size=1)
     assert shm_of(name) == []
+
+
+@pytest.mark.parametrize(
+    "workers,iodepth,queues,start,size",
+    [
+        (4, 1, 1, 128, 128),  # 12 descriptors fit
+        (4, 16, 1, 128, 256),  # 192 need 256
+        (4, 16, 4, 128, 128),  # 48 per queue
+        (3, 16, 2, 2, 128),  # 2 workers on the busier queue: 96
+        (64, 64, 1, 128, 16384),  # 12,288
+        (200, 64, 1, 128, limits.BLK_QUEUE_SIZE.hi),  # more than any ring holds: the largest
+    ],
+)
+def test_a_ring_is_sized_for_every_request_in_flight(workers, iodepth, queues, start, size):
+    assert limits.queue_size_for(workers, iodepth, queues, start=start) == size

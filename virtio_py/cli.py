@@ -311,14 +311,14 @@ def _check_device_args(a):
 
 def _open_vhost_user(a, name):
     """The front-end of `run --vhost-user`: connected, its queues laid out and running."""
-    from .vhost_front import VhostUserDisk, queue_size_for
+    from .vhost_front import VhostUserDisk
 
     queues = a.queues or 1
     return VhostUserDisk.open(
         a.vhost_user,
         name=name,
         queues=queues,
-        queue_size=a.queue_size or queue_size_for(a.workers, a.iodepth, queues),
+        queue_size=a.queue_size or limits.queue_size_for(a.workers, a.iodepth, queues),
         lock=a.lock or limits.LOCK_DEFAULT,
         event_idx=True if a.event_idx is None else a.event_idx,
         exit_cost_us=a.exit_cost or 0.0,

@@ -128,6 +128,19 @@ class Choice:
 QUEUES: Limit = Limit("queues", 1, lib.VP_MAX_QUEUES)
 RING_SIZE: Limit = Limit("queue size", 1, lib.VP_MAX_QUEUE_SIZE, power_of_two=True)
 BLK_QUEUE_SIZE: Limit = Limit("queue size", 2, lib.VP_MAX_QUEUE_SIZE, power_of_two=True)
+
+
+def queue_size_for(workers: int, iodepth: int, queues: int = 1, start: int = 128) -> int:
+    """The smallest power-of-two ring from start (doubled, up to the
+    largest) with room for every request in flight, 3 descriptors each and
+    no indirect ones, as blk-mq sizes its tag set to the virtqueue."""
+    need = -(-workers // queues) * iodepth * 3
+    size = start
+    while size < need and size < lib.VP_MAX_QUEUE_SIZE:
+        size *= 2
+    return size
+
+
 EXIT_COST_US: Limit = Limit("exit cost", 0, MAX_EXIT_COST_US, integer=False, unit=" us")
 LOCK: Choice = Choice(
     "lock kind",
@@ -243,6 +256,7 @@ __all__ = [
     "QUEUES",
     "RING_SIZE",
     "BLK_QUEUE_SIZE",
+    "queue_size_for",
     "EXIT_COST_US",
     "LOCK",
     "LOCK_DEFAULT",

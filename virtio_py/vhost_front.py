@@ -75,16 +75,6 @@ def peer_pid(sock: socket.socket) -> int:
     return max(struct.unpack("3i", raw)[0], 0)
 
 
-def queue_size_for(workers: int, iodepth: int, queues: int = 1) -> int:
-    """The smallest power-of-two ring (at least 128) with room for every
-    request in flight, 3 descriptors each, as blk-mq sizes its tag set."""
-    need = -(-workers // queues) * iodepth * 3
-    size = 128
-    while size < need and size < lib.VP_MAX_QUEUE_SIZE:
-        size *= 2
-    return size
-
-
 class EventfdVirtqueue(Virtqueue):
     """A driver's virtqueue whose kick and call are eventfds (the notifiers
     keep duplicates; the fds stay the caller's)."""
@@ -389,5 +379,4 @@ __all__ = [
     "VhostUserDisk",
     "default_name",
     "peer_pid",
-    "queue_size_for",
 ]

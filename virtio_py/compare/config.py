@@ -118,10 +118,8 @@ def resolve(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     limits.check_geometry(cfg["stripes"], cfg["chunk"], cfg["size"])
     if cfg["store"] not in ("disk", "shm"):
         raise ConfigError(f"store must be one of disk, shm, not {cfg['store']!r}")
-    # Room for every request in flight (3 descriptors each, no indirect
-    # descriptors), as blk-mq sizes its tag set to the virtqueue.
-    per_q = -(-cfg["workers"] // cfg["queues"]) * cfg["iodepth"] * 3
-    while cfg["queue_size"] < per_q and cfg["queue_size"] < limits.BLK_QUEUE_SIZE.hi:
-        cfg["queue_size"] *= 2
+    cfg["queue_size"] = limits.queue_size_for(
+        cfg["workers"], cfg["iodepth"], cfg["queues"], start=cfg["queue_size"]
+    )
     limits.BLK_QUEUE_SIZE.check(cfg["queue_size"])
     return cfg
