@@ -168,8 +168,8 @@ def _run(
         t0 = time.monotonic()
         t0_ns = lib.vp_now_ns()
         _parent_wait(barrier)  # go
-        _wait_for_workers(spec, region, used_q, c0, conns, procs, results, t0, stop, progress,
-                          label, device, done_barrier)  # fmt: skip
+        cut = _wait_for_workers(spec, region, used_q, c0, conns, procs, results, t0, stop,
+                                progress, label, device, done_barrier)  # fmt: skip
         t1 = time.monotonic()
         d1 = _cpu_seconds(daemon_pid)
         x1 = proc_ctx_switches(daemon_pid) if daemon_pid > 0 else None
@@ -192,9 +192,9 @@ def _run(
         for c in conns:
             c.close()
     failure = _failure(results)
+    if device is not None and (cut or (failure and not device.check())):
+        raise DeviceGoneError(f"{device.gone}; {failure}" if failure else str(device.gone))
     if failure:
-        if device is not None and not device.check():
-            raise DeviceGoneError(f"{device.gone}; {failure}")
         raise JobError(failure)
     done = [r for r in results if r is not None and "killed" not in r]
     killed = [r for r in results if r is not None and "killed" in r]
@@ -324,9 +324,12 @@ def _wait_for_workers(
     label: str,
     device: VhostUserDisk | None = None,
     done_barrier: Any = None,
-) -> None:
+) -> bool:
+    """Collect every worker's result; True when the device went away while
+    they ran (they were stopped: what they finished is not the job)."""
     last = 0.0
     interrupted = False
+    cut = False
     hard_deadline = None
     while any(r is None for r in results):
         try:
@@ -341,8 +344,10 @@ def _wait_for_workers(
                     elif not procs[i].is_alive() and not c.poll(0):
                         results[i] = _lost(i, procs[i], done_barrier)
             if device is not None and not device.check():
-                # The workers' waits fail now (daemon_pid is 0); stop the rest.
+                # The workers' waits fail now (daemon_pid is 0); stop the
+                # rest (whose requests may all complete before they see it).
                 stop.value = 1
+                cut = True
             now = time.monotonic()
             if hard_deadline and now > hard_deadline:
                 raise JobError("workers did not stop")
@@ -360,3 +365,4 @@ def _wait_for_workers(
             hard_deadline = time.monotonic() + spec.timeout
     if interrupted:
         raise KeyboardInterrupt
+    return cut
