@@ -16,6 +16,7 @@ import procs
 from hostd_util import LOCKSTAT, emu, one_line_error, processes_with, shm_objects
 from procs import wait_for
 from virtio_py.compare import BASE, DaemonProcess, combine, format_tables, parse_row, pct_change
+from virtio_py.cpus import format_cpus, split_for_device
 from virtio_py.errors import ConfigError
 from virtio_py.region import destroy
 
@@ -227,6 +228,32 @@ def test_compare_bad_input_fails_before_starting_anything(opts, word, prefix):
     one_line_error(p, "virtio-emu", word)
     assert "host daemon" not in p.stderr
     assert ours(prefix)[0] == []
+
+
+def test_a_placed_row_runs_the_daemon_and_the_workers_on_cpus_of_their_own(prefix, tmp_path):
+    split = split_for_device()
+    if split is None:
+        pytest.skip("one CPU: nothing to place on")
+    device, guests = (format_cpus(c) for c in split)
+    out = tmp_path / "cmp.json"
+    p = subprocess.run(
+        compare_cmd(prefix, "--no-rfc-row", "--row", "shm+placed", "--strategies", "hold",
+                    "--quiet", "--json", str(out)),
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    (run,) = json.loads(out.read_text())["runs"]
+    c = run["config"]
+    assert c["placed"] and c["daemon_cpus"] == device and c["guest_cpus"] == guests
+    assert {w["cpus"] for w in run["workers"]} == {guests}
+    assert f"daemon on CPUs {device}, workers on CPUs {guests}" in p.stdout
+    assert ours(prefix) == ([], [])
+
+
+def test_a_placed_row_is_refused_on_a_vhost_user_device(prefix):
+    p = emu("compare", "--name-prefix", prefix, "--device", "vhost-user:/nonexistent.sock",
+            "--no-rfc-row", "--row", "placed", timeout=60)  # fmt: skip
+    one_line_error(p, "virtio-emu", "placed")
 
 
 def test_daemon_process_interrupted_while_starting_is_stopped(prefix, tmp_path):

@@ -227,7 +227,7 @@ def build_parser():
         action="append",
         metavar="SPEC",
         help="any row: tokens joined by '+', e.g. shm+event-idx+iodepth=16 "
-        "(event-idx, no-event-idx, async, sync, poll, notify, shm, disk, mq, "
+        "(event-idx, no-event-idx, async, sync, poll, notify, shm, disk, mq, placed, "
         "iodepth=N, queues=N, workers=N, lock=K, exit-cost=US, bs=N, rw=M)",
     )
     g.add_argument(

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .. import limits
+from ..cpus import split_for_device
 from ..errors import ConfigError
 from ..units import parse_size
 
@@ -18,7 +19,7 @@ BASE: dict[str, Any] = {
     "exit": "sync", "exit_cost_us": 0.0, "mode": "notify", "event_idx": False,
     "lock": limits.LOCK_DEFAULT, "store": "disk", "stripes": 12, "chunk": 64 << 10,
     "size": 1 << 30, "area": 32 << 20, "prewrite": True, "queue_size": 128,
-    "io_threads": None, "engine": "c", "notification_data": None,
+    "io_threads": None, "engine": "c", "notification_data": None, "placed": False,
 }  # fmt: skip
 
 # Row tokens: each changes one thing of BASE.
@@ -28,6 +29,7 @@ ROW_TOKENS: dict[str, dict[str, Any]] = {
     "poll": {"mode": "poll"}, "notify": {"mode": "notify"},
     "shm": {"store": "shm"}, "disk": {"store": "disk"},
     "mq": {"queues": None},  # one queue per worker
+    "placed": {"placed": True},  # the daemon on a CPU of its own, the workers on the rest
 }  # fmt: skip
 ROW_KEYS: dict[str, Callable[[str], Any]] = {"iodepth": int, "queues": int, "workers": int, "lock": str, "exit-cost": float,
             "bs": parse_size, "rw": str, "nd": str}  # fmt: skip
@@ -98,6 +100,9 @@ def check_vhost_user_row(label: str, over: Mapping[str, Any], kind: str) -> None
     if over.get("mode") == "poll":
         raise ConfigError(f"{what}: poll mode is the native daemon's; a vhost-user back-end "
                           "serves its queues its own way")  # fmt: skip
+    if over.get("placed"):
+        raise ConfigError(f"{what}: placed puts the native daemon on a CPU of its own; a "
+                          "vhost-user back-end runs where it was started")  # fmt: skip
     if kind == "vhost-user" and "store" in over:
         raise ConfigError(f"{what}: a running vhost-user back-end has its own store")
 
@@ -122,4 +127,11 @@ def resolve(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
         cfg["workers"], cfg["iodepth"], cfg["queues"], start=cfg["queue_size"]
     )
     limits.BLK_QUEUE_SIZE.check(cfg["queue_size"])
+    # cpus: the daemon's (DaemonProcess passes it on); worker_cpus: the jobs'.
+    cfg["cpus"] = cfg["worker_cpus"] = None
+    if cfg["placed"]:
+        split = split_for_device()
+        if split is None:
+            raise ConfigError("row placed: this process may use one CPU, none to spare")
+        cfg["cpus"], cfg["worker_cpus"] = split
     return cfg

@@ -16,6 +16,7 @@ from typing import IO, Any
 
 from .. import limits
 from ..console import Progress, sigterm_as_interrupt
+from ..cpus import format_cpus
 from ..errors import ConfigError
 from ..qsd import QsdProcess, qsd_path
 from ..region import check_name
@@ -98,6 +99,9 @@ def annotate(
         res["config"]["daemon_pid"] = daemon.pid
     if cfg.get("served_by"):
         res["config"]["served_by"] = cfg["served_by"]
+    res["config"]["placed"] = bool(cfg.get("placed"))
+    if cfg.get("cpus"):
+        res["config"]["daemon_cpus"] = format_cpus(cfg["cpus"])
     return res
 
 
@@ -271,7 +275,7 @@ def compare(
                         spec = JobSpec(name, workers=cfg["workers"], rw=cfg["rw"], bs=cfg["bs"],
                                        iodepth=cfg["iodepth"], runtime=runtime, size=cfg["area"],
                                        strategy=strategy, engine=cfg["engine"],
-                                       nd_remedy=remedy)  # fmt: skip
+                                       nd_remedy=remedy, cpus=cfg["worker_cpus"])  # fmt: skip
                         tag = f" [{rep + 1}/{repeat}]" if repeat > 1 else ""
                         res = run_job(
                             spec,

@@ -49,6 +49,8 @@ def describe(cfg: Mapping[str, Any]) -> str:
     served = cfg.get("served_by")
     line += f", {served or cfg['mode']}"
     line += f", event_idx {'on' if cfg['event_idx'] else 'off'}, lock {cfg['lock']}"
+    if cfg.get("daemon_cpus"):
+        line += f", daemon on CPUs {cfg['daemon_cpus']}"
     if cfg.get("guest_cpus"):
         line += f", workers on CPUs {cfg['guest_cpus']}"
     if cfg.get("store") is not None:
