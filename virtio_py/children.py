@@ -86,4 +86,18 @@ def terminate(p: subprocess.Popen[Any], timeout: float) -> None:
             p.wait()
 
 
-__all__ = ["STOP_SIGNALS", "spawn", "stop_signals_blocked", "terminate", "unblock_stop_signals"]
+def kill(p: subprocess.Popen[Any] | None) -> None:
+    """SIGKILL, as a crash would end it, and reap; nothing if it has ended."""
+    if p is not None and p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+__all__ = [
+    "STOP_SIGNALS",
+    "kill",
+    "spawn",
+    "stop_signals_blocked",
+    "terminate",
+    "unblock_stop_signals",
+]

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 
-from .children import spawn, terminate
+from .children import kill, spawn, terminate
 from .errors import ConfigError, VirtioError
 
 QSD = "qemu-storage-daemon"
@@ -137,9 +137,7 @@ class QsdProcess:
 
     def kill(self) -> None:
         """SIGKILL, as a crash would end it (the socket file stays)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill(self.proc)
 
     def stop(self, timeout: float = 10) -> None:
         """SIGTERM, wait, SIGKILL if it must; then remove its socket and files."""

@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from ..children import spawn, terminate
+from ..children import kill, spawn, terminate
 from ..cpus import format_cpus
 from ..errors import VirtioError
 from ..region import destroy
@@ -110,9 +110,7 @@ class DaemonProcess:
     def kill(self) -> None:
         """SIGKILL, as a crash would: what it made stays, for a successor
         to take over (stop() unlinks it)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill(self.proc)
 
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM, wait, SIGKILL if it must; then unlink what it left."""

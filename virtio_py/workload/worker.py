@@ -23,7 +23,7 @@ import numpy as np
 from .._lowlevel import check, ffi, lib
 from ..blk import GuestSlot, acct_dict
 from ..children import unblock_stop_signals
-from ..cpus import format_cpus, pin
+from ..cpus import allowed, format_cpus, pin
 from ..errors import ConfigError, VirtioError
 from ..proc import set_pdeathsig
 from ..region import Region
@@ -86,7 +86,7 @@ def worker_main(
     out: dict[str, Any] = {"worker": idx, "pid": os.getpid(), "queue": queue}
     try:
         pin(spec.cpus)  # before the interrupt thread starts: it inherits it
-        out["cpus"] = format_cpus(os.sched_getaffinity(0))
+        out["cpus"] = format_cpus(allowed())
         region = Region.attach(spec.name)
         if notify_fds is not None:
             from ..vhost_front import EventfdVirtqueue
