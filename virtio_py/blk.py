@@ -68,7 +68,7 @@ class GuestSlot:
             raise
         self.max_data = lib.vp_guest_max_data(self._g)
         self._daemon_pid = ffi.addressof(region.header[0], "daemon_pid")
-        self._restartable: bool | None = None  # asked at the first device gone
+        self._restartable: bool | None = None  # asked at the first wait
         self._status = ffi.new("uint8_t *")
         self._len = ffi.new("uint32_t *")
 

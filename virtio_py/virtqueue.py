@@ -27,7 +27,6 @@ ND_REMEDIES = ND_REMEDY.codes
 #: What a device does with the notification word.
 ND_BEHAVIOURS = {"off": lib.VP_ND_OFF, **ND_DEVICE.codes}
 _ND_NAMES = {v: k for k, v in ND_BEHAVIOURS.items()}
-ND_REREAD_MS = ND_REREAD_MS_DEFAULT
 # A buffer of a chain: (guest physical address, length).
 Buffer = tuple[int, int]
 # A popped chain: (head, [(gpa, length, writable), ...]).
@@ -380,7 +379,7 @@ class DeviceQueue(Closeable):
     def ack_kicks(self, n: int) -> None:
         check(lib.vp_devq_ack_kicks(self.handle, n), "ack_kicks")
 
-    def set_notification_data(self, behaviour: str, reread_ms: int = ND_REREAD_MS) -> None:
+    def set_notification_data(self, behaviour: str, reread_ms: int = ND_REREAD_MS_DEFAULT) -> None:
         """Read the doorbell after each kick: "trust" (pop only up to its
         index; read avail->idx once after reread_ms without a notification),
         "reread" (a hint: read avail->idx) or "off".  After the in-flight
@@ -436,10 +435,7 @@ ND_STAT_FIELDS = (
 def nd_behaviour(code: int) -> str:
     """The name of a behaviour read back from a queue's shared block; "off"
     for any value but trust's and reread's."""
-    for k, v in ND_DEVICE.codes.items():
-        if v == code:
-            return k
-    return "off"
+    return _ND_NAMES.get(code, "off")
 
 
 def nd_stats(shared: Any) -> dict[str, int]:
