@@ -17,6 +17,9 @@ costs: CPU and wake-ups.
   run --cpus: the last CPU for the daemon), as a host runs a VM beside its
   I/O thread; in the same run as the unplaced rows, so their ratio is like
   against like.
+- one worker, placed: on disk against one fio job, and on /dev/shm, where
+  a request costs only the model's round trip (kick, daemon, interrupt):
+  the report sets the disk's gap to fio per request beside that round trip.
 
 Disk and shm at iodepth 1 in both serving modes, served the default way
 (disk: the io_uring engine; shm: stripe files mapped); bench_engines.py
@@ -100,8 +103,8 @@ def voluntary_switches(pid):
     return n
 
 
-def randread_round(daemon, iodepth, cpus=None, runtime=None):
-    """One round of 4 KiB random reads by WORKERS workers (prepare, on cpus
+def randread_round(daemon, iodepth, cpus=None, runtime=None, workers=WORKERS):
+    """One round of 4 KiB random reads by workers workers (prepare, on cpus
     if given) on a running daemon: one pass over each worker's area, or
     round it for runtime seconds; the run's result, with the daemon's and
     the guests' voluntary context switches per request."""
@@ -109,7 +112,7 @@ def randread_round(daemon, iodepth, cpus=None, runtime=None):
     res = run_job(
         JobSpec(
             daemon.name,
-            workers=WORKERS,
+            workers=workers,
             rw="randread",
             bs=BS,
             iodepth=iodepth,
@@ -171,9 +174,10 @@ def direct_works(directory):
     return True
 
 
-def fio_randread(fio, store, ios_per_job, direct=True):
-    """fio on the stripe files: 4 jobs, psync, one I/O outstanding each, over
-    the same bytes the workers read (the first AREA*4/12 of every stripe)."""
+def fio_randread(fio, store, ios_per_job, direct=True, jobs=WORKERS):
+    """fio on the stripe files: jobs jobs (as many as workers), psync, one
+    I/O outstanding each, over the bytes 4 workers read (the first AREA*4/12
+    of every stripe)."""
     per_file = WORKERS * AREA // CFG["stripes"]
     args = [
         fio,
@@ -185,7 +189,7 @@ def fio_randread(fio, store, ios_per_job, direct=True):
         f"--direct={int(direct)}",
         "--ioengine=psync",
         "--iodepth=1",
-        f"--numjobs={WORKERS}",
+        f"--numjobs={jobs}",
         f"--number_ios={ios_per_job}",
         "--file_service_type=random",
         "--norandommap",
@@ -252,19 +256,23 @@ def bed(request):
     print_report(request, _report())
 
 
-def _bench(benchmark, bed, kind, mode, iodepth=1, placed=False):
+def _bench(benchmark, bed, kind, mode, iodepth=1, placed=False, workers=WORKERS):
     guest_cpus = placement(placed)[1]
     daemon, store, fio = bed(kind, mode, placed)
     runs, refs = [], []
     direct = direct_works(store)
 
     def fio_round():
-        refs.append(fio_randread(fio, store, IOS, direct))
+        refs.append(fio_randread(fio, store, IOS, direct, jobs=workers))
 
     def daemon_round():
-        runs.append(randread_round(daemon, iodepth, guest_cpus, ROUND_S.get(kind)))
+        runs.append(randread_round(daemon, iodepth, guest_cpus, ROUND_S.get(kind), workers))
 
-    benchmark.group = f"hostd-{kind}" + (f"-iodepth{iodepth}" if iodepth > 1 else "")
+    benchmark.group = (
+        f"hostd-{kind}"
+        + (f"-iodepth{iodepth}" if iodepth > 1 else "")
+        + (f"-workers{workers}" if workers != WORKERS else "")
+    )
     # fio's reference is psync at iodepth 1: no match for a deeper queue.
     setup = fio_round if iodepth == 1 else None
     benchmark.pedantic(daemon_round, setup=setup, rounds=ROUNDS, iterations=1, warmup_rounds=0)
@@ -279,10 +287,15 @@ def _bench(benchmark, bed, kind, mode, iodepth=1, placed=False):
         "mode": mode,
         "iodepth": iodepth,
         "placed": placed,
+        "workers": workers,
         "iops": statistics.median(iops),
         "fio_iops": fio_med,
         "ratio": round(statistics.median(iops) / fio_med, 3) if refs else None,
         "ratio_rounds": [round(a / b, 3) for a, b in zip(iops, fio_iops)],
+        # A closed loop's time per request and worker (fio's too): their
+        # difference is what the device path adds to every request.
+        "period_us": round(workers * iodepth * 1e6 / statistics.median(iops), 2),
+        "fio_period_us": round(workers * 1e6 / fio_med, 2) if refs else None,
         "host_cpu_us_per_request": statistics.median(cpu),
         "guest_cpu_us_per_request": statistics.median(r["guest_cpu_us_per_request"] for r in runs),
         "cpu_us_per_request": round(statistics.median(both), 2),
@@ -304,7 +317,7 @@ def _bench(benchmark, bed, kind, mode, iodepth=1, placed=False):
             CFG,
             mode=mode,
             store=kind,
-            workers=WORKERS,
+            workers=workers,
             bs=BS,
             iodepth=iodepth,
             area=AREA,
@@ -313,7 +326,7 @@ def _bench(benchmark, bed, kind, mode, iodepth=1, placed=False):
         ),
     }
     benchmark.extra_info.update({k: v for k, v in med.items() if k != "config"})
-    RESULTS[(kind, mode, iodepth, placed)] = med
+    RESULTS[(kind, mode, iodepth, placed, workers)] = med
     return med
 
 
@@ -335,12 +348,48 @@ def test_shm_randread_4k_placed(benchmark, bed):
     _bench(benchmark, bed, "shm", "notify", placed=True)
 
 
+def test_disk_randread_4k_vs_fio_one_worker_placed(benchmark, bed):
+    """One worker against one fio job: what the device path adds to a
+    request, with nothing else on the worker's CPU."""
+    _bench(benchmark, bed, "disk", "notify", placed=True, workers=1)
+
+
+def test_shm_round_trip_one_worker_placed(benchmark, bed):
+    """The model's own cost of a request (kick, daemon, interrupt) with a
+    store that costs nothing: 1 worker, memory store, placed."""
+    _bench(benchmark, bed, "shm", "notify", placed=True, workers=1)
+
+
 def test_shm_randread_4k_iodepth16(benchmark, bed):
     _bench(benchmark, bed, "shm", "notify", iodepth=16)
 
 
 def test_shm_randread_4k_iodepth16_placed(benchmark, bed):
     _bench(benchmark, bed, "shm", "notify", iodepth=16, placed=True)
+
+
+def _floor_lines():
+    """The disk's gap to fio per request beside the model's round trip at
+    memory speed (both placed, 1 worker), and what 0.95 x fio leaves."""
+    trip = RESULTS.get(("shm", "notify", 1, True, 1))
+    if trip is None:
+        return []
+    lines = [
+        f"  a request's round trip through the model (1 worker, /dev/shm, placed): "
+        f"{trip['period_us']:.1f} us"
+    ]
+    for workers in (1, WORKERS):
+        disk = RESULTS.get(("disk", "notify", 1, True, workers))
+        if disk is None or disk["fio_period_us"] is None:
+            continue
+        gap = disk["period_us"] - disk["fio_period_us"]
+        lines.append(
+            f"  disk, {workers} worker(s), placed: {disk['period_us']:.1f} us per request "
+            f"against fio's {disk['fio_period_us']:.1f}: {gap:.1f} us more "
+            f"({gap / trip['period_us']:.2f} of the round trip); 0.95 x fio allows "
+            f"{disk['fio_period_us'] / 0.95 - disk['fio_period_us']:.1f} us"
+        )
+    return lines
 
 
 def _report():
@@ -350,22 +399,24 @@ def _report():
         "",
         f"host daemon vs fio ({TREE}): 4 KiB random reads, 4 workers, "
         "12 stripes x 64 KiB (median of rounds)",
-        f"  {'store':<5} {'mode':<7} {'placed':<6} {'depth':>5} {'daemon IOPS':>11} {'fio IOPS':>9} "
+        f"  {'store':<5} {'mode':<7} {'placed':<6} {'wk':>2} {'depth':>5} {'daemon IOPS':>11} "
+        f"{'fio IOPS':>9} "
         f"{'ratio':>6} {'host us/req':>11} {'guest us/req':>12} {'vcs/req host':>12} "
         f"{'guest':>6} {'p50 us':>7} {'p99 us':>7}",
     ]
-    for (kind, mode, depth, placed), r in RESULTS.items():
+    for (kind, mode, depth, placed, workers), r in RESULTS.items():
         lat = r["latency_us"]
         fio = ratio = "-"
         if r["ratio"] is not None:
             fio, ratio = f"{r['fio_iops']:.0f}", f"{r['ratio']:.2f}"
         lines.append(
-            f"  {kind:<5} {mode:<7} {'yes' if placed else 'no':<6} {depth:>5} "
+            f"  {kind:<5} {mode:<7} {'yes' if placed else 'no':<6} {workers:>2} {depth:>5} "
             f"{r['iops']:>11.0f} {fio:>9} "
             f"{ratio:>6} {r['host_cpu_us_per_request']:>11.1f} "
             f"{r['guest_cpu_us_per_request']:>12.1f} {r['host_vcs_per_request']:>12.2f} "
             f"{r['guest_vcs_per_request']:>6.2f} {lat['p50']:>7.1f} {lat['p99']:>7.1f}"
         )
+    lines += _floor_lines()
     text = "\n".join(lines)
     save_results(
         f"hostd-{TAG}.json" if TAG else "hostd.json", {"tree": TREE, "runs": list(RESULTS.values())}

@@ -346,17 +346,18 @@ static int take_calls(struct vp_guest *g)
 	return g->direct && g->call ? vp_notifier_take(g->call, UINT_MAX) : 0;
 }
 
-/* Sleep until *word moves from seq, or (direct) an interrupt comes: 1 took
- * an interrupt, 0 woken or timed out. */
+/* Sleep until *word moves from seq, or (direct) an interrupt comes, for ns
+ * from now (the caller's last clock reading): 1 took an interrupt, 0 woken
+ * or timed out. */
 static int guest_sleep(struct vp_guest *g, uint32_t *word, uint32_t seq,
-		       int64_t ns)
+		       uint64_t now, int64_t ns)
 {
 	int r = -EOPNOTSUPP;
 	__atomic_add_fetch(&g->asleep, 1, __ATOMIC_SEQ_CST);
 	if (g->direct && g->call) {
 		__atomic_add_fetch(&g->waits, 1, __ATOMIC_RELAXED);
 		__atomic_add_fetch(&g->waiting, 1, __ATOMIC_RELAXED);
-		r = vp_notifier_wait_or(g->call, word, seq, ns);
+		r = vp_notifier_wait_or_from(g->call, word, seq, now, ns);
 		__atomic_sub_fetch(&g->waiting, 1, __ATOMIC_RELAXED);
 		if (r == -EOPNOTSUPP || r == -ENOSYS)
 			WRITE_ONCE(g->direct, 0);   /* for good: the irq thread takes them */
@@ -407,7 +408,7 @@ int vp_guest_wait_any_t(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
 		int64_t slice = 20000000;
 		if (timeout_ns >= 0 && (uint64_t)timeout_ns - (now - t0) < (uint64_t)slice)
 			slice = timeout_ns - (int64_t)(now - t0);
-		int r = guest_sleep(g, &s->wake_seq, seq, slice);
+		int r = guest_sleep(g, &s->wake_seq, seq, now, slice);
 		now = vp_now_ns();
 		if (r == 1) {
 			/* The interrupt is ours to serve, whoever's it is. */
@@ -480,7 +481,7 @@ int vp_guest_direct_irq(struct vp_guest *g)
  * every turn (2 to 20 times per request at 4 x iodepth 16 on 128 entries). */
 int vp_guest_wait_room(struct vp_guest *g, unsigned need, int64_t timeout_ns)
 {
-	uint64_t t0 = vp_now_ns(), checked = t0;
+	uint64_t t0 = vp_now_ns(), checked = t0, now = t0;
 	int reap_failed = 0;
 	for (unsigned turn = 1;; turn++) {
 		if (vp_vq_num_free(g->vq) >= need)
@@ -497,7 +498,7 @@ int vp_guest_wait_room(struct vp_guest *g, unsigned need, int64_t timeout_ns)
 		if (slept) {
 			uint32_t *w = &g->slot->wake_seq;
 			uint32_t seq = __atomic_load_n(w, __ATOMIC_SEQ_CST);
-			if (guest_sleep(g, w, seq, 1000000) == 1) {
+			if (guest_sleep(g, w, seq, now, 1000000) == 1) {
 				if (vp_acct_cur)
 					vp_acct_cur->irqs++;
 				reap_failed = vp_guest_reap(g) < 0;
@@ -509,7 +510,7 @@ int vp_guest_wait_room(struct vp_guest *g, unsigned need, int64_t timeout_ns)
 			continue;
 		/* The device every 20 ms, as a waiter asks after a quiet
 		 * period. */
-		uint64_t now = vp_now_ns();
+		now = vp_now_ns();
 		if (timeout_ns >= 0 && now - t0 >= (uint64_t)timeout_ns)
 			return -ETIMEDOUT;
 		if (now - checked >= 20000000) {

@@ -217,7 +217,7 @@ static void ticket_check(struct vp_lock *l, struct stall *st, uint32_t o,
 		__atomic_fetch_add(&l->takeovers, 1, __ATOMIC_RELAXED);
 }
 
-static int ticket_acquire(struct vp_lock *l, int yield)
+static int ticket_acquire(struct vp_lock *l, int yield, uint64_t *t_wait)
 {
 	uint64_t id = lock_self_id();
 	int contended = 0;
@@ -226,11 +226,15 @@ static int ticket_acquire(struct vp_lock *l, int yield)
 		if (load_acquire(&l->owner) == t) {
 			if (ticket_claim(l, t, id) == 0)
 				return contended;
+			if (!contended)
+				*t_wait = vp_now_ns();
 			contended = 1;
 			continue;
 		}
-		contended = 1;
 		uint64_t start = vp_now_ns();
+		if (!contended)
+			*t_wait = start;
+		contended = 1;
 		struct stall st;
 		stall_start(&st, load_acquire(&l->owner), start);
 		unsigned spins = 0;
@@ -420,18 +424,19 @@ static int pv_spin_take(struct vp_lock *l)
 	}
 }
 
-static int pv_acquire(struct vp_lock *l, uint64_t *slept)
+static int pv_acquire(struct vp_lock *l, uint64_t *slept, uint64_t *t_wait)
 {
 	uint32_t *word = &l->futex;
 	if (pv_trylock(word))
 		return 0;
+	*t_wait = vp_now_ns();
 	uint64_t id = lock_self_id();
 	uint32_t t = __atomic_fetch_add(&l->next, 1, __ATOMIC_SEQ_CST);
 	uint32_t *w = &l->pv_halted[t % VP_LOCK_PV_WAITERS];
 	uint32_t halted = t << 1 | 1;
 	int named = pv_name(l, t, id);
 	struct stall st;
-	stall_start(&st, __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST), vp_now_ns());
+	stall_start(&st, __atomic_load_n(&l->owner, __ATOMIC_SEQ_CST), *t_wait);
 	/* In line until we are the head. */
 	while (!spin_until_owner(l, t - 1)) {
 		if (!named)
@@ -510,13 +515,14 @@ static void pv_kick_head(struct vp_lock *l)
 /* mutex: the word is 0 free, else the holder's pid | VP_MUTEX_WAITERS if
  * someone may sleep on it (as a robust futex holds the owner's TID).  A
  * sleeper wakes every VP_LOCK_CHECK_NS to ask whether the holder lives. */
-static int mutex_acquire(struct vp_lock *l, uint64_t *slept)
+static int mutex_acquire(struct vp_lock *l, uint64_t *slept, uint64_t *t_wait)
 {
 	uint32_t me = (uint32_t)(lock_self_id() & VP_LOCK_PID_MASK);
 	uint32_t c = 0;
 	if (__atomic_compare_exchange_n(&l->futex, &c, me, 0, __ATOMIC_ACQUIRE,
 					__ATOMIC_RELAXED))
 		return 0;
+	*t_wait = vp_now_ns();
 	for (;;) {
 		if (c == 0) {
 			/* Others may sleep: keep the bit, so our unlock wakes. */
@@ -566,17 +572,20 @@ static void mutex_release(struct vp_lock *l)
 	}
 }
 
-static int lock_raw(struct vp_lock *l, uint64_t *slept)
+/* 1 if it had to wait, and then *t_wait is when it first found the lock
+ * taken: as the kernel's lockstat, only a contended acquisition reads the
+ * clock for its wait. */
+static int lock_raw(struct vp_lock *l, uint64_t *slept, uint64_t *t_wait)
 {
 	switch (l->kind) {
 	case VP_LOCK_MUTEX:
-		return mutex_acquire(l, slept);
+		return mutex_acquire(l, slept, t_wait);
 	case VP_LOCK_PVSPIN:
-		return pv_acquire(l, slept);
+		return pv_acquire(l, slept, t_wait);
 	case VP_LOCK_SPINYIELD:
-		return ticket_acquire(l, 1);
+		return ticket_acquire(l, 1, t_wait);
 	default:
-		return ticket_acquire(l, 0);
+		return ticket_acquire(l, 0, t_wait);
 	}
 }
 
@@ -615,12 +624,13 @@ static unsigned hist_bucket(uint64_t ns)
 
 void vp_lock_acquire(struct vp_lock *l)
 {
-	uint64_t slept = 0;
-	uint64_t t0 = vp_now_ns();
-	int contended = lock_raw(l, &slept);
+	uint64_t slept = 0, t0 = 0;
+	int contended = lock_raw(l, &slept, &t0);
 	if (l->kind == VP_LOCK_MUTEX || l->kind == VP_LOCK_PVSPIN)
 		record_holder(l, lock_self_id());
 	uint64_t t1 = vp_now_ns();
+	if (!contended)
+		t0 = t1;
 	int cpu = sched_getcpu();
 	struct vp_lockstat *s = &l->stat;
 	int bounce = l->last_cpu >= 0 && l->last_cpu != cpu;
@@ -693,8 +703,8 @@ int vp_lock_holder(const struct vp_lock *l, int32_t *pid, uint64_t *start)
 
 void vp_lock_reset(struct vp_lock *l)
 {
-	uint64_t slept = 0;
-	lock_raw(l, &slept);
+	uint64_t slept = 0, t_wait;
+	lock_raw(l, &slept, &t_wait);
 	stat_clear(l);
 	unlock_raw(l);
 }

@@ -125,19 +125,19 @@ static int gsem_post(struct glibc_sem *s)
 	return 0;
 }
 
-/* The CLOCK_MONOTONIC instant timeout_ns (>= 0) from now: an absolute
- * deadline, so a wait restarted after EINTR does not stretch. */
+/* The CLOCK_MONOTONIC instant timeout_ns (>= 0) after from_ns (a
+ * vp_now_ns() reading): an absolute deadline, so a wait restarted after
+ * EINTR does not stretch. */
+static struct timespec deadline_from(uint64_t from_ns, int64_t timeout_ns)
+{
+	uint64_t end = from_ns + (uint64_t)timeout_ns;
+	return (struct timespec){ .tv_sec = (time_t)(end / 1000000000),
+				  .tv_nsec = (long)(end % 1000000000) };
+}
+
 static struct timespec deadline_after(int64_t timeout_ns)
 {
-	struct timespec t;
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	t.tv_sec += timeout_ns / 1000000000;
-	t.tv_nsec += timeout_ns % 1000000000;
-	if (t.tv_nsec >= 1000000000) {
-		t.tv_sec++;
-		t.tv_nsec -= 1000000000;
-	}
-	return t;
+	return deadline_from(vp_now_ns(), timeout_ns);
 }
 
 /* A registered sleeper's take: while *d (the last look at s->data) shows
@@ -458,13 +458,20 @@ int vp_notifier_lost(struct vp_notifier *n)
 int vp_notifier_wait_or(struct vp_notifier *n, uint32_t *word, uint32_t val,
 			int64_t timeout_ns)
 {
+	return vp_notifier_wait_or_from(n, word, val, 0, timeout_ns);
+}
+
+int vp_notifier_wait_or_from(struct vp_notifier *n, uint32_t *word,
+			     uint32_t val, uint64_t from_ns, int64_t timeout_ns)
+{
 #if defined(SYS_futex_waitv) && defined(FUTEX_32)
 	if (n->kind != VP_NOTIFIER_SEM || !own_sem || timeout_ns < 0)
 		return -EOPNOTSUPP;
 	struct glibc_sem *s = gsem(n->sem);
 	if (gsem_take(s, 1))
 		return 1;
-	struct timespec end = deadline_after(timeout_ns);
+	struct timespec end = from_ns ? deadline_from(from_ns, timeout_ns)
+				      : deadline_after(timeout_ns);
 	uint64_t d = __atomic_add_fetch(&s->data, SEM_WAITER, __ATOMIC_RELAXED);
 	int leave = 0, err = 0;
 	for (;;) {
@@ -501,6 +508,7 @@ int vp_notifier_wait_or(struct vp_notifier *n, uint32_t *word, uint32_t val,
 	(void)n;
 	(void)word;
 	(void)val;
+	(void)from_ns;
 	(void)timeout_ns;
 	return -ENOSYS;
 #endif

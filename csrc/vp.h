@@ -69,7 +69,7 @@ int vp_pid_starttime(int32_t pid, uint64_t *start);
 
 /* ---- per-thread accounting: where a guest thread's time goes (lock.c) ---- */
 struct vp_acct {
-	uint64_t lock_wait_ns;      /* from asking for the lock to having it */
+	uint64_t lock_wait_ns;      /* contended: from finding it taken to having it */
 	uint64_t lock_hold_ns;
 	uint64_t lock_acquisitions;
 	uint64_t kick_ns;           /* inside virtqueue_notify (the exit) */
@@ -113,6 +113,11 @@ int vp_notifier_wait(struct vp_notifier *n, int64_t timeout_ns);
  * layout), -ENOSYS without futex_waitv (Linux < 5.16).  Any thread. */
 int vp_notifier_wait_or(struct vp_notifier *n, uint32_t *word, uint32_t val,
 			int64_t timeout_ns);
+/* vp_notifier_wait_or with the timeout counted from from_ns, a recent
+ * vp_now_ns() reading the caller has (0: now), so the hot path does not
+ * read the clock twice.  Any thread. */
+int vp_notifier_wait_or_from(struct vp_notifier *n, uint32_t *word,
+			     uint32_t val, uint64_t from_ns, int64_t timeout_ns);
 /* 1 if vp_notifier_wait_or can wait on n, else 0.  Any thread. */
 int vp_notifier_can_wait_or(struct vp_notifier *n);
 /* Take every pending notification at once, without sleeping: how many,
