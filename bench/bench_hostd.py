@@ -17,6 +17,10 @@ costs: CPU and wake-ups.
   run --cpus: the last CPU for the daemon), as a host runs a VM beside its
   I/O thread; in the same run as the unplaced rows, so their ratio is like
   against like.
+- halt poll: a row of each iodepth-1 notify kind again with the workers
+  halt polling (virtio-emu run --halt-poll-us 50: a waiting worker polls
+  for its completion before it sleeps, its budget adapting to how long
+  waits last): in the same run as the sleeping rows beside it.
 - one worker, placed: on disk against one fio job, and on /dev/shm, where
   a request costs only the model's round trip (kick, daemon, interrupt):
   the report sets the disk's gap to fio per request beside that round trip.
@@ -70,6 +74,10 @@ IOS = AREA // BS  # per worker and round: one pass over its area
 # A pass at memory speed lasts a third of a second, too short to average
 # out other work on the machine: those rounds go round the area for 2 s.
 ROUND_S = {"shm": 2.0}
+# The halt-poll rows' cap (virtio-emu run --halt-poll-us): between QEMU's
+# iothread poll-max-ns (32 us) and cpuidle-haltpoll's guest_halt_poll_ns
+# (200 us).
+HALT_POLL_US = 50
 CFG = {
     "size": 1 << 30,
     "stripes": 12,
@@ -103,7 +111,7 @@ def voluntary_switches(pid):
     return n
 
 
-def randread_round(daemon, iodepth, cpus=None, runtime=None, workers=WORKERS):
+def randread_round(daemon, iodepth, cpus=None, runtime=None, workers=WORKERS, halt_poll_us=0):
     """One round of 4 KiB random reads by workers workers (prepare, on cpus
     if given) on a running daemon: one pass over each worker's area, or
     round it for runtime seconds; the run's result, with the daemon's and
@@ -120,6 +128,7 @@ def randread_round(daemon, iodepth, cpus=None, runtime=None, workers=WORKERS):
             strategy="prepare",
             cpus=cpus,
             runtime=runtime,
+            halt_poll_us=halt_poll_us,
         )
     )
     v1 = voluntary_switches(daemon.proc.pid)
@@ -256,7 +265,7 @@ def bed(request):
     print_report(request, _report())
 
 
-def _bench(benchmark, bed, kind, mode, iodepth=1, placed=False, workers=WORKERS):
+def _bench(benchmark, bed, kind, mode, iodepth=1, placed=False, workers=WORKERS, halt_poll_us=0):
     guest_cpus = placement(placed)[1]
     daemon, store, fio = bed(kind, mode, placed)
     runs, refs = [], []
@@ -266,12 +275,15 @@ def _bench(benchmark, bed, kind, mode, iodepth=1, placed=False, workers=WORKERS)
         refs.append(fio_randread(fio, store, IOS, direct, jobs=workers))
 
     def daemon_round():
-        runs.append(randread_round(daemon, iodepth, guest_cpus, ROUND_S.get(kind), workers))
+        runs.append(
+            randread_round(daemon, iodepth, guest_cpus, ROUND_S.get(kind), workers, halt_poll_us)
+        )
 
     benchmark.group = (
         f"hostd-{kind}"
         + (f"-iodepth{iodepth}" if iodepth > 1 else "")
         + (f"-workers{workers}" if workers != WORKERS else "")
+        + ("-haltpoll" if halt_poll_us else "")
     )
     # fio's reference is psync at iodepth 1: no match for a deeper queue.
     setup = fio_round if iodepth == 1 else None
@@ -288,6 +300,10 @@ def _bench(benchmark, bed, kind, mode, iodepth=1, placed=False, workers=WORKERS)
         "iodepth": iodepth,
         "placed": placed,
         "workers": workers,
+        "halt_poll_us": halt_poll_us,
+        "halt_polled_per_request": statistics.median(
+            r["wakeups"]["halt_polled_per_request"] for r in runs
+        ),
         "iops": statistics.median(iops),
         "fio_iops": fio_med,
         "ratio": round(statistics.median(iops) / fio_med, 3) if refs else None,
@@ -323,10 +339,11 @@ def _bench(benchmark, bed, kind, mode, iodepth=1, placed=False, workers=WORKERS)
             area=AREA,
             strategy="prepare",
             rw="randread",
+            halt_poll_us=halt_poll_us,
         ),
     }
     benchmark.extra_info.update({k: v for k, v in med.items() if k != "config"})
-    RESULTS[(kind, mode, iodepth, placed, workers)] = med
+    RESULTS[(kind, mode, iodepth, placed, workers, halt_poll_us)] = med
     return med
 
 
@@ -339,13 +356,25 @@ def test_disk_randread_4k_vs_fio_placed(benchmark, bed):
     _bench(benchmark, bed, "disk", "notify", placed=True)
 
 
+def test_disk_randread_4k_vs_fio_placed_halt_poll(benchmark, bed):
+    _bench(benchmark, bed, "disk", "notify", placed=True, halt_poll_us=HALT_POLL_US)
+
+
 @pytest.mark.parametrize("mode", ["notify", "poll"])
 def test_shm_randread_4k(benchmark, bed, mode):
     _bench(benchmark, bed, "shm", mode)
 
 
+def test_shm_randread_4k_halt_poll(benchmark, bed):
+    _bench(benchmark, bed, "shm", "notify", halt_poll_us=HALT_POLL_US)
+
+
 def test_shm_randread_4k_placed(benchmark, bed):
     _bench(benchmark, bed, "shm", "notify", placed=True)
+
+
+def test_shm_randread_4k_placed_halt_poll(benchmark, bed):
+    _bench(benchmark, bed, "shm", "notify", placed=True, halt_poll_us=HALT_POLL_US)
 
 
 def test_disk_randread_4k_vs_fio_one_worker_placed(benchmark, bed):
@@ -371,7 +400,7 @@ def test_shm_randread_4k_iodepth16_placed(benchmark, bed):
 def _floor_lines():
     """The disk's gap to fio per request beside the model's round trip at
     memory speed (both placed, 1 worker), and what 0.95 x fio leaves."""
-    trip = RESULTS.get(("shm", "notify", 1, True, 1))
+    trip = RESULTS.get(("shm", "notify", 1, True, 1, 0))
     if trip is None:
         return []
     lines = [
@@ -379,7 +408,7 @@ def _floor_lines():
         f"{trip['period_us']:.1f} us"
     ]
     for workers in (1, WORKERS):
-        disk = RESULTS.get(("disk", "notify", 1, True, workers))
+        disk = RESULTS.get(("disk", "notify", 1, True, workers, 0))
         if disk is None or disk["fio_period_us"] is None:
             continue
         gap = disk["period_us"] - disk["fio_period_us"]
@@ -399,18 +428,20 @@ def _report():
         "",
         f"host daemon vs fio ({TREE}): 4 KiB random reads, 4 workers, "
         "12 stripes x 64 KiB (median of rounds)",
-        f"  {'store':<5} {'mode':<7} {'placed':<6} {'wk':>2} {'depth':>5} {'daemon IOPS':>11} "
+        f"  {'store':<5} {'mode':<7} {'placed':<6} {'poll':>4} {'wk':>2} {'depth':>5} "
+        f"{'daemon IOPS':>11} "
         f"{'fio IOPS':>9} "
         f"{'ratio':>6} {'host us/req':>11} {'guest us/req':>12} {'vcs/req host':>12} "
         f"{'guest':>6} {'p50 us':>7} {'p99 us':>7}",
     ]
-    for (kind, mode, depth, placed, workers), r in RESULTS.items():
+    for (kind, mode, depth, placed, workers, hp), r in RESULTS.items():
         lat = r["latency_us"]
         fio = ratio = "-"
         if r["ratio"] is not None:
             fio, ratio = f"{r['fio_iops']:.0f}", f"{r['ratio']:.2f}"
         lines.append(
-            f"  {kind:<5} {mode:<7} {'yes' if placed else 'no':<6} {workers:>2} {depth:>5} "
+            f"  {kind:<5} {mode:<7} {'yes' if placed else 'no':<6} {hp or '-':>4} {workers:>2} "
+            f"{depth:>5} "
             f"{r['iops']:>11.0f} {fio:>9} "
             f"{ratio:>6} {r['host_cpu_us_per_request']:>11.1f} "
             f"{r['guest_cpu_us_per_request']:>12.1f} {r['host_vcs_per_request']:>12.2f} "

@@ -222,6 +222,8 @@ struct vp_acct {
 	uint64_t io_wait_ns;
 	uint64_t irqs;
 	uint64_t reaped;
+	uint64_t polled;
+	uint64_t poll_ns;
 };
 void vp_acct_set(struct vp_acct *a);
 void vp_lock_init(struct vp_lock *l, uint32_t kind, uint32_t spin_ns);
@@ -521,6 +523,11 @@ int vp_notifier_wait_or(struct vp_notifier *n, uint32_t *word, uint32_t val,
 int vp_notifier_can_wait_or(struct vp_notifier *n);
 int vp_guest_set_direct_irq(struct vp_guest *g, int on);
 int vp_guest_direct_irq(struct vp_guest *g);
+int vp_guest_set_halt_poll(struct vp_guest *g, uint64_t max_ns);
+uint64_t vp_guest_halt_poll(struct vp_guest *g);
+uint64_t vp_guest_halt_poll_budget(struct vp_guest *g);
+uint64_t vp_halt_poll_adjust(uint64_t budget_ns, uint64_t block_ns,
+			     uint64_t max_ns);
 int vp_guest_wait_room(struct vp_guest *g, unsigned need, int64_t timeout_ns);
 /* ---- end of the request path block ---- */
 

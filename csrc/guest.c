@@ -51,8 +51,10 @@ struct vp_guest {
 	struct vp_acct irq_acct;
 	int direct;         /* waiters take interrupts themselves (see top) */
 	uint32_t waiting;   /* our threads asleep in a wait, taking interrupts */
-	uint32_t waits;     /* sleeps begun: the irq thread's sign of waiters */
+	uint32_t waits;     /* sleeps and polls begun: the irq thread's sign of waiters */
 	uint32_t asleep;    /* our threads asleep on the slot's wake_seq */
+	uint64_t poll_max;  /* halt polling: cap of the budget, 0 off */
+	uint64_t poll_ns;   /* the budget of the next wait */
 };
 
 static long futex_wait(uint32_t *w, uint32_t val, int64_t ns)
@@ -223,7 +225,7 @@ int vp_guest_reap(struct vp_guest *g)
 }
 
 /* The irq thread steps aside while a thread of ours waits, and while
- * sleeps keep beginning: a post then wakes the waiter, not us (a futex
+ * sleeps (or halt polls) keep beginning: a post then wakes the waiter, not us (a futex
  * wakes its oldest sleeper, and we would be it).  Checked every 25 ms,
  * longer than a waiter's 20 ms slices, so a worker pays nothing to enter
  * or leave a wait. */
@@ -370,6 +372,52 @@ static int guest_sleep(struct vp_guest *g, uint32_t *word, uint32_t seq,
 	return r;
 }
 
+uint64_t vp_halt_poll_adjust(uint64_t budget_ns, uint64_t block_ns,
+			     uint64_t max_ns)
+{
+	if (block_ns > max_ns)
+		return budget_ns / 2;
+	if (block_ns <= budget_ns)
+		return budget_ns;
+	uint64_t grown = budget_ns * 2;
+	if (grown < max_ns / 4)
+		grown = max_ns / 4;
+	return grown < max_ns ? grown : max_ns;
+}
+
+int vp_guest_set_halt_poll(struct vp_guest *g, uint64_t max_ns)
+{
+	__atomic_store_n(&g->poll_max, max_ns, __ATOMIC_RELAXED);
+	__atomic_store_n(&g->poll_ns, max_ns, __ATOMIC_RELAXED);
+	return 0;
+}
+
+uint64_t vp_guest_halt_poll(struct vp_guest *g)
+{
+	return __atomic_load_n(&g->poll_max, __ATOMIC_RELAXED);
+}
+
+uint64_t vp_guest_halt_poll_budget(struct vp_guest *g)
+{
+	return __atomic_load_n(&g->poll_ns, __ATOMIC_RELAXED);
+}
+
+/* A wait of block_ns, poll_ns of it polling, ended: count it and adapt
+ * the budget. */
+static void halt_poll_done(struct vp_guest *g, uint64_t budget,
+			   uint64_t block_ns, uint64_t poll_ns, int slept)
+{
+	uint64_t max = __atomic_load_n(&g->poll_max, __ATOMIC_RELAXED);
+	if (!max)
+		return;
+	if (vp_acct_cur) {
+		vp_acct_cur->polled += poll_ns && !slept;
+		vp_acct_cur->poll_ns += poll_ns;
+	}
+	__atomic_store_n(&g->poll_ns, vp_halt_poll_adjust(budget, block_ns, max),
+			 __ATOMIC_RELAXED);
+}
+
 /* Sleep until one tag of mask completes.  A lost interrupt (its taker
  * died before reaping) is covered by reaping ourselves after a quiet
  * period.  The clock is read once when the wait does not sleep (for
@@ -379,7 +427,9 @@ int vp_guest_wait_any_t(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
 {
 	struct vp_guest_slot *s = g->slot;
 	uint64_t t0 = 0, now = 0;
-	int tag, reap_failed = 0;
+	uint64_t budget = __atomic_load_n(&g->poll_ns, __ATOMIC_RELAXED);
+	uint64_t t_poll = 0;   /* the last look while polling */
+	int tag, reap_failed = 0, slept = 0;
 	/* A running vCPU takes a pending interrupt at once; a worker between
 	 * requests does so here, where it passes between every request: with
 	 * the irq thread aside, nobody else would reap until it slept. */
@@ -397,8 +447,21 @@ int vp_guest_wait_any_t(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
 			reap_failed = vp_guest_reap(g) < 0;
 			continue;
 		}
-		if (!t0)
+		if (!t0) {
 			t0 = now = vp_now_ns();
+			/* A poll begun keeps the irq thread aside as a sleep
+			 * does: a poller takes the interrupts by reaping. */
+			if (budget)
+				__atomic_add_fetch(&g->waits, 1, __ATOMIC_RELAXED);
+		}
+		/* Halt polling: a sleep and its wake-up cost more than a
+		 * completion that comes within the budget. */
+		if (now - t0 < budget &&
+		    (timeout_ns < 0 || now - t0 < (uint64_t)timeout_ns)) {
+			sched_yield();
+			t_poll = now = vp_now_ns();
+			continue;
+		}
 		if (timeout_ns >= 0 && now - t0 >= (uint64_t)timeout_ns) {
 			if (vp_acct_cur)
 				vp_acct_cur->io_wait_ns += now - t0;
@@ -408,6 +471,7 @@ int vp_guest_wait_any_t(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
 		int64_t slice = 20000000;
 		if (timeout_ns >= 0 && (uint64_t)timeout_ns - (now - t0) < (uint64_t)slice)
 			slice = timeout_ns - (int64_t)(now - t0);
+		slept = 1;
 		int r = guest_sleep(g, &s->wake_seq, seq, now, slice);
 		now = vp_now_ns();
 		if (r == 1) {
@@ -432,7 +496,9 @@ int vp_guest_wait_any_t(struct vp_guest *g, uint64_t mask, int64_t timeout_ns,
 		if (READ_ONCE(g->sh->dev.broken))
 			return -VP_EBROKEN;
 	}
-	if (!t0)
+	if (t0)
+		halt_poll_done(g, budget, now - t0, t_poll ? t_poll - t0 : 0, slept);
+	else
 		t0 = now = vp_now_ns();
 	if (vp_acct_cur)
 		vp_acct_cur->io_wait_ns += now - t0;

@@ -41,6 +41,21 @@ struct vp_acct *vp_guest_irq_acct(struct vp_guest *g);
  * which then wakes it.  set: -EOPNOTSUPP where it cannot.  Any thread. */
 int vp_guest_set_direct_irq(struct vp_guest *g, int on);
 int vp_guest_direct_irq(struct vp_guest *g);
+/* Halt polling, as cpuidle-haltpoll does before a vCPU halts: a thread
+ * about to sleep in vp_guest_wait(_any) first looks for its completion
+ * again, yielding the CPU between looks, for up to a budget that adapts to
+ * how long waits last, from max_ns, which caps it; 0 (the default) never
+ * polls.  Any thread. */
+int vp_guest_set_halt_poll(struct vp_guest *g, uint64_t max_ns);
+uint64_t vp_guest_halt_poll(struct vp_guest *g);
+/* The budget the next wait polls for (it adapts).  Any thread. */
+uint64_t vp_guest_halt_poll_budget(struct vp_guest *g);
+/* The budget after a wait of block_ns (haltpoll's adjust_poll_limit): a
+ * wait longer than max_ns halves it (polling would not have paid); one
+ * that outlasted the budget but not max_ns doubles it, to at least a
+ * quarter of max_ns; one the budget covered leaves it. */
+uint64_t vp_halt_poll_adjust(uint64_t budget_ns, uint64_t block_ns,
+			     uint64_t max_ns);
 /* Wait until the ring has need free descriptors (a hint: the submission
  * may still find it full), reaping what the device used meanwhile: 0,
  * -ETIMEDOUT, -VP_EDEVGONE, -VP_EBROKEN.  No lock held. */

@@ -74,9 +74,11 @@ struct vp_acct {
 	uint64_t lock_acquisitions;
 	uint64_t kick_ns;           /* inside virtqueue_notify (the exit) */
 	uint64_t kicks;
-	uint64_t io_wait_ns;        /* sleeping for a completion */
+	uint64_t io_wait_ns;        /* polling or asleep for a completion */
 	uint64_t irqs;              /* interrupts handled */
 	uint64_t reaped;            /* used buffers taken off the ring */
+	uint64_t polled;            /* waits that halt polling ended, unslept */
+	uint64_t poll_ns;           /* spent halt polling */
 };
 extern __thread struct vp_acct *vp_acct_cur;
 void vp_acct_set(struct vp_acct *a);   /* this thread's counters, or NULL */

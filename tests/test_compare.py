@@ -250,6 +250,23 @@ def test_a_placed_row_runs_the_daemon_and_the_workers_on_cpus_of_their_own(prefi
     assert ours(prefix) == ([], [])
 
 
+def test_a_halt_poll_row_runs_workers_that_halt_poll(prefix, tmp_path):
+    out = tmp_path / "cmp.json"
+    p = subprocess.run(
+        compare_cmd(prefix, "--no-rfc-row", "--row", "shm+halt-poll=10000", "--strategies",
+                    "hold,prepare", "--quiet", "--json", str(out)),
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["strategy"] for r in runs] == ["hold", "prepare"]
+    for r in runs:
+        assert r["config"]["halt_poll_us"] == 10000
+        assert r["wakeups"]["halt_polled"] > 0
+    assert "halt polling up to 10000 us" in p.stdout
+    assert ours(prefix) == ([], [])
+
+
 def test_a_placed_row_is_refused_on_a_vhost_user_device(prefix):
     p = emu("compare", "--name-prefix", prefix, "--device", "vhost-user:/nonexistent.sock",
             "--no-rfc-row", "--row", "placed", timeout=60)  # fmt: skip
@@ -348,6 +365,7 @@ def test_rows_and_changes():
         "event_idx": True,
         "iodepth": 16,
     }
+    assert parse_row("halt-poll=50+shm")[1] == {"halt_poll_us": 50.0, "store": "shm"}
     with pytest.raises(ConfigError, match="unknown row token"):
         parse_row("shm+bogus")
     assert pct_change(7, 100) == -93.0

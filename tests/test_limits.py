@@ -237,6 +237,12 @@ CASES = [
         [emu_run("--runtime"), emu_compare("--runtime")],
     ),
     Case(L.VERIFY_SEED, -1, [job("verify_seed")], [emu_run("--verify-seed")]),
+    Case(
+        L.HALT_POLL_US,
+        10_000.5,
+        [job("halt_poll_us"), compared(row="halt-poll")],
+        [emu_run("--halt-poll-us"), emu_compare(row="halt-poll")],
+    ),
     Case(L.OFFSET, 1000, [job("offset")], [emu_run("--offset")]),
     Case(L.REPEAT, 0, [compared(arg="repeat")], [emu_compare("--repeat")]),
     Case(

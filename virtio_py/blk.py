@@ -16,7 +16,7 @@ from typing import Any
 from ._lowlevel import check, ffi, lib, opened
 from ._resource import Closeable
 from .errors import BlockIOError, ConfigError
-from .limits import IODEPTH, STRATEGY
+from .limits import HALT_POLL_US, IODEPTH, STRATEGY
 from .region import Region
 from .virtqueue import Virtqueue
 
@@ -133,6 +133,25 @@ class GuestSlot:
     def direct_irq(self, on: bool) -> None:
         check(lib.vp_guest_set_direct_irq(self._g, int(on)), "direct interrupts")
 
+    @property
+    def halt_poll_us(self) -> float:
+        """How long at most a waiting thread polls for its completion
+        before it sleeps, as cpuidle-haltpoll polls before a vCPU halts; the
+        budget adapts below it to how long waits last.  0 (the default):
+        sleep at once."""
+        return lib.vp_guest_halt_poll(self._g) / 1e3
+
+    @halt_poll_us.setter
+    def halt_poll_us(self, us: float) -> None:
+        HALT_POLL_US.check(us)
+        lib.vp_guest_set_halt_poll(self._g, round(us * 1e3))
+
+    @property
+    def halt_poll_budget_us(self) -> float:
+        """How long the next wait polls, as the waits so far adapted it
+        (from halt_poll_us)."""
+        return lib.vp_guest_halt_poll_budget(self._g) / 1e3
+
     def close(self) -> None:
         if self._g is not None:
             self._finalizer()
@@ -151,6 +170,8 @@ def acct_dict(a: Any) -> dict[str, int]:
             "io_wait_ns",
             "irqs",
             "reaped",
+            "polled",
+            "poll_ns",
         )
     }
 

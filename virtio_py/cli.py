@@ -115,6 +115,16 @@ def build_parser():
         help="run the workers on these CPUs only (taskset's list: 1, 0-1, 0,2-3), e.g. CPUs "
         "the device's threads do not use (virtio-hostd start --cpus); default: any",
     )
+    r.add_argument(
+        "--halt-poll-us",
+        type=limit_arg(limits.HALT_POLL_US, parse_float),
+        default=0.0,
+        metavar="US",
+        help="a worker waiting for a completion polls for it up to US microseconds "
+        "(yielding the CPU) before it sleeps, adapting as cpuidle-haltpoll does: pays "
+        "when completions come sooner than a sleep and its wake-up cost; default 0, "
+        "sleep at once",
+    )
     r.add_argument("--seed", type=int, default=1, help="random offsets (default 1)")
     r.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
     r.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -228,7 +238,8 @@ def build_parser():
         metavar="SPEC",
         help="any row: tokens joined by '+', e.g. shm+event-idx+iodepth=16 "
         "(event-idx, no-event-idx, async, sync, poll, notify, shm, disk, mq, placed, "
-        "iodepth=N, queues=N, workers=N, lock=K, exit-cost=US, bs=N, rw=M)",
+        "iodepth=N, queues=N, workers=N, lock=K, exit-cost=US, bs=N, rw=M, nd=D, "
+        "halt-poll=US: the workers halt poll, as run --halt-poll-us)",
     )
     g.add_argument(
         "--no-rfc-row", action="store_true", help="skip the RFC setup row (only the extra rows)"
@@ -350,6 +361,7 @@ def cmd_run(a):
         seed=a.seed,
         nd_remedy=a.nd_remedy,
         cpus=a.cpus,
+        halt_poll_us=a.halt_poll_us,
     ).check()
     prog = Progress(sys.stderr)
     # SIGTERM must stop the workers cleanly too: one killed holding the

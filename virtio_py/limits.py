@@ -183,6 +183,8 @@ BS: Limit = Limit("bs", SECTOR, multiple=SECTOR)
 OFFSET: Limit = Limit("offset", 0, multiple=SECTOR)
 RWMIX_READ: Limit = Limit("rwmix_read", 0, 100)
 RUNTIME: Limit = Limit("runtime", 0, integer=False, positive=True)
+# A waiting worker's halt polling: the cap of its adaptive budget.
+HALT_POLL_US: Limit = Limit("halt poll", 0, 10_000, integer=False, unit=" us")
 VERIFY_SEED: Limit = Limit("verify seed", 0, (1 << 64) - 1)
 REPEAT: Limit = Limit("repeat", 1, 100)
 RW: Choice = Choice(
@@ -275,6 +277,7 @@ __all__ = [
     "OFFSET",
     "RWMIX_READ",
     "RUNTIME",
+    "HALT_POLL_US",
     "VERIFY_SEED",
     "REPEAT",
     "RW",

@@ -20,6 +20,7 @@ BASE: dict[str, Any] = {
     "lock": limits.LOCK_DEFAULT, "store": "disk", "stripes": 12, "chunk": 64 << 10,
     "size": 1 << 30, "area": 32 << 20, "prewrite": True, "queue_size": 128,
     "io_threads": None, "engine": "c", "notification_data": None, "placed": False,
+    "halt_poll_us": 0.0,
 }  # fmt: skip
 
 # Row tokens: each changes one thing of BASE.
@@ -32,7 +33,10 @@ ROW_TOKENS: dict[str, dict[str, Any]] = {
     "placed": {"placed": True},  # the daemon on a CPU of its own, the workers on the rest
 }  # fmt: skip
 ROW_KEYS: dict[str, Callable[[str], Any]] = {"iodepth": int, "queues": int, "workers": int, "lock": str, "exit-cost": float,
-            "bs": parse_size, "rw": str, "nd": str}  # fmt: skip
+            "bs": parse_size, "rw": str, "nd": str, "halt-poll": float}  # fmt: skip
+# A row key's name in the configuration, where the two differ.
+ROW_KEY_FIELDS = {"exit-cost": "exit_cost_us", "nd": "notification_data",
+                  "halt-poll": "halt_poll_us"}  # fmt: skip
 
 # compare --notification-data: each row runs once per device behaviour, and
 # the trusting device's rows also with each driver remedy (the reread device
@@ -63,7 +67,7 @@ def parse_row(text: str) -> tuple[str, dict[str, Any]]:
                 v = ROW_KEYS[key](val)
             except ValueError:
                 raise ConfigError(f"bad value in row {text!r}: {tok!r}") from None
-            over[{"exit-cost": "exit_cost_us", "nd": "notification_data"}.get(key, key)] = v
+            over[ROW_KEY_FIELDS.get(key, key)] = v
         else:
             raise ConfigError(
                 f"unknown row token {tok!r} in {text!r}: use {', '.join(ROW_TOKENS)} or "
@@ -116,6 +120,7 @@ def resolve(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
         cfg["queues"] = cfg["workers"]
     limits.QUEUES.check(cfg["queues"])
     limits.EXIT_COST_US.check(cfg["exit_cost_us"])
+    limits.HALT_POLL_US.check(cfg["halt_poll_us"])
     limits.LOCK.check(cfg["lock"])
     limits.EXIT.check(cfg["exit"])
     limits.MODE.check(cfg["mode"])

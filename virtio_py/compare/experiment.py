@@ -275,7 +275,8 @@ def compare(
                         spec = JobSpec(name, workers=cfg["workers"], rw=cfg["rw"], bs=cfg["bs"],
                                        iodepth=cfg["iodepth"], runtime=runtime, size=cfg["area"],
                                        strategy=strategy, engine=cfg["engine"],
-                                       nd_remedy=remedy, cpus=cfg["worker_cpus"])  # fmt: skip
+                                       nd_remedy=remedy, cpus=cfg["worker_cpus"],
+                                       halt_poll_us=cfg["halt_poll_us"])  # fmt: skip
                         tag = f" [{rep + 1}/{repeat}]" if repeat > 1 else ""
                         res = run_job(
                             spec,

@@ -53,6 +53,8 @@ def describe(cfg: Mapping[str, Any]) -> str:
         line += f", daemon on CPUs {cfg['daemon_cpus']}"
     if cfg.get("guest_cpus"):
         line += f", workers on CPUs {cfg['guest_cpus']}"
+    if cfg.get("halt_poll_us"):
+        line += f", halt polling up to {cfg['halt_poll_us']:g} us"
     if cfg.get("store") is not None:
         line += f", store {cfg['store']}"
         if served:
@@ -120,6 +122,9 @@ def wakeups(
         "lock_sleeps": lock_hist.get("sleeps", 0),
         "lock_wakeups": lock_hist.get("wakeups", 0),
         "lock_sleeps_per_request": round(lock_hist.get("sleeps", 0) / per, 3),
+        # waits that halt polling ended before a sleep (GuestSlot.halt_poll_us)
+        "halt_polled": sum(r["acct_main"]["polled"] for r in results),
+        "halt_polled_per_request": round(sum(r["acct_main"]["polled"] for r in results) / per, 3),
     }
     if daemon_ctx is not None:
         out["host_ctxsw_voluntary"] = daemon_ctx["voluntary"]
@@ -152,6 +157,7 @@ def _worker_row(r: Mapping[str, Any]) -> dict[str, Any]:
         "io_wait_ms": round(m["io_wait_ns"] / 1e6, 3),
         "lock_acquisitions": m["lock_acquisitions"] + q["lock_acquisitions"],
         "kicks": m["kicks"], "irqs": m["irqs"] + q["irqs"], "reaped": m["reaped"] + q["reaped"],
+        "halt_polled": m["polled"], "halt_poll_ms": round(m["poll_ns"] / 1e6, 3),
         "acct_main": m, "acct_irq": q,
         "verified": r["verified"], "verify_failures": r["verify_failures"],
         "verify_unwritten": r["verify_unwritten"],
@@ -247,6 +253,7 @@ def summarise(
             "mode": region.serve_mode, "lock": region.lock_kind, "event_idx": region.event_idx,
             "cpus": NCPU,
             "guest_cpus": None if spec.cpus is None else format_cpus(spec.cpus),
+            "halt_poll_us": spec.halt_poll_us,
         },
         "lockstat": lockstat,
         "lockstat_ns": {f: raw[f] for f in LOCKSTAT_FIELDS},
@@ -322,6 +329,11 @@ def format_result(res: Mapping[str, Any]) -> str:
             f"{wk['guest_per_request']:.2f}, host daemon {host}; lock sleeps "
             f"{wk['lock_sleeps_per_request']:.3f} ({wk['lock_sleeps']} sleeps, "
             f"{wk['lock_wakeups']} wake-ups)"
+            + (
+                f"; waits ended by halt polling {wk['halt_polled_per_request']:.2f}"
+                if res["config"].get("halt_poll_us")
+                else ""
+            )
         )
     ls = res["lockstat"]
     lines.append("  lockstat " + " ".join(f"{k}={ls[k]}" for k in LOCKSTAT_COLUMNS))

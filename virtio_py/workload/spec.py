@@ -43,6 +43,9 @@ class JobSpec:
     timeout: float = 30.0
     lat_samples: int = LAT_SAMPLES
     cpus: frozenset[int] | None = None  # where the workers run (None: anywhere)
+    # A waiting worker polls up to this long before it sleeps, adaptively
+    # (GuestSlot.halt_poll_us); 0: it sleeps at once.
+    halt_poll_us: float = 0.0
 
     def check(self) -> JobSpec:
         """self, or ConfigError naming the first parameter outside virtio_py.limits."""
@@ -62,6 +65,7 @@ class JobSpec:
         limits.ENGINE.check(self.engine)
         limits.RWMIX_READ.check(self.rwmix_read)
         limits.VERIFY_SEED.check(self.verify_seed)
+        limits.HALT_POLL_US.check(self.halt_poll_us)
         if self.cpus is not None:
             self.cpus = check_cpus(self.cpus)
         return self

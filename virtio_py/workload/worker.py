@@ -97,6 +97,7 @@ def worker_main(
         if spec.nd_remedy != "none":
             vq.set_nd_remedy(spec.nd_remedy)
         slot = GuestSlot(vq, depth=spec.iodepth, strategy=spec.strategy)
+        slot.halt_poll_us = spec.halt_poll_us
         if spec.bs > slot.max_data:
             raise ConfigError(
                 f"bs {spec.bs} is larger than a request buffer "
