@@ -51,7 +51,7 @@ struct vp_guest {
 	struct vp_acct irq_acct;
 	int direct;         /* waiters take interrupts themselves (see top) */
 	uint32_t waiting;   /* our threads asleep in a wait, taking interrupts */
-	uint32_t waits;     /* sleeps and polls begun: the irq thread's sign of waiters */
+	uint32_t waits;     /* sleeps and polls begun: the irq thread's sign */
 	uint32_t asleep;    /* our threads asleep on the slot's wake_seq */
 	uint64_t poll_max;  /* halt polling: cap of the budget, 0 off */
 	uint64_t poll_ns;   /* the budget of the next wait */
@@ -225,10 +225,10 @@ int vp_guest_reap(struct vp_guest *g)
 }
 
 /* The irq thread steps aside while a thread of ours waits, and while
- * sleeps (or halt polls) keep beginning: a post then wakes the waiter, not us (a futex
- * wakes its oldest sleeper, and we would be it).  Checked every 25 ms,
- * longer than a waiter's 20 ms slices, so a worker pays nothing to enter
- * or leave a wait. */
+ * sleeps (or halt polls) keep beginning: a post then wakes the waiter, not
+ * us (a futex wakes its oldest sleeper, and we would be it).  Checked every
+ * 25 ms, longer than a waiter's 20 ms slices, so a worker pays nothing to
+ * enter or leave a wait. */
 static int waiters_active(struct vp_guest *g, uint32_t *seen)
 {
 	uint32_t w = __atomic_load_n(&g->waits, __ATOMIC_RELAXED);
