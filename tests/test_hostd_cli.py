@@ -304,6 +304,17 @@ def test_leftover_semaphores_without_region(name, tmp_path, daemons):
     assert shm_objects(name) == _expected_objects(name, 1)
 
 
+def test_a_directory_where_the_region_goes_is_named_in_one_line(name, tmp_path):
+    path = f"/dev/shm/{name}"
+    os.mkdir(path)
+    try:
+        p = hostd("start", "--name", name, "--store", str(tmp_path / "s"))
+        one_line_error(p, "virtio-hostd", f"cannot remove {path}: Is a directory")
+        assert not (tmp_path / "s").exists()
+    finally:
+        os.rmdir(path)
+
+
 BAD = [
     ([], "required"),
     (["frobnicate"], "invalid choice"),

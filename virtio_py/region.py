@@ -103,6 +103,11 @@ def _unlink(kind: str, posix_name: str) -> None:
             posix_ipc.unlink_semaphore(posix_name)
     except posix_ipc.ExistentialError:
         pass
+    except OSError as e:
+        # posix_ipc names no file (a directory in the way, say): name it.
+        raise RegionError(
+            f"cannot remove {object_path(kind, posix_name)}: {e.strerror or e}"
+        ) from None
 
 
 def _objects(name: str) -> list[tuple[str, str]]:
