@@ -105,7 +105,7 @@ def test_a_wait_longer_than_the_budget_polls_it_whole_then_sleeps_and_halves_it(
         for budget in (1000, 500):
             slot.submit(0, T_IN, 0, 512)
             w = Waiter(slot)
-            server = _serve_later(region, dq, 0.05)  # 50 ms: past the 1 ms cap
+            server = _serve_later(region, dq, 0.2)  # 200 ms: far past the 1 ms cap
             out = w.join()
             server.join()
             assert out["status"] == lib.VIRTIO_BLK_S_OK
