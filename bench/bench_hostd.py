@@ -426,7 +426,7 @@ def _report():
         return None
     lines = [
         "",
-        f"host daemon vs fio ({TREE}): 4 KiB random reads, 4 workers, "
+        f"host daemon vs fio ({TREE}): 4 KiB random reads (wk: workers), "
         "12 stripes x 64 KiB (median of rounds)",
         f"  {'store':<5} {'mode':<7} {'placed':<6} {'poll':>4} {'wk':>2} {'depth':>5} "
         f"{'daemon IOPS':>11} "

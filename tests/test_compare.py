@@ -47,6 +47,20 @@ def compare_cmd(prefix, *args):
 ours = procs.prefixed
 
 
+def compare_rows(prefix, tmp_path, *args):
+    """`compare --no-rfc-row ARGS --quiet --json`, which must succeed: the
+    finished process and the runs of its JSON."""
+    out = tmp_path / "cmp.json"
+    p = subprocess.run(
+        compare_cmd(prefix, "--no-rfc-row", *args, "--quiet", "--json", str(out)),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert p.returncode == 0, p.stderr
+    return p, json.loads(out.read_text())["runs"]
+
+
 def test_compare_end_to_end(prefix, tmp_path):
     out = tmp_path / "cmp.json"
     work = tmp_path / "work"
@@ -95,28 +109,17 @@ def test_compare_end_to_end(prefix, tmp_path):
 
 
 def test_compare_extra_rows(prefix, tmp_path):
-    out = tmp_path / "cmp.json"
-    p = subprocess.run(
-        compare_cmd(
-            prefix,
-            "--no-rfc-row",
-            "--row",
-            "shm+event-idx+iodepth=4",
-            "--mq",
-            "--strategies",
-            "hold,prepare",
-            "--workers",
-            "2",
-            "--quiet",
-            "--json",
-            str(out),
-        ),
-        capture_output=True,
-        text=True,
-        timeout=180,
+    p, runs = compare_rows(
+        prefix,
+        tmp_path,
+        "--row",
+        "shm+event-idx+iodepth=4",
+        "--mq",
+        "--strategies",
+        "hold,prepare",
+        "--workers",
+        "2",
     )
-    assert p.returncode == 0, p.stderr
-    runs = json.loads(out.read_text())["runs"]
     assert [(r["row"], r["strategy"]) for r in runs] == [
         ("shm+event-idx+iodepth=4", "hold"),
         ("shm+event-idx+iodepth=4", "prepare"),
@@ -235,14 +238,7 @@ def test_a_placed_row_runs_the_daemon_and_the_workers_on_cpus_of_their_own(prefi
     if split is None:
         pytest.skip("one CPU: nothing to place on")
     device, guests = (format_cpus(c) for c in split)
-    out = tmp_path / "cmp.json"
-    p = subprocess.run(
-        compare_cmd(prefix, "--no-rfc-row", "--row", "shm+placed", "--strategies", "hold",
-                    "--quiet", "--json", str(out)),
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert p.returncode == 0, p.stderr
-    (run,) = json.loads(out.read_text())["runs"]
+    p, (run,) = compare_rows(prefix, tmp_path, "--row", "shm+placed", "--strategies", "hold")
     c = run["config"]
     assert c["placed"] and c["daemon_cpus"] == device and c["guest_cpus"] == guests
     assert {w["cpus"] for w in run["workers"]} == {guests}
@@ -251,14 +247,9 @@ def test_a_placed_row_runs_the_daemon_and_the_workers_on_cpus_of_their_own(prefi
 
 
 def test_a_halt_poll_row_runs_workers_that_halt_poll(prefix, tmp_path):
-    out = tmp_path / "cmp.json"
-    p = subprocess.run(
-        compare_cmd(prefix, "--no-rfc-row", "--row", "shm+halt-poll=10000", "--strategies",
-                    "hold,prepare", "--quiet", "--json", str(out)),
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert p.returncode == 0, p.stderr
-    runs = json.loads(out.read_text())["runs"]
+    p, runs = compare_rows(
+        prefix, tmp_path, "--row", "shm+halt-poll=10000", "--strategies", "hold,prepare"
+    )
     assert [r["strategy"] for r in runs] == ["hold", "prepare"]
     for r in runs:
         assert r["config"]["halt_poll_us"] == 10000

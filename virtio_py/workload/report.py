@@ -112,6 +112,8 @@ def wakeups(
     per = max(ios, 1)
     g_vol = sum(r["ctx_vol"] for r in results)
     g_inv = sum(r["ctx_invol"] for r in results)
+    # waits that halt polling ended before a sleep (GuestSlot.halt_poll_us)
+    polled = sum(r["acct_main"]["polled"] for r in results)
     out: dict[str, Any] = {
         "guest_ctxsw_voluntary": g_vol,
         "guest_ctxsw_involuntary": g_inv,
@@ -122,9 +124,8 @@ def wakeups(
         "lock_sleeps": lock_hist.get("sleeps", 0),
         "lock_wakeups": lock_hist.get("wakeups", 0),
         "lock_sleeps_per_request": round(lock_hist.get("sleeps", 0) / per, 3),
-        # waits that halt polling ended before a sleep (GuestSlot.halt_poll_us)
-        "halt_polled": sum(r["acct_main"]["polled"] for r in results),
-        "halt_polled_per_request": round(sum(r["acct_main"]["polled"] for r in results) / per, 3),
+        "halt_polled": polled,
+        "halt_polled_per_request": round(polled / per, 3),
     }
     if daemon_ctx is not None:
         out["host_ctxsw_voluntary"] = daemon_ctx["voluntary"]
